@@ -1,0 +1,107 @@
+"""The one place that decides which implementation of a fused op runs.
+
+Backends:
+
+- ``"triton"``: the Triton kernels on a CUDA GPU of compute capability >= 7.0
+  (bfloat16 needs >= 8.0).
+- ``"triton-interpreter"``: the same kernels run by Triton's interpreter on CPU
+  tensors. Only when ``TRITON_INTERPRET=1`` was set before triton was imported; the
+  test suite does this on CPU-only machines so CI runs the real kernels.
+- ``"eager"``: plain torch, float32 math (float64 for float64 inputs).
+
+``DEQKERN_BACKEND=auto|triton|eager`` (read at every call) forces the choice. ``auto``
+(the default) picks Triton whenever it can and eager otherwise; ``triton`` raises a
+``RuntimeError`` saying why when the kernels cannot run on the given tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["select", "last_backend", "record", "interpreter_active", "MAX_FUSED_D"]
+
+#: Largest feature width the fused kernels take (one row lives in registers). Wider rows
+#: go to the eager path under ``auto``.
+MAX_FUSED_D = 16384
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_last: Optional[str] = None
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _why_not_triton(device: torch.device, dtype: torch.dtype, d: int) -> Optional[str]:
+    """None when the Triton kernels can run here, else the reason they cannot."""
+    if not _triton_importable():
+        return "triton is not installed"
+    if dtype not in _TRITON_DTYPES:
+        return f"dtype {dtype} is not one of float32, float16, bfloat16"
+    if d > MAX_FUSED_D:
+        return f"feature width {d} is above the fused limit {MAX_FUSED_D}"
+    if device.type == "cuda":
+        if interpreter_active():
+            return "TRITON_INTERPRET=1 is set, which runs CPU tensors only"
+        major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        if major < 7:
+            return f"compute capability {major}.{minor} is below 7.0"
+        if dtype == torch.bfloat16 and major < 8:
+            return f"bfloat16 needs compute capability >= 8.0, the GPU has {major}.{minor}"
+        return None
+    if device.type == "cpu":
+        if interpreter_active():
+            return None
+        return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    return f"device type {device.type!r} is not supported by the Triton kernels"
+
+
+def select(device: torch.device, dtype: torch.dtype, d: int) -> str:
+    """Choose ``"triton"``, ``"triton-interpreter"`` or ``"eager"`` for one op call.
+
+    Metadata only: this never touches tensor values and never synchronizes.
+    """
+    mode = os.environ.get("DEQKERN_BACKEND", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "eager"):
+        raise ValueError(f"DEQKERN_BACKEND must be one of 'auto', 'triton', 'eager'; got {mode!r}")
+    if mode == "eager":
+        return "eager"
+    reason = _why_not_triton(device, dtype, d)
+    if reason is None:
+        return "triton-interpreter" if device.type == "cpu" else "triton"
+    if mode == "triton":
+        raise RuntimeError(f"DEQKERN_BACKEND=triton but the Triton kernels cannot run: {reason}")
+    return "eager"
+
+
+def record(backend: str) -> None:
+    global _last
+    _last = backend
+
+
+def last_backend() -> Optional[str]:
+    """The backend that ran the most recent fused op call in this process.
+
+    One of ``"triton"``, ``"triton-interpreter"``, ``"eager"``, or ``None`` before the
+    first call. Under ``torch.compile`` it reflects the last eager execution of the op.
+    """
+    return _last

@@ -1,0 +1,204 @@
+"""Public differentiable functions. Each validates its inputs once (metadata only, no
+host sync) and dispatches through :mod:`deqkern._backend` to the Triton kernels or the
+eager path in ``deqkern.ops``.
+
+The ops are ``torch.library.custom_op`` s with fake (meta) implementations and
+registered autograd, so ``torch.compile`` traces them as single opaque nodes (no graph
+break). ``torch.library.triton_op`` was tried first: its automatic fake tracing runs
+the kernel body on FakeTensors, which the Triton interpreter (our CPU test path) cannot
+do; an opaque custom op behaves the same on every device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deqkern import _backend
+from deqkern.ops import update as _update
+
+__all__ = ["frozen_rmsnorm_update", "update_with_stats"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- the ops
+@torch.library.custom_op("deqkern::frozen_rmsnorm_update", mutates_args=())
+def _update_op(
+    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
+    eps: float, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
+    _backend.record(backend)
+    if backend == "eager":
+        h, res, rstd = _update.update_reference(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+        return h.contiguous(), res, rstd
+    return _update.update_forward_triton(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+
+
+@_update_op.register_fake
+def _update_op_fake(signal, frozen, h_prev, gain, eps, damping, stop_mode):
+    lead = signal.shape[:-1]
+    stat = signal.new_empty(lead, dtype=torch.float32)
+    return torch.empty_like(signal, memory_format=torch.contiguous_format), stat, stat.clone()
+
+
+@torch.library.custom_op("deqkern::frozen_rmsnorm_update_backward", mutates_args=())
+def _update_backward_op(
+    grad_h: torch.Tensor, signal: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor,
+    rstd: torch.Tensor, damping: float, need_frozen: bool, need_h_prev: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
+    _backend.record(backend)
+    impl = _update.update_backward_reference if backend == "eager" else _update.update_backward_triton
+    return impl(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev)
+
+
+@_update_backward_op.register_fake
+def _update_backward_op_fake(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev):
+    d_signal = torch.empty_like(signal, memory_format=torch.contiguous_format)
+    if not need_frozen:
+        d_frozen = frozen.new_empty((0,))
+    else:
+        d_frozen = torch.empty_like(frozen, memory_format=torch.contiguous_format)
+    d_h_prev = torch.empty_like(grad_h, memory_format=torch.contiguous_format) if need_h_prev else grad_h.new_empty((0,))
+    return d_signal, d_frozen, d_h_prev, torch.empty_like(gain)
+
+
+def _setup_context(ctx, inputs, output):
+    signal, frozen, h_prev, gain, eps, damping, stop_mode = inputs
+    ctx.save_for_backward(signal, frozen, gain, output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.damping = damping
+
+
+def _backward(ctx, grad_h, grad_residual, grad_rstd):
+    signal, frozen, gain, rstd = ctx.saved_tensors
+    need_signal, need_frozen, need_h_prev, need_gain = ctx.needs_input_grad[:4]
+    if grad_h is None:
+        return None, None, None, None, None, None, None
+    need_h_prev = need_h_prev and ctx.damping != 1.0
+    d_signal, d_frozen, d_h_prev, d_gain = _update_backward_op(
+        grad_h, signal, frozen, gain, rstd, ctx.damping, need_frozen, need_h_prev,
+    )
+    return (
+        d_signal if need_signal else None,
+        d_frozen if need_frozen else None,
+        d_h_prev if need_h_prev else None,
+        d_gain if need_gain else None,
+        None, None, None,
+    )
+
+
+_update_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    return t
+
+
+def _validate_update(
+    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
+    eps: float, damping: float, stop_mode: str,
+) -> None:
+    for name, t in (("signal", signal), ("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
+        _check_tensor(name, t)
+    if signal.dim() < 1 or signal.shape[-1] < 1:
+        raise ValueError(f"signal must have shape (..., d) with d >= 1; got {tuple(signal.shape)}")
+    d = signal.shape[-1]
+    if h_prev.dtype != signal.dtype:
+        raise TypeError(f"h_prev must have signal's dtype {signal.dtype}; got {h_prev.dtype}")
+    for name, t in (("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
+        if t.device != signal.device:
+            raise ValueError(f"{name} must be on signal's device {signal.device}; got {t.device}")
+    if h_prev.shape != signal.shape:
+        raise ValueError(f"h_prev must have signal's shape {tuple(signal.shape)}; got {tuple(h_prev.shape)}")
+    if frozen.shape != signal.shape and frozen.shape != (d,):
+        raise ValueError(
+            f"frozen must have signal's shape {tuple(signal.shape)} or ({d},); got {tuple(frozen.shape)}"
+        )
+    if gain.shape != (d,):
+        raise ValueError(f"gain must have shape ({d},) (the feature width of signal); got {tuple(gain.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite float > 0; got {eps!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
+    if stop_mode not in _update.STOP_MODES:
+        raise ValueError(f"stop_mode must be one of 'abs', 'rel', 'max'; got {stop_mode!r}")
+
+
+def _raise_non_finite(residual: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+    """Host-side check (one sync): raise if any row's residual is NaN/Inf."""
+    if bool(torch.isfinite(residual).all()):
+        return
+    bad = [name for name, t in inputs.items() if not bool(torch.isfinite(t).all())]
+    rows = int((~torch.isfinite(residual)).sum())
+    cause = f"non-finite values in {', '.join(bad)}" if bad else "overflow in the update (inputs are finite)"
+    raise ValueError(f"frozen_rmsnorm_update produced non-finite output in {rows} row(s): {cause}")
+
+
+# --------------------------------------------------------------------------- public API
+def update_with_stats(
+    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
+    *, eps: float = 1e-6, damping: float = 1.0, stop_mode: str = "rel",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`frozen_rmsnorm_update` that also returns the per-row ``rstd`` (float32,
+    ``(...)``, not differentiable), for layers that reuse it (the fused adjoint)."""
+    _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+
+
+def frozen_rmsnorm_update(
+    signal: torch.Tensor,
+    frozen: torch.Tensor,
+    h_prev: torch.Tensor,
+    gain: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    damping: float = 1.0,
+    stop_mode: str = "rel",
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused Picard step of the frozen-context cell.
+
+    ``z = signal + frozen``; ``y = gain * z / sqrt(mean(z**2, -1) + eps)``;
+    ``h_next = (1 - damping) * h_prev + damping * y``.
+
+    Args:
+        signal: ``(..., d)``, the h-dependent term (e.g. ``h @ W.T``). Differentiable.
+        frozen: ``(..., d)`` or ``(d,)``, everything computed once before the loop
+            (injection + frozen context + bias). Differentiable; a broadcast ``(d,)``
+            gets its gradient summed over rows.
+        h_prev: ``(..., d)``, the current iterate, signal's dtype. Differentiable
+            (through the damping path).
+        gain: ``(d,)``, the RMSNorm weight. Differentiable.
+        eps: added to the mean square, > 0.
+        damping: in ``(0, 1]``; 1 is a plain (undamped) step.
+        stop_mode: ``"abs"``, ``"rel"`` or ``"max"``: the residual's definition.
+        check_finite: if True, synchronize once and raise ``ValueError`` when any row
+            is non-finite. Off by default: the residual of such a row is NaN on the
+            device, which :func:`deqkern.solve` turns into an error at its next sync.
+
+    Returns:
+        ``h_next``: ``(..., d)``, signal's dtype, contiguous.
+        ``residual``: ``(...)``, float32, not differentiable: per row
+        ``||h_next - h_prev||`` (abs), that over ``||h_next|| + 1e-9`` (rel), or
+        ``max|h_next - h_prev|`` (max). NaN for a row with any NaN/Inf.
+
+    Storage float32, bfloat16 or float16 (float64 runs eager); all arithmetic and
+    reductions in float32. Which implementation ran: :func:`deqkern.last_backend`.
+    """
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool; got {type(check_finite).__name__}")
+    h_next, residual, _ = update_with_stats(
+        signal, frozen, h_prev, gain, eps=eps, damping=damping, stop_mode=stop_mode,
+    )
+    if check_finite:
+        _raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
+    return h_next, residual

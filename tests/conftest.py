@@ -1,0 +1,38 @@
+"""Test-suite setup: on a machine without a CUDA GPU, run the real Triton kernels
+through Triton's interpreter. TRITON_INTERPRET must be set before triton is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import deqkern  # noqa: E402,F401  (imports triton after the variable is set)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the fused kernels run on here: the GPU if there is one, else the CPU
+    (kernels interpreted)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def fused_backend_name(device: torch.device) -> str:
+    """What deqkern.last_backend() reports when the Triton kernels ran."""
+    return "triton" if device.type == "cuda" else "triton-interpreter"
+
+
+@pytest.fixture(params=["triton", "eager"])
+def backend(request, monkeypatch) -> str:
+    """Force each backend in turn through DEQKERN_BACKEND."""
+    monkeypatch.setenv("DEQKERN_BACKEND", request.param)
+    return request.param
+
+
+def pytest_report_header(config):
+    mode = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, Triton interpreter"
+    return f"deqkern fused kernels run on: {mode}"
