@@ -1,0 +1,138 @@
+"""Shared benchmark plumbing: environment record, timing, bandwidth floor, outputs.
+
+Timing on CUDA uses ``triton.testing.do_bench`` (CUDA events, median, warm-up). On a
+CPU-only machine it uses ``time.perf_counter`` medians; the Triton interpreter is never
+timed (it is a correctness tool, not a speed comparison).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(device: torch.device) -> dict:
+    """Device name, library versions, commit and date, recorded with every result."""
+    import triton
+
+    commit = os.environ.get("DEQKERN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    else:
+        name, cap = platform.processor() or platform.machine(), None
+    return {
+        "device": name,
+        "compute_capability": cap,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: int = 200, cpu_reps: int = 5) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+class Rotating:
+    """Cycle through several input sets so that repeated timing does not measure L2.
+
+    ``make()`` builds one input set; enough sets are built to exceed ``2 * l2_bytes``.
+    """
+
+    def __init__(self, make: Callable[[], Sequence], bytes_per_set: int, device: torch.device):
+        l2 = 50 << 20
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", l2)
+        count = max(1, min(16, -(-2 * l2 // max(bytes_per_set, 1))))
+        self.sets = [make() for _ in range(count)]
+        self.index = 0
+
+    def next(self) -> Sequence:
+        self.index = (self.index + 1) % len(self.sets)
+        return self.sets[self.index]
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> str:
+    """'ok' or 'FAIL (...)': relative Frobenius error of ``out`` against ``ref``."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return f"FAIL ({name}: non-finite output)"
+    err = ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+    return "ok" if err <= rel_tol else f"FAIL ({name}: rel. error {err:.2e} > {rel_tol:.0e})"
+
+
+def write_results(device: torch.device, stem: str, payload: dict, table: str) -> Path:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``bench/results/<device-slug>/``."""
+    out_dir = Path(os.environ.get("DEQKERN_RESULTS", RESULTS)) / device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    env = payload["environment"]
+    header = (
+        f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+        f"commit {env['commit'][:10]} · {env['date']}\n\n"
+    )
+    (out_dir / f"{stem}.md").write_text(header + table + "\n")
+    return out_dir
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
