@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,10 +39,21 @@ def fused_update(signal, frozen, h_prev, gain):
     return deqkern.frozen_rmsnorm_update(signal, frozen, h_prev, gain, eps=EPS, damping=DAMPING, stop_mode=STOP)
 
 
+def _try_time(fn, device, graph):
+    try:
+        return common.time_ms(fn, device, graph=graph)
+    except Exception as exc:  # a variant that cannot be captured is reported, not hidden
+        print(f"  timing failed (graph={graph}): {type(exc).__name__}: {exc}".splitlines()[0])
+        return float("nan")
+
+
 def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gbs: float, variants: dict) -> list[dict]:
+    """Time every variant at one size. ``variants`` maps a name to a factory returning the
+    function to time (a fresh ``torch.compile`` per size, so no recompile limit is hit)."""
     es = torch.finfo(dtype).bits // 8
     fwd_bytes = 4 * n * d * es + 8 * n + d * es
     bwd_bytes = 6 * n * d * es + 4 * n
+    on_gpu = device.type == "cuda"
 
     def make():
         s, f, p = (torch.randn(n, d, device=device, dtype=dtype) for _ in range(3))
@@ -54,7 +66,8 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
     with torch.no_grad():
         h_ref, res_ref = eager_update(*check_in[:4])
     rows = []
-    for name, fn in variants.items():
+    for name, factory in variants.items():
+        fn = factory()
         with torch.no_grad():
             h, res = fn(*check_in[:4])
         tol = 2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-5
@@ -62,41 +75,76 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
         if status == "ok":
             status = common.check_close("residual", res, res_ref, 1e-4)
         row = {"n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "variant": name, "check": status}
-        if status == "ok":
-            def fwd():
-                ins = inputs.next()
-                with torch.no_grad():
-                    fn(*ins[:4])
-
-            def fwd_bwd():
-                ins = inputs.next()
-                h, _ = fn(*ins[:4])
-                torch.autograd.grad(h, ins[:4], ins[4])
-
-            row["fwd_ms"] = common.time_ms(fwd, device)
-            row["fwd_gbs"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
-            row["fwd_frac_copy"] = row["fwd_gbs"] / copy_gbs
-            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, device)
-            if name == "fused":
-                with torch.no_grad():
-                    _, _, rstd = deqkern.functional.update_with_stats(*check_in[:4], eps=EPS, damping=DAMPING, stop_mode=STOP)
-
-                def bwd_kernel():
-                    ins = inputs.next()
-                    _update_backward_op(ins[4], ins[0], ins[1], ins[3], rstd, DAMPING, True, True)
-
-                row["bwd_ms"] = common.time_ms(bwd_kernel, device)
-                row["bwd_gbs"] = bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9
-                row["bwd_frac_copy"] = row["bwd_gbs"] / copy_gbs
-                row["backend"] = deqkern.last_backend()
         rows.append(row)
+        if status != "ok":
+            continue
+
+        def fwd():
+            ins = inputs.next()
+            with torch.no_grad():
+                fn(*ins[:4])
+
+        def fwd_bwd():
+            ins = inputs.next()
+            h, _ = fn(*ins[:4])
+            torch.autograd.grad(h, ins[:4], ins[4])
+
+        row["fwd_call_ms"] = _try_time(fwd, device, graph=False)
+        row["fwd_bwd_call_ms"] = _try_time(fwd_bwd, device, graph=False)
+        if on_gpu:
+            row["fwd_ms"] = _try_time(fwd, device, graph=True)
+            row["fwd_bwd_ms"] = _try_time(fwd_bwd, device, graph=True)
+        else:
+            row["fwd_ms"], row["fwd_bwd_ms"] = row["fwd_call_ms"], row["fwd_bwd_call_ms"]
+        row["fwd_gbs"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
+        row["fwd_frac_copy"] = row["fwd_gbs"] / copy_gbs
+        if name == "fused":
+            row["backend"] = deqkern.last_backend()
+            with torch.no_grad():
+                _, _, rstd = deqkern.functional.update_with_stats(*check_in[:4], eps=EPS, damping=DAMPING, stop_mode=STOP)
+
+            def bwd_kernel():
+                ins = inputs.next()
+                _update_backward_op(ins[4], ins[0], ins[1], ins[3], rstd, DAMPING, True, True)
+
+            row["bwd_ms"] = _try_time(bwd_kernel, device, graph=on_gpu)
+            row["bwd_gbs"] = bwd_bytes / (row["bwd_ms"] * 1e-3) / 1e9
+            row["bwd_frac_copy"] = row["bwd_gbs"] / copy_gbs
     by = {r["variant"]: r for r in rows}
     for r in rows:
         for base in ("eager", "compile"):
-            if base in by and "fwd_ms" in r and "fwd_ms" in by[base]:
-                r[f"fwd_speedup_vs_{base}"] = by[base]["fwd_ms"] / r["fwd_ms"]
-                r[f"fwd_bwd_speedup_vs_{base}"] = by[base]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            for key in ("fwd_ms", "fwd_bwd_ms", "fwd_call_ms", "fwd_bwd_call_ms"):
+                if base in by and key in r and key in by[base]:
+                    r[f"{key}_speedup_vs_{base}"] = by[base][key] / r[key]
     return rows
+
+
+def host_overhead_us(device: torch.device) -> dict:
+    """Microseconds per call at a tiny size (host-bound): the raw kernel launch, the
+    registered op, and the public function with its validation."""
+    from deqkern.functional import _update_op
+    from deqkern.ops.update import update_forward_triton
+
+    s, f, p = (torch.randn(8, 64, device=device) for _ in range(3))
+    g = torch.ones(64, device=device)
+    calls = {
+        "kernel_launch": lambda: update_forward_triton(s, f, p, g, EPS, DAMPING, STOP),
+        "custom_op": lambda: _update_op(s, f, p, g, EPS, DAMPING, STOP),
+        "public_no_grad": lambda: fused_update(s, f, p, g),
+        "eager_reference": lambda: eager_update(s, f, p, g),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            torch.cuda.synchronize()
+            out[name] = (time.perf_counter() - start) / 2000 * 1e6
+    return out
 
 
 def main(argv=None) -> dict:
@@ -108,10 +156,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     sizes = args.sizes or (["1024x256", "2048x512"] if args.quick else DEFAULT_SIZES)
-    variants = {"eager": eager_update}
+    variants = {"eager": lambda: eager_update}
     if device.type == "cuda":
-        variants["compile"] = torch.compile(eager_update, dynamic=False)
-        variants["fused"] = fused_update
+        variants["compile"] = lambda: torch.compile(eager_update, dynamic=False)
+        variants["fused"] = lambda: fused_update
     else:
         print("CPU-only machine: timing eager only (the Triton interpreter is a correctness tool, not a speed baseline).")
     copy_gbs = common.copy_bandwidth_gbs(device)
@@ -120,19 +168,27 @@ def main(argv=None) -> dict:
         for size in sizes:
             n, d = (int(x) for x in size.lower().split("x"))
             rows.extend(bench_size(n, d, DTYPES[dt], device, copy_gbs, variants))
+    overhead = host_overhead_us(device) if device.type == "cuda" else {}
     payload = {"environment": common.environment(device), "copy_bandwidth_gbs": copy_gbs,
-               "damping": DAMPING, "stop_mode": STOP, "rows": rows}
+               "damping": DAMPING, "stop_mode": STOP, "host_overhead_us": overhead, "rows": rows}
     headers = ["dtype", "N×d", "variant", "check", "fwd ms", "fwd GB/s", "fwd % copy", "fwd× eager", "fwd× compile",
-               "fwd+bwd ms", "fwd+bwd× eager", "fwd+bwd× compile", "bwd kernel ms", "bwd % copy"]
+               "fwd+bwd ms", "fwd+bwd× eager", "fwd+bwd× compile", "bwd kernel % copy",
+               "fwd call ms", "fwd+bwd call ms", "call fwd+bwd× compile"]
+    pct = lambda r, k: f"{100 * r[k]:.0f}%" if k in r else "-"  # noqa: E731
     table_rows = [[
         r["dtype"], f"{r['n']}×{r['d']}", r["variant"], r["check"], r.get("fwd_ms", "-"), r.get("fwd_gbs", "-"),
-        f"{100 * r['fwd_frac_copy']:.0f}%" if "fwd_frac_copy" in r else "-",
-        r.get("fwd_speedup_vs_eager", "-"), r.get("fwd_speedup_vs_compile", "-"), r.get("fwd_bwd_ms", "-"),
-        r.get("fwd_bwd_speedup_vs_eager", "-"), r.get("fwd_bwd_speedup_vs_compile", "-"), r.get("bwd_ms", "-"),
-        f"{100 * r['bwd_frac_copy']:.0f}%" if "bwd_frac_copy" in r else "-",
+        pct(r, "fwd_frac_copy"), r.get("fwd_ms_speedup_vs_eager", "-"), r.get("fwd_ms_speedup_vs_compile", "-"),
+        r.get("fwd_bwd_ms", "-"), r.get("fwd_bwd_ms_speedup_vs_eager", "-"), r.get("fwd_bwd_ms_speedup_vs_compile", "-"),
+        pct(r, "bwd_frac_copy"), r.get("fwd_call_ms", "-"), r.get("fwd_bwd_call_ms", "-"),
+        r.get("fwd_bwd_call_ms_speedup_vs_compile", "-"),
     ] for r in rows]
+    timing = ("device time: 20 calls captured in one CUDA graph, median replay / 20" if device.type == "cuda"
+              else "CPU wall time, median")
     table = (f"Copy bandwidth (read+write): {copy_gbs:,.0f} GB/s. damping={DAMPING}, stop_mode={STOP}, "
-             f"frozen (N, d) with gradient.\n\n" + common.markdown_table(headers, table_rows))
+             f"frozen (N, d) with gradient. ms columns: {timing}; 'call' columns: each call launched from "
+             f"Python (do_bench, L2 flushed), host overhead included.\n\n" + common.markdown_table(headers, table_rows))
+    if overhead:
+        table += "\n\nHost overhead per call (µs, 8×64 fp32): " + ", ".join(f"{k} {v:.1f}" for k, v in overhead.items())
     out_dir = common.write_results(device, "update" + ("_quick" if args.quick else ""), payload, table)
     print(table)
     print(f"\nwritten to {out_dir}")
