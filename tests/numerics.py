@@ -13,6 +13,8 @@ to nearest, which costs up to one ulp where the GPU costs half. ``atol`` covers 
 near zero, where relative terms vanish.
 """
 
+import zlib
+
 import torch
 
 RTOL = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 1e-12}
@@ -30,3 +32,8 @@ def assert_parity(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dty
         f"{what} ({dtype}): error {err.flatten()[worst].item():.3e} above bound "
         f"{bound.flatten()[worst].item():.3e} at flat index {worst.item()}"
     )
+
+
+def case_seed(*parts) -> int:
+    """A reproducible per-test-case seed (Python's hash() of str is salted per process)."""
+    return zlib.crc32(repr(parts).encode())

@@ -8,7 +8,7 @@ import torch
 import deqkern
 from deqkern import _backend
 from deqkern.ops.update import update_reference
-from numerics import assert_parity
+from numerics import assert_parity, case_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 WIDTHS = [1, 3, 64, 257, 1000, 4096]
@@ -52,7 +52,7 @@ def reference64(inputs, grad_out, eps, damping, stop_mode):
 @pytest.mark.parametrize("d", WIDTHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_backward_parity(dtype, d, lead, broadcast, damping, stop_mode, device, fused_backend_name, monkeypatch):
-    gen = torch.Generator().manual_seed(hash((str(dtype), d, lead, broadcast, damping, stop_mode)) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(dtype, d, lead, broadcast, damping, stop_mode))
     inputs = make_inputs(lead, d, dtype, device, broadcast, gen)
     grad_out = torch.randn(*lead, d, generator=gen).to(device=device, dtype=dtype)
     kw = dict(eps=1e-6, damping=damping, stop_mode=stop_mode)
@@ -147,6 +147,7 @@ def test_backward_is_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, under the interpreter
 @pytest.mark.parametrize("backend", ["triton", "eager"], indirect=True)
 @pytest.mark.parametrize("stop_mode", STOP_MODES)
 def test_non_finite_rows_give_nan_residual(backend, stop_mode, device):

@@ -1,0 +1,118 @@
+"""Fused adjoint step of the frozen-context cell's implicit backward.
+
+The cell is ``f(h) = (1 - damping) * h + damping * gain * n(z)`` with
+``z = h @ W.T + frozen`` and ``n(z) = z * rstd``, ``rstd = 1/sqrt(mean(z**2) + eps)``.
+The implicit-function-theorem adjoint solves ``g = J^T g + grad_out`` with
+``J^T g = (1 - damping) * g + VJP_z(g) @ W``, where, for ``dy = damping * g``,
+
+    VJP_z(g) = rstd * (dy*gain - n * mean(dy*gain*n))          (the RMSNorm VJP)
+
+One adjoint iteration is then one GEMM (``u = dz @ W``) plus this kernel, which in a
+single pass over the rows forms
+
+    g_next   = (1 - damping) * g_prev + u + grad_out
+    residual = per-row residual of g_next against g_prev      (abs / rel / max)
+    dz_next  = VJP_z(g_next)                                   (input of the next GEMM)
+
+from the saved per-row statistics (``z`` at the fixed point and its ``rstd``). Math and
+reductions in float32; ``dz`` is stored in the GEMM's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deqkern.ops.update import STOP_MODES, _launch_config, _rows, _compute_dtype, row_residual
+
+
+@triton.jit
+def _adjoint_kernel(
+    U, GP, GO, Z, RSTD, GAIN, GN, DZ, RES,
+    n_rows, d,
+    stride_u, stride_gp, stride_go, stride_z, stride_gn, stride_dz,
+    damping,
+    HAS_U: tl.constexpr, STOP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """g_next = (1-damping)*g_prev + u + grad_out; its residual; dz = RMSNorm-VJP(g_next)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+
+    gp = tl.load(GP + r64 * stride_gp + c, mask=mask, other=0.0).to(tl.float32)
+    go = tl.load(GO + r64 * stride_go + c, mask=mask, other=0.0).to(tl.float32)
+    gn = (1.0 - damping) * gp + go
+    if HAS_U:
+        gn += tl.load(U + r64 * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GN + r64 * stride_gn + c, gn.to(GN.dtype.element_ty), mask=mask)
+
+    diff = tl.where(mask, gn - gp, 0.0)
+    sq = tl.sum(diff * diff, axis=1)
+    if STOP_MODE == 0:
+        res = tl.sqrt(sq)
+    elif STOP_MODE == 1:
+        gm = tl.where(mask, gn, 0.0)
+        res = tl.sqrt(sq) / (tl.sqrt(tl.sum(gm * gm, axis=1)) + 1e-9)
+    else:
+        res = tl.max(tl.abs(diff), axis=1) + 0.0 * sq
+    tl.store(RES + rows, res, mask=row_ok)
+
+    z = tl.load(Z + r64 * stride_z + c, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    g = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
+    n = z * rstd[:, None]
+    dyg = damping * gn * g[None, :]
+    proj = tl.sum(dyg * n, axis=1) / d
+    dz = rstd[:, None] * (dyg - n * proj[:, None])
+    tl.store(DZ + r64 * stride_dz + c, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+def adjoint_step_triton(
+    u: torch.Tensor | None, g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
+    rstd: torch.Tensor, gain: torch.Tensor, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the adjoint kernel on (rows, d) tensors. ``u=None`` means ``u = 0``.
+
+    Returns ``g_next`` (g_prev's dtype), ``dz`` (z's dtype) and the float32 residual."""
+    d = z.shape[-1]
+    gp, go, zz = _rows(g_prev, d), _rows(grad_out, d), _rows(z, d)
+    uu = _rows(u, d) if u is not None else gp
+    n_rows = zz.shape[0]
+    g_next = torch.empty((n_rows, d), dtype=g_prev.dtype, device=z.device)
+    dz = torch.empty((n_rows, d), dtype=z.dtype, device=z.device)
+    res = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+    if n_rows > 0:
+        block_d, block_m, num_warps = _launch_config(n_rows, d, z.device.type == "cpu")
+        _adjoint_kernel[(triton.cdiv(n_rows, block_m),)](
+            uu, gp, go, zz, rstd.reshape(-1).contiguous(), gain.contiguous(), g_next, dz, res,
+            n_rows, d,
+            uu.stride(0), gp.stride(0), go.stride(0), zz.stride(0), g_next.stride(0), dz.stride(0),
+            float(damping),
+            HAS_U=u is not None, STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return g_next, dz, res
+
+
+def adjoint_step_reference(
+    u: torch.Tensor | None, g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
+    rstd: torch.Tensor, gain: torch.Tensor, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eager path of :func:`adjoint_step_triton` (same math, same outputs)."""
+    ct = _compute_dtype(z)
+    gp = g_prev.to(ct)
+    gn = (1.0 - damping) * gp + grad_out.to(ct)
+    if u is not None:
+        gn = gn + u.to(ct)
+    rs = rstd.to(ct).unsqueeze(-1)
+    n = z.to(ct) * rs
+    dyg = damping * gn * gain.to(ct)
+    dz = rs * (dyg - n * (dyg * n).mean(-1, keepdim=True))
+    d = z.shape[-1]
+    return gn.to(g_prev.dtype).reshape(-1, d), dz.to(z.dtype).reshape(-1, d), row_residual(gn, gp, stop_mode).reshape(-1)
