@@ -16,9 +16,10 @@ import math
 import torch
 
 from deqkern import _backend
+from deqkern.ops import adjoint as _adjoint
 from deqkern.ops import update as _update
 
-__all__ = ["frozen_rmsnorm_update", "update_with_stats"]
+__all__ = ["frozen_rmsnorm_update", "update_with_stats", "rms_norm"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -40,8 +41,9 @@ def _update_op(
 @_update_op.register_fake
 def _update_op_fake(signal, frozen, h_prev, gain, eps, damping, stop_mode):
     lead = signal.shape[:-1]
-    stat = signal.new_empty(lead, dtype=torch.float32)
-    return torch.empty_like(signal, memory_format=torch.contiguous_format), stat, stat.clone()
+    res = signal.new_empty(lead, dtype=torch.float32)
+    rstd = signal.new_empty(lead, dtype=_update._compute_dtype(signal))
+    return torch.empty_like(signal, memory_format=torch.contiguous_format), res, rstd
 
 
 @torch.library.custom_op("deqkern::frozen_rmsnorm_update_backward", mutates_args=())
@@ -143,13 +145,40 @@ def _raise_non_finite(residual: torch.Tensor, inputs: dict[str, torch.Tensor]) -
     raise ValueError(f"frozen_rmsnorm_update produced non-finite output in {rows} row(s): {cause}")
 
 
+# --------------------------------------------------------------------------- autocast
+def _autocast_storage(signal: torch.Tensor, h_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update's autocast policy. Under ``torch.autocast`` for signal's device type,
+    ``signal`` and ``h_prev`` are stored in the autocast dtype (each cast at most once;
+    float64 is left alone, as autocast does), so a bf16 ``signal`` from an autocast
+    matmul meets an fp32 ``h_prev`` (e.g. the solver's starting point) without a dtype
+    error. ``frozen`` and ``gain`` keep their dtype: the kernel reads any float dtype and
+    upcasts, and their gradients come back in their own dtype (fp32 master weights keep
+    fp32 grads). Arithmetic and reductions stay float32 and the residual stays float32.
+
+    A cast in the wrapper rather than ``torch.library.register_autocast`` on the op:
+    that one fixes the cast dtype at registration, while autocast's dtype (bf16 or fp16)
+    is the caller's. Dynamo traces this (autocast state is a guarded constant).
+    """
+    device_type = signal.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return signal, h_prev
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+
+    return cast(signal), cast(h_prev)
+
+
 # --------------------------------------------------------------------------- public API
 def update_with_stats(
     signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
     *, eps: float = 1e-6, damping: float = 1.0, stop_mode: str = "rel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`frozen_rmsnorm_update` that also returns the per-row ``rstd`` (float32,
-    ``(...)``, not differentiable), for layers that reuse it (the fused adjoint)."""
+    """:func:`frozen_rmsnorm_update` that also returns the per-row ``rstd`` (``(...)``,
+    float32 -- float64 for float64 inputs --, not differentiable), for layers that reuse it."""
+    if isinstance(signal, torch.Tensor) and isinstance(h_prev, torch.Tensor):
+        signal, h_prev = _autocast_storage(signal, h_prev)
     _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
     return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
 
@@ -176,7 +205,8 @@ def frozen_rmsnorm_update(
             (injection + frozen context + bias). Differentiable; a broadcast ``(d,)``
             gets its gradient summed over rows.
         h_prev: ``(..., d)``, the current iterate, signal's dtype. Differentiable
-            (through the damping path).
+            (through the damping path). Under ``torch.autocast`` both are first cast
+            to the autocast dtype (:func:`_autocast_storage`).
         gain: ``(d,)``, the RMSNorm weight. Differentiable.
         eps: added to the mean square, > 0.
         damping: in ``(0, 1]``; 1 is a plain (undamped) step.
@@ -186,7 +216,8 @@ def frozen_rmsnorm_update(
             device, which :func:`deqkern.solve` turns into an error at its next sync.
 
     Returns:
-        ``h_next``: ``(..., d)``, signal's dtype, contiguous.
+        ``h_next``: ``(..., d)``, signal's dtype (the autocast dtype under autocast),
+        contiguous.
         ``residual``: ``(...)``, float32, not differentiable: per row
         ``||h_next - h_prev||`` (abs), that over ``||h_next|| + 1e-9`` (rel), or
         ``max|h_next - h_prev|`` (max). NaN for a row with any NaN/Inf.
@@ -202,3 +233,58 @@ def frozen_rmsnorm_update(
     if check_finite:
         _raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
     return h_next, residual
+
+
+def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float | None" = None) -> torch.Tensor:
+    """RMSNorm over the last dimension on the fused kernel, with the dtype rules of
+    ``torch.nn.functional.rms_norm(x, (d,), weight, eps)``.
+
+    ``y = weight * x / sqrt(mean(x**2, -1) + eps)``: the update with ``frozen = 0``,
+    ``h_prev = x`` and ``damping = 1`` (the kernel's residual output is discarded).
+
+    Args:
+        x: ``(..., d)``, float16, bfloat16, float32 or float64. Differentiable.
+        weight: ``(d,)`` or None (no affine scale), any float dtype. Differentiable;
+            its gradient comes back in its own dtype.
+        eps: > 0; None means ``torch.finfo`` epsilon of the compute dtype (float32, or
+            float64 for float64 ``x``), which is what ``torch.nn.RMSNorm`` uses.
+
+    Returns:
+        ``(..., d)`` in x's dtype, also under ``torch.autocast`` (like torch's rms_norm,
+        which autocast leaves alone); math and the mean square in float32.
+    """
+    _check_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., d) with d >= 1; got {tuple(x.shape)}")
+    d = x.shape[-1]
+    if eps is None:
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    if weight is not None:
+        _check_tensor("weight", weight)
+        if weight.shape != (d,) or weight.device != x.device:
+            raise ValueError(f"weight must have shape ({d},) on {x.device}; got {tuple(weight.shape)} on {weight.device}")
+    gain = torch.ones(d, dtype=x.dtype, device=x.device) if weight is None else weight
+    frozen = torch.zeros(d, dtype=x.dtype, device=x.device)
+    _validate_update(x, frozen, x, gain, eps, 1.0, "abs")
+    return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+
+
+# --------------------------------------------------------------------------- fused adjoint
+def rmsnorm_adjoint_step(
+    u: "torch.Tensor | None", g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
+    rstd: torch.Tensor, gain: torch.Tensor, *, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One adjoint iteration of the frozen-context cell's implicit backward (not
+    differentiable; used by :class:`deqkern.nn.FrozenContextDEQ`).
+
+    All of ``(R, d)`` except ``rstd`` ``(R,)`` float32 and ``gain`` ``(d,)``; ``u=None``
+    means zero. Returns ``g_next = (1 - damping) * g_prev + u + grad_out`` (g_prev's
+    dtype), ``dz = RMSNorm-VJP(g_next)`` at ``(z, rstd)`` (z's dtype) and the float32
+    per-row residual of ``g_next`` against ``g_prev``. Math in ``deqkern.ops.adjoint``;
+    dispatched like :func:`frozen_rmsnorm_update`.
+    """
+    backend = _backend.select(z.device, z.dtype, z.shape[-1])
+    _backend.record(backend)
+    if backend == "eager":
+        return _adjoint.adjoint_step_reference(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)
+    return _adjoint.adjoint_step_triton(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)

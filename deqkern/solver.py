@@ -128,6 +128,8 @@ _GRAPHS_PER_F = 4
 
 #: ``step(h) -> (h_next, residual_or_None)``; residual: float32, shape ``h.shape[:-1]``.
 Step = Callable[[torch.Tensor], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+#: ``adjoint(v) -> adjoint_step``, ``adjoint_step(g) -> (g_next, residual)`` (see solve_fused).
+AdjointFactory = Callable[[torch.Tensor], Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]]
 
 
 # --------------------------------------------------------------------------- errors
@@ -242,9 +244,30 @@ def _validate_iterate(name: str, out: object, h: torch.Tensor) -> None:
     if out.shape != h.shape:
         raise ValueError(f"{name} must return h's shape {tuple(h.shape)}; got {tuple(out.shape)}")
     if out.dtype != h.dtype:
-        raise TypeError(f"{name} must return h's dtype {h.dtype}; got {out.dtype}")
+        raise TypeError(f"{name} must return h's dtype {h.dtype}; got {out.dtype} (under torch.autocast, "
+                        f"pass h0 in the dtype {name} returns)")
     if out.device != h.device:
         raise ValueError(f"{name} must return a tensor on h's device {h.device}; got {out.device}")
+
+
+def _autocast_iterate(f: Callable[[torch.Tensor], torch.Tensor], h0: torch.Tensor):
+    """:func:`solve`'s autocast policy: under ``torch.autocast`` for h0's device type the
+    iterate is stored in the autocast dtype. ``h0`` is cast once (float64 is left alone,
+    as autocast does) and ``f``'s output is cast to the iterate's dtype where it differs
+    (an autocast matmul returns bf16, an fp32 residual add returns fp32). Residuals and
+    their reductions stay float32. Returns ``(f, h0)`` unchanged outside autocast."""
+    device_type = h0.device.type
+    if not torch.is_autocast_enabled(device_type) or h0.dtype == torch.float64:
+        return f, h0
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def f_autocast(h: torch.Tensor) -> torch.Tensor:
+        out = f(h)
+        if isinstance(out, torch.Tensor) and out.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return out.to(dtype)
+        return out
+
+    return f_autocast, h0.to(dtype)
 
 
 def _validate_residual(name: str, residual: object, h: torch.Tensor) -> None:
@@ -692,8 +715,9 @@ def _graph_solve(owner_fn: Callable, tag: str, step: Step, h0: torch.Tensor, cfg
 class _Adjoint:
     """The IFT backward: solves ``g = (df/dh)^T g + v`` through the recorded ``f_out``."""
 
-    def __init__(self, f_out: torch.Tensor, h_in: torch.Tensor, cfg: _Config, info: dict):
-        self.f_out, self.h_in, self.cfg, self.info = f_out, h_in, cfg, info
+    def __init__(self, f_out: torch.Tensor, h_in: torch.Tensor, cfg: _Config, info: dict,
+                 custom: Optional[AdjointFactory] = None):
+        self.f_out, self.h_in, self.cfg, self.info, self.custom = f_out, h_in, cfg, info, custom
 
     def solve(self, grad: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -706,12 +730,15 @@ class _Adjoint:
                                          allow_unused=True, materialize_grads=True)
             return torch.add(v, vjp), None
 
+        if self.custom is not None:
+            adjoint_step = self.custom(v)
+
         what = "deqkern.solve backward (adjoint solve)"
         capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
         result = _picard_loop(
             adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode,
             check_every=None if capturing else cfg.check_every, what=what, step_name="the adjoint step",
-            expects_residual=False,
+            expects_residual=self.custom is not None,
         )
         stats = _summarize(result.h, result.state, result.check_vector, cfg.b_tol, cfg.stop_mode)
         self.info.update({f"b_{name}": value for name, value in stats.items()})
@@ -742,7 +769,8 @@ class _Equilibrium(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- public API
 def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: Callable, tag: str,
-           h0: torch.Tensor, cfg: _Config, step_name: str, expects_residual: bool) -> tuple[torch.Tensor, dict]:
+           h0: torch.Tensor, cfg: _Config, step_name: str, expects_residual: bool,
+           custom_adjoint: Optional[AdjointFactory] = None) -> tuple[torch.Tensor, dict]:
     what = "deqkern.solve"
     capturing = h0.is_cuda and torch.cuda.is_current_stream_capturing()
     loop_kwargs = dict(max_iter=cfg.max_iter, tol=cfg.tol, stop_mode=cfg.stop_mode,
@@ -774,9 +802,11 @@ def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: C
     h_in = h_star.detach()
     with torch.enable_grad():
         if cfg.backward == "ift":
-            h_in.requires_grad_()
+            # A custom adjoint supplies the (df/dh)^T products itself: f's recorded
+            # application then needs no gradient path to h_in (one GEMM less).
+            h_in.requires_grad_(custom_adjoint is None)
             f_out = grad_fn(h_in)
-            adjoint = _Adjoint(f_out, h_in, cfg, info)
+            adjoint = _Adjoint(f_out, h_in, cfg, info, custom_adjoint)
         else:
             f_out = grad_fn(h_in)
             adjoint = None
@@ -818,7 +848,8 @@ def solve(
         on_nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
 
     Returns:
-        ``h_star``: ``(..., d)``, ``h0``'s dtype; differentiable per ``backward``.
+        ``h_star``: ``(..., d)``, ``h0``'s dtype (under ``torch.autocast``: the autocast
+        dtype, see :func:`_autocast_iterate`); differentiable per ``backward``.
         ``info``: dict of device tensors (nothing in it forces a sync):
 
         - ``nstep`` ``(...)`` int32: steps taken by the row (where it converged, else
@@ -847,11 +878,12 @@ def solve(
     cfg = _validate(f, "f", h0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
                     b_max_iter=b_max_iter, b_tol=b_tol, check_every=check_every, graph=graph,
                     on_nonconvergence=on_nonconvergence)
+    f_iter, h0 = _autocast_iterate(f, h0)
 
     def step(h: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return f(h), None
+        return f_iter(h), None
 
-    return _solve(step, f, f, "f", h0, cfg, "f", expects_residual=False)
+    return _solve(step, f_iter, f, "f", h0, cfg, "f", expects_residual=False)
 
 
 _SOLVE_DEFAULTS = {name: p.default for name, p in inspect.signature(solve).parameters.items() if name not in ("f", "h0")}
@@ -860,6 +892,8 @@ _SOLVE_DEFAULTS = {name: p.default for name, p in inspect.signature(solve).param
 def solve_fused(
     step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     h0: torch.Tensor,
+    *,
+    adjoint: Optional[AdjointFactory] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, dict]:
     """:func:`solve` for a step that also returns its own residual.
@@ -871,7 +905,18 @@ def solve_fused(
     stop_mode=stop_mode)`` returns with ``h_prev=h``. The solver uses it instead of
     recomputing the residual. Keyword arguments, return value and errors as
     :func:`solve`; ``graph=True`` caches per ``step``.
+
+    ``adjoint`` (``backward="ift"`` only): a layer's own adjoint step, for layers that
+    can form ``(df/dh)^T g`` faster than autograd (``deqkern.nn.FrozenContextDEQ``: one
+    GEMM plus one fused kernel). ``adjoint(v)`` is called once per backward with the
+    incoming gradient ``v`` (float32 for 16-bit iterates) and returns
+    ``adjoint_step(g) -> (v + (df/dh)^T g, residual)``, the residual as ``step``'s, of
+    the returned value against ``g``. The adjoint iteration starts at ``g = v``. The
+    parameter gradients still come from one recorded application of ``step`` at
+    ``h*`` (then recorded without a gradient path to ``h``).
     """
+    if adjoint is not None and not callable(adjoint):
+        raise TypeError(f"adjoint must be callable or None; got {type(adjoint).__name__}")
     unknown = set(kwargs) - set(_SOLVE_DEFAULTS)
     if unknown:
         raise TypeError(f"solve_fused got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -886,4 +931,5 @@ def solve_fused(
             raise TypeError(f"step must return a tuple (h_next, residual); got {type(out).__name__}")
         return out
 
-    return _solve(checked_step, grad_fn, step, "fused", h0, cfg, "step", expects_residual=True)
+    return _solve(checked_step, grad_fn, step, "fused", h0, cfg, "step", expects_residual=True,
+                  custom_adjoint=adjoint)

@@ -281,7 +281,7 @@ def update_reference(
     rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
     y = z * rstd.unsqueeze(-1) * gain.to(ct)
     h = (1.0 - damping) * p + damping * y
-    return h.to(signal.dtype), row_residual(h, p, stop_mode).detach(), rstd.float()
+    return h.to(signal.dtype), row_residual(h, p, stop_mode).detach(), rstd  # float64 stays float64: backward reuses it
 
 
 def update_backward_reference(

@@ -1,0 +1,8 @@
+"""Modules to put in models: the frozen-context DEQ layer, its context providers, and
+the drop-in fused RMSNorm."""
+
+from deqkern.nn.context import ContextProvider, MambaMemory, SlotAttentionContext
+from deqkern.nn.deq import FrozenContextDEQ
+from deqkern.nn.norm import FusedRMSNorm
+
+__all__ = ["FrozenContextDEQ", "ContextProvider", "MambaMemory", "SlotAttentionContext", "FusedRMSNorm"]

@@ -1,0 +1,268 @@
+"""The frozen-context DEQ layer.
+
+One call, for a batch of ``B`` sequences with ``S`` slots each (rows = ``B * S``)::
+
+    ctx_i  = provider_i.prelude(state_i)                 # once, before the loop
+    frozen = inj(x) + sum_i ctx_i                        # inj's bias is the cell's bias
+    loop:  h <- (1 - damping) * h + damping * gain * RMSNorm(h @ W.T + frozen)
+    state_i = provider_i.update(h*, state_i)             # once, after convergence
+
+``frozen`` does not depend on the loop's ``h``, so the Jacobian that decides convergence,
+``(1 - damping) I + damping * J_RMSNorm * W``, is the same with or without contexts; its
+contraction is kept by clamping ``||W||_2`` to ``spectral_target`` every few optimizer
+steps (:meth:`FrozenContextDEQ.spectral_schedule`).
+
+Fused path: each forward iteration is one GEMM plus :func:`deqkern.functional.update_with_stats`
+(one Triton kernel that also yields the residual); the implicit backward's adjoint
+iterations are one GEMM plus :func:`deqkern.functional.rmsnorm_adjoint_step` (one Triton
+kernel: the adjoint update, its residual, and the RMSNorm VJP feeding the next GEMM),
+with no autograd graph through the iterations; parameter gradients come from one
+recorded application of the cell at ``h*``. Both kernels fall back to eager torch with
+the same math where Triton cannot run (``deqkern._backend``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deqkern.functional import rmsnorm_adjoint_step, update_with_stats
+from deqkern.nn.context import ContextProvider
+from deqkern.solver import solve_fused
+from deqkern.spectral import SpectralNormSchedule
+
+__all__ = ["FrozenContextDEQ"]
+
+State = tuple[Any, ...]
+
+
+class FrozenContextDEQ(nn.Module):
+    """A DEQ cell with frozen context, solved to its fixed point at every call.
+
+    Args:
+        d_model: feature width ``d`` of the state ``h``.
+        contexts: :class:`~deqkern.nn.context.ContextProvider` s whose ``prelude``
+            outputs are added to the loop's frozen term.
+        d_input: width of the injection input ``x`` (default ``d_model``).
+        damping: ``beta`` in ``(0, 1]``.
+        max_iter, tol, stop_mode, check_every, on_nonconvergence: the forward solve's
+            (see :func:`deqkern.solve`); the adjoint solve uses the same.
+        backward: ``"ift"`` (exact implicit gradient), ``"onestep"`` or ``"unrolled"``.
+        fused_backward: with ``"ift"``, iterate the adjoint with the layer's own fused
+            step (True) or with autograd vector-Jacobian products (False; the reference).
+        spectral_target: bound on ``||W||_2`` kept by :meth:`spectral_schedule`; the
+            initial ``W`` is scaled to it.
+        eps: RMSNorm's epsilon.
+
+    Parameters: ``weight`` ``(d, d)`` (the only h-dependent weight), ``inj``
+    (``nn.Linear(d_input, d)``, its bias is the cell's bias), ``gain`` ``(d,)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        contexts: Sequence[ContextProvider] = (),
+        d_input: Optional[int] = None,
+        damping: float = 0.85,
+        max_iter: int = 20,
+        tol: float = 1e-4,
+        stop_mode: str = "max",
+        backward: str = "ift",
+        fused_backward: bool = True,
+        spectral_target: float = 0.85,
+        eps: float = 1e-6,
+        check_every: Optional[int] = None,
+        on_nonconvergence: str = "warn",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be an int >= 1; got {d_model!r}")
+        d_input = d_model if d_input is None else d_input
+        if isinstance(d_input, bool) or not isinstance(d_input, int) or d_input < 1:
+            raise ValueError(f"d_input must be an int >= 1; got {d_input!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+            raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
+        if not isinstance(spectral_target, (int, float)) or not spectral_target > 0:
+            raise ValueError(f"spectral_target must be a float > 0; got {spectral_target!r}")
+        if not isinstance(fused_backward, bool):
+            raise TypeError(f"fused_backward must be a bool; got {type(fused_backward).__name__}")
+        for i, provider in enumerate(contexts):
+            if not isinstance(provider, ContextProvider):
+                raise TypeError(f"contexts[{i}] must be a deqkern.nn.ContextProvider; got {type(provider).__name__}")
+            width = getattr(provider, "d_model", d_model)
+            if width != d_model:
+                raise ValueError(f"contexts[{i}] has d_model={width}; the layer's d_model is {d_model}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_input = d_model, d_input
+        self.damping, self.eps, self.spectral_target = float(damping), float(eps), float(spectral_target)
+        self.fused_backward = fused_backward
+        self.solver_options = dict(max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
+                                   check_every=check_every, on_nonconvergence=on_nonconvergence)
+        self.weight = nn.Parameter(torch.empty(d_model, d_model, **factory))
+        self.inj = nn.Linear(d_input, d_model, **factory)
+        self.gain = nn.Parameter(torch.ones(d_model, **factory))
+        self.contexts = nn.ModuleList(contexts)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``W`` orthogonal-like random, scaled to ``||W||_2 = spectral_target``; gain 1."""
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.d_model))
+        sigma = torch.linalg.matrix_norm(self.weight.float(), ord=2)
+        self.weight.mul_(self.spectral_target / sigma)
+        self.inj.reset_parameters()
+        self.gain.fill_(1.0)
+
+    def spectral_schedule(self, every: int = 4, **kwargs: Any) -> SpectralNormSchedule:
+        """A :class:`~deqkern.SpectralNormSchedule` keeping ``||W||_2 <= spectral_target``;
+        attach it to the optimizer: ``layer.spectral_schedule().attach(opt)``."""
+        kwargs.setdefault("target", self.spectral_target)
+        return SpectralNormSchedule([("weight", self.weight)], every=every, **kwargs)
+
+    def init_state(self, batch: int, n_slots: int, device: Optional[torch.device] = None,
+                   dtype: Optional[torch.dtype] = None) -> State:
+        """The providers' states before the first call (one entry per provider)."""
+        device = self.weight.device if device is None else device
+        dtype = self.weight.dtype if dtype is None else dtype
+        return tuple(p.init_state(batch, n_slots, device, dtype) for p in self.contexts)
+
+    # ----------------------------------------------------------------------- forward
+    def forward(
+        self, x: torch.Tensor, state: Optional[State] = None, h0: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, State, dict]:
+        """Solve the cell for injection input ``x``.
+
+        Args:
+            x: ``(B, S, d_input)``, one injection input per slot.
+            state: the providers' states (from :meth:`init_state` or the previous call);
+                ``None``: :meth:`init_state`.
+            h0: ``(B, S, d_model)`` starting iterate (e.g. the previous token's ``h*``,
+                detached); default zeros.
+
+        Returns:
+            ``h_star`` ``(B, S, d_model)``; the updated states; ``info``: the solver's
+            (device tensors, see :func:`deqkern.solve`) plus ``inj_rms`` () and
+            ``ctx_rms`` (one () tensor per provider): RMS of the injection and of each
+            context, float32.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_input:
+            raise ValueError(f"x must have shape (B, S, {self.d_input}); got {tuple(x.shape)}")
+        batch, n_slots, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, n_slots, x.device)
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.contexts):
+            got = len(state) if isinstance(state, (tuple, list)) else type(state).__name__
+            raise ValueError(f"state must be a tuple of {len(self.contexts)} provider states; got {got}")
+        shape = (batch, n_slots, self.d_model)
+
+        inj = self.inj(x)
+        frozen = inj
+        ctx_rms = []
+        for i, (provider, st) in enumerate(zip(self.contexts, state)):
+            ctx = provider.prelude(st)
+            if ctx.dim() == 2:
+                ctx = ctx.unsqueeze(1)
+            if ctx.dim() != 3 or ctx.shape[0] != batch or ctx.shape[1] not in (1, n_slots) or ctx.shape[2] != self.d_model:
+                raise ValueError(
+                    f"contexts[{i}] ({type(provider).__name__}).prelude returned shape {tuple(ctx.shape)}; "
+                    f"expected (B, d) or (B, S, d) = ({batch}, {self.d_model}) or {shape}"
+                )
+            frozen = frozen + ctx
+            ctx_rms.append(_rms(ctx))
+        frozen = frozen.expand(shape).contiguous()
+
+        if h0 is None:
+            h0 = torch.zeros(shape, device=x.device, dtype=frozen.dtype)
+        elif h0.shape != shape:
+            raise ValueError(f"h0 must have shape {shape}; got {tuple(h0.shape)}")
+        elif h0.dtype != frozen.dtype:
+            raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
+
+        step = self._step(frozen)
+        adjoint = self._adjoint(frozen) if self.fused_backward else None
+        box: list[torch.Tensor] = []
+        h_star, info = solve_fused(step, h0.detach(), adjoint=_late(adjoint, box), **self.solver_options)
+        box.append(h_star.detach())
+
+        new_state = []
+        for i, (provider, st) in enumerate(zip(self.contexts, state)):
+            new = provider.update(h_star, st)
+            ref = st
+            if isinstance(ref, torch.Tensor) and (not isinstance(new, torch.Tensor) or new.shape != ref.shape):
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"contexts[{i}] ({type(provider).__name__}).update returned {got}; "
+                                 f"expected the state's shape {tuple(ref.shape)}")
+            new_state.append(new)
+        info["inj_rms"] = _rms(inj)
+        info["ctx_rms"] = tuple(ctx_rms)
+        return h_star, tuple(new_state), info
+
+    def _step(self, frozen: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``h -> (h_next, residual)``: one GEMM and one fused update."""
+        stop_mode = self.solver_options["stop_mode"]
+
+        def step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h_next, residual, _ = update_with_stats(
+                F.linear(h, self.weight), frozen, h, self.gain,
+                eps=self.eps, damping=self.damping, stop_mode=stop_mode,
+            )
+            return h_next, residual
+
+        return step
+
+    def _adjoint(self, frozen: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
+        """``(h*, v) -> adjoint_step``: the fused implicit-backward iteration.
+
+        ``g <- v + J^T g`` with ``J^T g = (1 - beta) g + VJP_z(g) @ W``. The step carries
+        ``dz = VJP_z(g)`` from one call to the next, so each iteration is one GEMM
+        (``u = dz @ W``) plus one kernel that forms ``g_next``, its residual and the next
+        ``dz``. ``g`` is float32 (the solver upcasts 16-bit gradients); ``z``, ``dz`` and
+        the GEMM stay in the weight's dtype.
+        """
+        stop_mode = self.solver_options["stop_mode"]
+        weight, gain, damping, eps = self.weight.detach(), self.gain.detach(), self.damping, self.eps
+        frozen = frozen.detach()
+
+        def factory(h_star: torch.Tensor, v: torch.Tensor) -> Callable:
+            d = self.d_model
+            with torch.no_grad():
+                z = (F.linear(h_star, weight).float() + frozen.float()).reshape(-1, d)
+                rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
+                z = z.to(weight.dtype)
+                v_rows = v.reshape(-1, d)
+                # dz of the starting iterate g = v: one kernel call from g_prev = 0.
+                _, dz, _ = rmsnorm_adjoint_step(None, torch.zeros_like(v_rows), v_rows, z, rstd, gain,
+                                                damping=damping, stop_mode=stop_mode)
+            carried = [dz]
+
+            def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                u = carried[0] @ weight
+                g_next, carried[0], residual = rmsnorm_adjoint_step(
+                    u, g.reshape(-1, d), v_rows, z, rstd, gain, damping=damping, stop_mode=stop_mode,
+                )
+                return g_next.view(g.shape), residual.view(g.shape[:-1])
+
+            return adjoint_step
+
+        return factory
+
+
+def _late(factory: Optional[Callable], box: list) -> Optional[Callable]:
+    """Bind the adjoint factory to ``h*``, which exists only after the solve returns."""
+    if factory is None:
+        return None
+    return lambda v: factory(box[0], v)
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().pow(2).mean().sqrt()
