@@ -24,6 +24,14 @@
 
 namespace {
 
+// Argument errors become Python ValueError / TypeError directly (pybind11's builtin
+// exceptions), not c10::Error: no C++ backtrace is captured, and the message is the
+// same whatever toolchain built the extension.
+#define DEQ_CHECK_VALUE(cond, ...) \
+  do { if (!(cond)) throw py::value_error(c10::str(__VA_ARGS__)); } while (0)
+#define DEQ_CHECK_TYPE(cond, ...) \
+  do { if (!(cond)) throw py::type_error(c10::str(__VA_ARGS__)); } while (0)
+
 // torch.nn.utils.spectral_norm and F.normalize use the same eps.
 constexpr double kNormalizeEps = 1e-12;
 
@@ -38,28 +46,28 @@ void normalize_(at::Tensor& x) {
 }
 
 void check_weight(const at::Tensor& weight, size_t i, const at::Device& device) {
-  TORCH_CHECK(weight.defined(), "weights[", i, "] is undefined");
-  TORCH_CHECK(weight.is_floating_point(), "weights[", i, "] must be a floating-point tensor, got ",
+  DEQ_CHECK_VALUE(weight.defined(), "weights[", i, "] is undefined");
+  DEQ_CHECK_TYPE(weight.is_floating_point(), "weights[", i, "] must be a floating-point tensor, got ",
               weight.scalar_type());
-  TORCH_CHECK(weight.dim() >= 2, "weights[", i, "] must have at least 2 dimensions, got shape ",
+  DEQ_CHECK_VALUE(weight.dim() >= 2, "weights[", i, "] must have at least 2 dimensions, got shape ",
               weight.sizes());
-  TORCH_CHECK(weight.numel() > 0, "weights[", i, "] must not be empty, got shape ", weight.sizes());
-  TORCH_CHECK(weight.device() == device, "weights[", i, "] is on ", weight.device(),
+  DEQ_CHECK_VALUE(weight.numel() > 0, "weights[", i, "] must not be empty, got shape ", weight.sizes());
+  DEQ_CHECK_VALUE(weight.device() == device, "weights[", i, "] is on ", weight.device(),
               " but weights[0] is on ", device, "; all weights of one call must share a device");
 }
 
 void check_vector(const at::Tensor& vec, const char* what, size_t i, int64_t expected_len,
                   const at::Device& device) {
-  TORCH_CHECK(vec.defined(), what, "[", i, "] is undefined");
-  TORCH_CHECK(vec.scalar_type() == at::kFloat, what, "[", i, "] must be float32, got ", vec.scalar_type());
-  TORCH_CHECK(vec.dim() == 1 && vec.size(0) == expected_len, what, "[", i, "] must have shape (",
+  DEQ_CHECK_VALUE(vec.defined(), what, "[", i, "] is undefined");
+  DEQ_CHECK_TYPE(vec.scalar_type() == at::kFloat, what, "[", i, "] must be float32, got ", vec.scalar_type());
+  DEQ_CHECK_VALUE(vec.dim() == 1 && vec.size(0) == expected_len, what, "[", i, "] must have shape (",
               expected_len, ",) to match weights[", i, "], got ", vec.sizes());
-  TORCH_CHECK(vec.device() == device, what, "[", i, "] is on ", vec.device(), " but weights[", i, "] is on ",
+  DEQ_CHECK_VALUE(vec.device() == device, what, "[", i, "] is on ", vec.device(), " but weights[", i, "] is on ",
               device);
 }
 
 void check_lengths(size_t n_weights, size_t n_other, const char* what) {
-  TORCH_CHECK(n_other == n_weights, what, " has ", n_other, " entries, expected one per weight (",
+  DEQ_CHECK_VALUE(n_other == n_weights, what, " has ", n_other, " entries, expected one per weight (",
               n_weights, ")");
 }
 
@@ -69,7 +77,7 @@ at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::v
                             const std::vector<at::Tensor>& vs, int64_t n_iter) {
   check_lengths(weights.size(), us.size(), "us");
   check_lengths(weights.size(), vs.size(), "vs");
-  TORCH_CHECK(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
+  DEQ_CHECK_VALUE(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
   if (weights.empty()) {
     return at::empty({0}, at::kFloat);
   }
@@ -103,9 +111,9 @@ at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::v
 // device). W_i <- W_i * min(1, targets_i / sigmas_i) in place; returns the scales, float32 (k,).
 at::Tensor clamp_(const std::vector<at::Tensor>& weights, const at::Tensor& sigmas, const at::Tensor& targets) {
   const auto k = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) == k, "sigmas must have shape (", k,
+  DEQ_CHECK_VALUE(sigmas.dim() == 1 && sigmas.size(0) == k, "sigmas must have shape (", k,
               ",), one per weight, got ", sigmas.sizes());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == k, "targets must have shape (", k,
+  DEQ_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == k, "targets must have shape (", k,
               ",), one per weight, got ", targets.sizes());
   if (weights.empty()) {
     return at::empty({0}, at::kFloat);

@@ -21,11 +21,12 @@ RTOL = {torch.float32: 2.0**-20, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 
 
-def assert_parity(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_parity(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str,
+                  ulps: float = 1.0) -> None:
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert not torch.isnan(out).any(), f"{what}: NaN in the result"
     out64, eager64, ref64 = out.detach().double().cpu(), eager.detach().double().cpu(), ref.detach().double().cpu()
-    bound = 2 * (eager64 - ref64).abs() + ATOL[dtype] + RTOL[dtype] * ref64.abs()
+    bound = 2 * (eager64 - ref64).abs() + ATOL[dtype] + ulps * RTOL[dtype] * ref64.abs()
     err = (out64 - ref64).abs()
     worst = (err - bound).argmax() if err.numel() else None
     assert bool((err <= bound).all()), (

@@ -419,15 +419,15 @@ def test_cpp_argument_checks():
     u = [torch.randn(4), torch.randn(3)]
     v = [torch.randn(6), torch.randn(4)]
     cases = [
-        (lambda: _C.power_iteration_(w, u[:1], v, 1), r"us has 1 entries, expected one per weight \(2\)"),
-        (lambda: _C.power_iteration_(w, u, v + v, 1), r"vs has 4 entries, expected one per weight \(2\)"),
-        (lambda: _C.power_iteration_(w, u, [v[0], torch.randn(5)], 1), r"vs\[1\] must have shape \(4,\)"),
-        (lambda: _C.power_iteration_(w, [u[0].double(), u[1]], v, 1), r"us\[0\] must be float32, got Double"),
-        (lambda: _C.power_iteration_(w, u, v, -1), "n_iter must be >= 0, got -1"),
-        (lambda: _C.power_iteration_([w[0].long(), w[1]], u, v, 1), r"weights\[0\] must be a floating-point"),
-        (lambda: _C.clamp_(w, torch.ones(3), torch.ones(2)), r"sigmas must have shape \(2,\)"),
-        (lambda: _C.clamp_(w, torch.ones(2), [1.0]), r"targets must have shape \(2,\)"),
+        (lambda: _C.power_iteration_(w, u[:1], v, 1), r"us has 1 entries, expected one per weight \(2\)", ValueError),
+        (lambda: _C.power_iteration_(w, u, v + v, 1), r"vs has 4 entries, expected one per weight \(2\)", ValueError),
+        (lambda: _C.power_iteration_(w, u, [v[0], torch.randn(5)], 1), r"vs\[1\] must have shape \(4,\)", ValueError),
+        (lambda: _C.power_iteration_(w, [u[0].double(), u[1]], v, 1), r"us\[0\] must be float32, got Double", TypeError),
+        (lambda: _C.power_iteration_(w, u, v, -1), "n_iter must be >= 0, got -1", ValueError),
+        (lambda: _C.power_iteration_([w[0].long(), w[1]], u, v, 1), r"weights\[0\] must be a floating-point", TypeError),
+        (lambda: _C.clamp_(w, torch.ones(3), torch.ones(2)), r"sigmas must have shape \(2,\)", ValueError),
+        (lambda: _C.clamp_(w, torch.ones(2), [1.0]), r"targets must have shape \(2,\)", ValueError),
     ]
-    for call, message in cases:
-        with pytest.raises(RuntimeError, match=message):
+    for call, message, error in cases:
+        with pytest.raises(error, match=message):
             call()
