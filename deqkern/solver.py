@@ -815,6 +815,7 @@ def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: C
     return _Equilibrium.apply(f_out, [h_star.clone()], adjoint), info
 
 
+@torch.compiler.disable(reason="deqkern.solve: the Picard loop's early exit and NaN checks sync with the host")
 def solve(
     f: Callable[[torch.Tensor], torch.Tensor],
     h0: torch.Tensor,
@@ -874,6 +875,11 @@ def solve(
         NonFiniteError: an iterate became NaN/Inf (names the first such iteration).
         ValueError, TypeError: bad arguments, or ``f`` returned the wrong shape, dtype or
             device.
+
+    Under ``torch.compile`` the solve is one eager region (one graph break): its early
+    exit and NaN checks read device values on the host, which a graph cannot hold. The
+    code around it is compiled; ``f`` runs as given (pass ``torch.compile(f)`` to
+    compile the step itself).
     """
     cfg = _validate(f, "f", h0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
                     b_max_iter=b_max_iter, b_tol=b_tol, check_every=check_every, graph=graph,

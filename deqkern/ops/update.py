@@ -303,5 +303,6 @@ def update_backward_reference(
         d_frozen = dz.reshape(-1, signal.shape[-1]).sum(0).to(frozen.dtype)
     else:
         d_frozen = dz.to(frozen.dtype, copy=True)
-    d_h_prev = ((1.0 - damping) * grad_h.to(ct)).to(grad_h.dtype) if need_h_prev else empty.to(grad_h.dtype)
+    # A fresh empty tensor, not `empty` again: a custom op's outputs must not alias.
+    d_h_prev = ((1.0 - damping) * grad_h.to(ct)).to(grad_h.dtype) if need_h_prev else grad_h.new_empty((0,))
     return dz.to(signal.dtype), d_frozen, d_h_prev, d_gain
