@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/deqkern-out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARNING; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-{ command -v c++ g++; c++ --version | head -1; python setup.py build_ext --inplace; } >"$OUT/build.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build.log"; }
+# The device image sets CXX to a g++ wrapper whose builds crash when the extension throws
+# (any argument error segfaulted, 2026-11-26); the system g++ builds a working one.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+{ echo "CXX=${CXX:-c++}"; python setup.py build_ext --inplace; } >"$OUT/build.log" 2>&1 || { echo "extension build failed"; tail -20 "$OUT/build.log"; }
 export DEQKERN_COMMIT="${DEQKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 python - <<'PY' >"$OUT/gpu_tests_env.txt"
 import torch, triton, platform

@@ -30,6 +30,14 @@ def _update_op(
     signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
     eps: float, damping: float, stop_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _update_forward(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+
+
+def _update_forward(
+    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
+    eps: float, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's body: dispatch to the Triton kernel or the eager path."""
     backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
     _backend.record(backend)
     if backend == "eager":
@@ -180,7 +188,22 @@ def update_with_stats(
     if isinstance(signal, torch.Tensor) and isinstance(h_prev, torch.Tensor):
         signal, h_prev = _autocast_storage(signal, h_prev)
     _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-    return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+    if _needs_op(signal, frozen, h_prev, gain):
+        return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+    return _update_forward(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+
+
+def _needs_op(*tensors: torch.Tensor) -> bool:
+    """Whether a call must go through the registered custom op: under tracing
+    (torch.compile, export, fake tensors), or when autograd must record it. Otherwise
+    (a solver's no-grad loop) the op's body runs directly: same code, same numbers,
+    without the dispatcher's per-call host cost (tens of microseconds, which is most of
+    an iteration's time on small, launch-bound problems)."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
 
 
 def frozen_rmsnorm_update(
