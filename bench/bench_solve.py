@@ -1,20 +1,24 @@
 """Picard solve of the frozen-context cell: deqkern vs hand-written eager loops vs torchdeq.
 
-    python bench/bench_solve.py [--dtype bf16 fp32] [--sizes 8192x1024 ...] [--quick] [--out PATH]
+    python bench/bench_solve.py [--dtype bf16 fp32] [--sizes 8192x1024 ...] [--phase forward train]
+                                [--quick] [--out PATH]
 
 Cell: ``h <- (1 - b) h + b * g * RMSNorm(h W^T + frozen)``, b = 0.8, ``||W||_2 = 0.5``
-(contraction ~0.5; ~12 iterations to rel. residual 1e-4 in fp32, ~7 to 5e-3 in bf16).
+(contraction ~0.5; ~12 iterations to rel. residual 1e-4 in fp32, ~7 to 5e-3 in bf16),
+started from a random ``h0``.
 
 Forward solve (no grad):
   eager-item      hand-written loop, eager cell + residual, ``.item()`` check every iteration
   eager-nosync    the same loop, ``max_iter`` iterations, no check
   eager-graph     those ``max_iter`` eager iterations captured in one CUDA graph
+  compile-item    eager-item's loop with its step (cell + residual) ``torch.compile``-d
   deqkern         ``solve_fused`` with the fused op (default ``check_every``)
   deqkern-graph   ``solve_fused(..., graph=True)`` (``max_iter`` iterations, no sync)
   torchdeq        ``torchdeq.solver.fixed_point_iter`` on the eager cell
   torchdeq-fusedf the same with the fused op as f (isolates solver overhead)
 Train step (solve + ``backward()`` of an MSE loss; grads of W, g, frozen):
   eager-unrolled  the eager-item loop with autograd through every iteration
+  compile-unrolled the same with the cell ``torch.compile``-d
   deqkern-ift, deqkern-ift-graph, deqkern-onestep
   torchdeq-ift    ``get_deq(ift=True)`` (fixed_point_iter forward and backward), eager cell
   torchdeq-1step  ``get_deq()`` default 1-step gradient, eager cell
@@ -24,7 +28,9 @@ h* against eager-item's (rel. Frobenius error <= 5 tol); IFT-type gradients agai
 eager unrolled ones, 1-step-type gradients against one eager cell application at
 eager-item's h* (rel. error <= 2e-2 fp32, 1e-1 bf16). CUDA: ``triton.testing.do_bench``
 medians, peak memory from ``torch.cuda.max_memory_allocated`` above the inputs. CPU
-(``--quick`` smoke runs): perf_counter medians, no CUDA-graph variants.
+(``--quick`` smoke runs): perf_counter medians of the eager and torchdeq-on-eager
+variants only; no CUDA-graph or compile variants; the deqkern variants are checked
+(through the Triton interpreter when ``TRITON_INTERPRET=1``) but not timed.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
 MAX_ITER = {torch.float32: 16, torch.bfloat16: 10}
 GRAD_TOL = {torch.float32: 2e-2, torch.bfloat16: 1e-1}
+PHASES = ("forward", "train")
+#: Variants timed on a CPU: those that never call the fused op (the Triton interpreter
+#: is a correctness tool, not a speed baseline).
+CPU_TIMED = {"eager-item", "eager-nosync", "torchdeq", "eager-unrolled", "torchdeq-ift", "torchdeq-1step"}
 DEFAULT_SIZES = ["8192x1024", "32768x512", "256x512"]
 QUICK_SIZES = ["256x64", "1024x128"]
 DAMPING, SIGMA, EPS, STOP = 0.8, 0.5, 1e-6, "rel"
@@ -73,7 +83,7 @@ class Cell:
         self.frozen = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
         self.gain = (1 + 0.1 * torch.randn(d, generator=gen)).to(device=device, dtype=dtype).requires_grad_()
         self.target = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-        self.h0 = torch.zeros(n, d, device=device, dtype=dtype)
+        self.h0 = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
         self.params = [self.w, self.gain, self.frozen]
         self.tol, self.max_iter = TOL[dtype], MAX_ITER[dtype]
 
@@ -119,6 +129,26 @@ def eager_item(cell: Cell) -> tuple[torch.Tensor, int]:
         if done:
             break
     return h, k
+
+
+def compiled_item(cell: Cell) -> Callable[[], tuple[torch.Tensor, int]]:
+    """eager-item's loop around a ``torch.compile``-d step (cell + max residual)."""
+
+    def step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h_next = cell.eager(h)
+        return h_next, rel_residual(h_next, h).max()
+
+    compiled = common.fresh_compile(step)
+
+    def run() -> tuple[torch.Tensor, int]:
+        h = cell.h0
+        for k in range(1, cell.max_iter + 1):
+            h, residual = compiled(h)
+            if residual.item() < cell.tol:
+                break
+        return h, k
+
+    return run
 
 
 def eager_nosync(cell: Cell, h0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,19 +199,12 @@ def torchdeq_layer(cell: Cell, ift: bool):
 
 # --------------------------------------------------------------------------- one size
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, Optional[float]]:
-    """(median ms, peak MiB above what was allocated before) of ``fn``."""
-    ms = common.time_ms(fn, device)
-    if device.type != "cuda":
-        return ms, None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    """(median ms, peak MiB above what was allocated before, None on a CPU) of ``fn``."""
+    return common.time_ms(fn, device), common.peak_mib(fn, device)
 
 
-def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device,
+               phases: tuple[str, ...] = PHASES) -> list[dict]:
     cell = Cell(n, d, dtype, device)
     on_gpu = device.type == "cuda"
     rows: list[dict] = []
@@ -189,13 +212,24 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list
     def record(phase: str, variant: str, status: str, fn: Optional[Callable], iterations=None, note=""):
         row = {"n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "phase": phase, "variant": variant,
                "check": status, "iterations": iterations, "note": note}
-        if status == "ok" and fn is not None:
+        if status == "ok" and fn is not None and (on_gpu or variant in CPU_TIMED):
             row["ms"], row["peak_mib"] = measure(fn, device)
+            if iterations:
+                row["ms_per_iter"] = row["ms"] / iterations
+        elif status == "ok":
+            row["note"] = (note + "; " if note else "") + "checked, not timed (CPU)"
         rows.append(row)
 
-    # ---- forward
     with torch.no_grad():
         h_ref, k_ref = eager_item(cell)
+    if "forward" in phases:
+        forward_variants(cell, h_ref, record, on_gpu)
+    if "train" in phases:
+        train_variants(cell, h_ref, k_ref, dtype, record, on_gpu)
+    return rows
+
+
+def forward_variants(cell: Cell, h_ref: torch.Tensor, record: Callable, on_gpu: bool) -> None:
     fwd_tol = 5 * cell.tol
 
     def fwd_variant(name: str, run: Callable[[], tuple[torch.Tensor, object]], note: str = ""):
@@ -214,6 +248,8 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list
     if on_gpu:
         replay = eager_graph(cell)
         fwd_variant("eager-graph", lambda: (replay(), cell.max_iter))
+        fwd_variant("compile-item", compiled_item(cell))
+
     def deqkern_fwd() -> tuple[torch.Tensor, int]:
         h, info = deqkern_solve(cell, False)
         return h, info["iterations"]
@@ -225,7 +261,10 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list
         fwd_variant("torchdeq", lambda: torchdeq_fwd(cell, cell.eager))
         fwd_variant("torchdeq-fusedf", lambda: torchdeq_fwd(cell, cell.fused))
 
-    # ---- train step
+
+
+def train_variants(cell: Cell, h_ref: torch.Tensor, k_ref: int, dtype: torch.dtype, record: Callable,
+                   on_gpu: bool) -> None:
     grad_tol = GRAD_TOL[dtype]
 
     def unrolled() -> torch.Tensor:
@@ -251,6 +290,16 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list
         record("train", name, status, timed, None, note)
 
     train_variant("eager-unrolled", unrolled, grads_ift_ref, f"{k_ref} iterations")
+    if on_gpu:
+        compiled_cell = common.fresh_compile(cell.eager)
+
+        def compiled_unrolled() -> torch.Tensor:
+            h = cell.h0
+            for _ in range(k_ref):
+                h = compiled_cell(h)
+            return h
+
+        train_variant("compile-unrolled", compiled_unrolled, grads_ift_ref, f"{k_ref} iterations")
     train_variant("deqkern-ift", lambda: deqkern_solve(cell, False)[0], grads_ift_ref)
     if on_gpu:
         train_variant("deqkern-ift-graph", lambda: deqkern_solve(cell, True)[0], grads_ift_ref)
@@ -259,17 +308,26 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list
         ift_layer, onestep_layer = torchdeq_layer(cell, True), torchdeq_layer(cell, False)
         train_variant("torchdeq-ift", lambda: ift_layer(cell.eager, cell.h0)[0][-1], grads_ift_ref)
         train_variant("torchdeq-1step", lambda: onestep_layer(cell.eager, cell.h0)[0][-1], grads_onestep_ref)
-    return rows
 
 
 # --------------------------------------------------------------------------- report
+#: Baselines of the speedup columns, per phase: (column, variant).
+BASES = {
+    "forward": [("eager", "eager-item"), ("eager-graph", "eager-graph"), ("compile", "compile-item"),
+                ("torchdeq", "torchdeq"), ("torchdeq-1step", None)],
+    "train": [("eager", "eager-unrolled"), ("eager-graph", None), ("compile", "compile-unrolled"),
+              ("torchdeq", "torchdeq-ift"), ("torchdeq-1step", "torchdeq-1step")],
+}
+
+
 def ratios(rows: list[dict]) -> None:
-    """Add speedups: forward vs eager-item (and vs eager-graph), train vs torchdeq."""
+    """Add speedups (``x_<baseline variant>``) against each phase's baselines (:data:`BASES`)."""
     by = {(r["dtype"], r["n"], r["d"], r["phase"], r["variant"]): r for r in rows}
     for r in rows:
         key = (r["dtype"], r["n"], r["d"], r["phase"])
-        bases = (["eager-item", "eager-graph"] if r["phase"] == "forward" else ["torchdeq-ift", "torchdeq-1step"])
-        for base in bases:
+        for _, base in BASES[r["phase"]]:
+            if base is None:
+                continue
             b = by.get((*key, base))
             if b and "ms" in b and "ms" in r:
                 r[f"x_{base}"] = b["ms"] / r["ms"]
@@ -285,6 +343,8 @@ def targets(rows: list[dict]) -> list[list[object]]:
         if (n, d) == LAUNCH_BOUND:
             goals += [("forward", "deqkern-graph", "eager-item", 20.0), ("forward", "deqkern-graph", "eager-graph", 2.0)]
         for phase, variant, base, goal in goals:
+            if phase not in {r["phase"] for r in rows}:
+                continue
             r = by.get((dtype, n, d, phase, variant))
             ratio = r.get(f"x_{base}") if r else None
             verdict = "n/a" if ratio is None else ("PASS" if ratio >= goal else "MISS")
@@ -299,40 +359,59 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", nargs="+", default=None, help="NxD, e.g. 8192x1024")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--phase", nargs="+", default=list(PHASES), choices=PHASES,
+                    help="forward solve (no grad) and/or train step (solve + backward)")
     ap.add_argument("--out", default=None, help="JSON path (a .md table is written next to it); "
                     "default bench/results/<device>/solve[_quick].json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    phases = tuple(p for p in PHASES if p in args.phase)
     notes = []
     if device.type != "cuda":
-        notes.append("CPU run: no CUDA-graph variants; timings are perf_counter medians (smoke test only).")
+        notes.append("CPU run: no CUDA-graph or torch.compile variants; only " + ", ".join(sorted(CPU_TIMED))
+                     + " are timed (perf_counter medians, a smoke test); deqkern variants are checked, not timed.")
     if torchdeq is None:
         notes.append("torchdeq is not importable: its variants were skipped (pip install torchdeq==0.1.0).")
-    rows = []
+    rows, skipped = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("once", ConvergenceWarning)
-        for dt in args.dtype:
-            for size in sizes:
+        for size in sizes:  # dtype innermost: a cut by the time budget spares both dtypes
+            for dt in args.dtype:
+                if common.out_of_time():
+                    skipped.append(f"{dt} {size}")
+                    continue
                 n, d = (int(x) for x in size.lower().split("x"))
-                rows.extend(bench_size(n, d, DTYPES[dt], device))
+                rows.extend(bench_size(n, d, DTYPES[dt], device, phases))
+    dtype_order = [str(DTYPES[dt]).replace("torch.", "") for dt in args.dtype]
+    rows.sort(key=lambda r: dtype_order.index(r["dtype"]))  # stable: tables grouped by dtype
+    if skipped:
+        notes.append("Skipped (run time budget reached): " + ", ".join(skipped))
     ratios(rows)
     payload = {"environment": common.environment(device), "damping": DAMPING, "sigma": SIGMA, "stop_mode": STOP,
                "tol": {str(k): v for k, v in TOL.items()}, "max_iter": {str(k): v for k, v in MAX_ITER.items()},
-               "check_every": deqkern.solver.DEFAULT_CHECK_EVERY, "notes": notes, "rows": rows,
-               "targets": targets(rows)}
+               "check_every": deqkern.solver.DEFAULT_CHECK_EVERY, "phases": list(phases), "notes": notes,
+               "rows": rows, "targets": targets(rows), "skipped_time_budget": skipped}
 
-    headers = ["dtype", "N×d", "phase", "variant", "check", "iters", "ms", "peak MiB", "× eager-item",
-               "× eager-graph", "× torchdeq-ift", "× torchdeq-1step"]
-    table_rows = [[r["dtype"], f"{r['n']}×{r['d']}", r["phase"], r["variant"], r["check"],
-                   r["iterations"] if r["iterations"] is not None else "-", r.get("ms", "-"),
-                   r.get("peak_mib") if r.get("peak_mib") is not None else "-",
-                   r.get("x_eager-item", "-"), r.get("x_eager-graph", "-"), r.get("x_torchdeq-ift", "-"),
-                   r.get("x_torchdeq-1step", "-")] for r in rows]
+    headers = ["dtype", "N×d", "phase", "variant", "check", "iters", "ms", "ms / iter", "peak MiB",
+               *[f"× {column}" for column, _ in BASES["forward"]]]
+    table_rows = []
+    for r in rows:
+        speedups = []
+        for _, base in BASES[r["phase"]]:
+            speedups.append(r.get(f"x_{base}", "-") if base else "-")
+        peak = r.get("peak_mib")
+        table_rows.append([r["dtype"], f"{r['n']}×{r['d']}", r["phase"], r["variant"],
+                           r["check"] + (" (not timed)" if "not timed" in r["note"] else ""),
+                           r["iterations"] if r["iterations"] is not None else "-", r.get("ms", "-"),
+                           r.get("ms_per_iter", "-"), "n/a" if "ms" in r and peak is None else peak or "-",
+                           *speedups])
     table = "\n".join(f"> {note}" for note in notes) + ("\n\n" if notes else "")
     table += (f"damping={DAMPING}, ||W||₂={SIGMA}, stop_mode={STOP}, tol/max_iter: fp32 {TOL[torch.float32]:g}/"
               f"{MAX_ITER[torch.float32]}, bf16 {TOL[torch.bfloat16]:g}/{MAX_ITER[torch.bfloat16]}; "
-              f"check_every={deqkern.solver.DEFAULT_CHECK_EVERY}.\n\n")
+              f"check_every={deqkern.solver.DEFAULT_CHECK_EVERY}. Speedup columns: forward vs eager-item, "
+              f"eager-graph, compile-item, torchdeq; train vs eager-unrolled, compile-unrolled, torchdeq-ift, "
+              f"torchdeq-1step. Peak MiB: torch.cuda.max_memory_allocated above the inputs (n/a on CPU).\n\n")
     table += common.markdown_table(headers, table_rows)
     table += "\n\nTargets\n\n" + common.markdown_table(
         ["dtype", "N×d", "phase", "comparison", "goal", "measured", "verdict"], payload["targets"])
@@ -347,7 +426,8 @@ def main(argv=None) -> dict:
             f"commit {env['commit'][:10]} · {env['date']}\n\n{table}\n")
         where = out
     else:
-        where = common.write_results(device, "solve" + ("_quick" if args.quick else ""), payload, table)
+        stem = "solve" if phases == PHASES else f"solve_{phases[0]}"
+        where = common.write_results(device, stem + ("_quick" if args.quick else ""), payload, table)
     print(table)
     print(f"\nwritten to {where}")
     return payload

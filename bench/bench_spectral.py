@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from common import check_close, environment, markdown_table, time_ms, write_results
-from deqkern.spectral import SpectralNormSchedule
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import check_close, environment, markdown_table, time_ms, write_results  # noqa: E402
+
+from deqkern.spectral import SpectralNormSchedule  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -85,7 +88,7 @@ def bench_set(shapes, device, dtype, every, deq_iters, cpu_reps) -> tuple[list[l
     return rows, {"n_weights": len(shapes), "n_params": n_params, "check": agree}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -94,7 +97,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shapes / 8 and few repeats (a CPU smoke run)")
     parser.add_argument("--out", type=Path, help="JSON path (a .md table is written next to it); "
                         "default bench/results/<device>/spectral.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -126,6 +129,7 @@ def main() -> None:
         where = args.out
     print(table)
     print(f"\nwritten: {where}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 
 Forward alone, forward+backward, and the fused backward kernel alone; achieved GB/s
 against the device-to-device copy bandwidth measured in the same run. Every variant's
-output is compared with the eager result before it is timed (a wrong fast kernel is
-reported as FAIL). On a CPU-only machine only eager is timed.
+output (h_next, residual) and its gradients (signal, frozen, h_prev, gain) are compared
+with eager's on random inputs before it is timed (a wrong fast kernel is reported as
+FAIL and not timed). On a CPU-only machine only eager is timed; the fused op is still
+checked (through the Triton interpreter when ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from deqkern.ops.update import update_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_SIZES = ["8192x512", "8192x1024", "32768x1024", "16384x2048", "65536x256"]
+QUICK_SIZES = ["1024x256", "2048x512"]
 DAMPING, EPS, STOP = 0.85, 1e-6, "rel"
 
 
@@ -47,9 +50,10 @@ def _try_time(fn, device, graph):
         return float("nan")
 
 
-def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gbs: float, variants: dict) -> list[dict]:
-    """Time every variant at one size. ``variants`` maps a name to a factory returning the
-    function to time (a fresh ``torch.compile`` per size, so no recompile limit is hit)."""
+def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gbs: float, variants: dict,
+               timed: set) -> list[dict]:
+    """Check every variant at one size and time those in ``timed``. ``variants`` maps a
+    name to a factory returning the function (a fresh ``torch.compile`` per size)."""
     es = torch.finfo(dtype).bits // 8
     fwd_bytes = 4 * n * d * es + 8 * n + d * es
     bwd_bytes = 6 * n * d * es + 4 * n
@@ -65,18 +69,28 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
     check_in = inputs.sets[0]
     with torch.no_grad():
         h_ref, res_ref = eager_update(*check_in[:4])
+    grads_ref = torch.autograd.grad(eager_update(*check_in[:4])[0], check_in[:4], check_in[4])
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-5
     rows = []
     for name, factory in variants.items():
         fn = factory()
         with torch.no_grad():
             h, res = fn(*check_in[:4])
-        tol = 2e-2 if dtype == torch.bfloat16 else 5e-3 if dtype == torch.float16 else 1e-5
         status = common.check_close("h_next", h, h_ref, tol)
         if status == "ok":
             status = common.check_close("residual", res, res_ref, 1e-4)
+        if status == "ok":
+            grads = torch.autograd.grad(fn(*check_in[:4])[0], check_in[:4], check_in[4])
+            for label, got, ref in zip(("d_signal", "d_frozen", "d_h_prev", "d_gain"), grads, grads_ref):
+                if status == "ok":
+                    status = common.check_close(label, got, ref, max(tol, 1e-4))
         row = {"n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "variant": name, "check": status}
+        if name == "fused":
+            row["backend"] = deqkern.last_backend()
         rows.append(row)
-        if status != "ok":
+        if status != "ok" or name not in timed:
+            if status == "ok":
+                row["note"] = "checked, not timed (Triton interpreter)"
             continue
 
         def fwd():
@@ -99,7 +113,6 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
         row["fwd_gbs"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
         row["fwd_frac_copy"] = row["fwd_gbs"] / copy_gbs
         if name == "fused":
-            row["backend"] = deqkern.last_backend()
             with torch.no_grad():
                 _, _, rstd = deqkern.functional.update_with_stats(*check_in[:4], eps=EPS, damping=DAMPING, stop_mode=STOP)
 
@@ -147,6 +160,15 @@ def host_overhead_us(device: torch.device) -> dict:
     return out
 
 
+def _variant_label(row: dict) -> str:
+    backend = row.get("backend")
+    return row["variant"] if backend in (None, "triton") else f"{row['variant']} ({backend})"
+
+
+def _check_label(row: dict) -> str:
+    return row["check"] + (" (not timed)" if "note" in row else "")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
@@ -155,28 +177,35 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    sizes = args.sizes or (["1024x256", "2048x512"] if args.quick else DEFAULT_SIZES)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     variants = {"eager": lambda: eager_update}
     if device.type == "cuda":
-        variants["compile"] = lambda: torch.compile(eager_update, dynamic=False)
-        variants["fused"] = lambda: fused_update
-    else:
-        print("CPU-only machine: timing eager only (the Triton interpreter is a correctness tool, not a speed baseline).")
+        variants["compile"] = lambda: common.fresh_compile(eager_update)
+    variants["fused"] = lambda: fused_update
+    timed = set(variants) if device.type == "cuda" else {"eager"}
+    if device.type != "cuda":
+        print(common.CPU_NOTE)
     copy_gbs = common.copy_bandwidth_gbs(device)
-    rows = []
-    for dt in args.dtype:
-        for size in sizes:
+    rows, skipped = [], []
+    for size in sizes:  # dtype innermost: a cut by the time budget spares both dtypes
+        for dt in args.dtype:
+            if common.out_of_time():
+                skipped.append(f"{dt} {size}")
+                continue
             n, d = (int(x) for x in size.lower().split("x"))
-            rows.extend(bench_size(n, d, DTYPES[dt], device, copy_gbs, variants))
+            rows.extend(bench_size(n, d, DTYPES[dt], device, copy_gbs, variants, timed))
+    dtype_order = [str(DTYPES[dt]).replace("torch.", "") for dt in args.dtype]
+    rows.sort(key=lambda r: dtype_order.index(r["dtype"]))  # stable: tables grouped by dtype
     overhead = host_overhead_us(device) if device.type == "cuda" else {}
     payload = {"environment": common.environment(device), "copy_bandwidth_gbs": copy_gbs,
-               "damping": DAMPING, "stop_mode": STOP, "host_overhead_us": overhead, "rows": rows}
+               "damping": DAMPING, "stop_mode": STOP, "host_overhead_us": overhead, "rows": rows,
+               "skipped_time_budget": skipped}
     headers = ["dtype", "N×d", "variant", "check", "fwd ms", "fwd GB/s", "fwd % copy", "fwd× eager", "fwd× compile",
                "fwd+bwd ms", "fwd+bwd× eager", "fwd+bwd× compile", "bwd kernel % copy",
                "fwd call ms", "fwd+bwd call ms", "call fwd+bwd× compile"]
     pct = lambda r, k: f"{100 * r[k]:.0f}%" if k in r else "-"  # noqa: E731
     table_rows = [[
-        r["dtype"], f"{r['n']}×{r['d']}", r["variant"], r["check"], r.get("fwd_ms", "-"), r.get("fwd_gbs", "-"),
+        r["dtype"], f"{r['n']}×{r['d']}", _variant_label(r), _check_label(r), r.get("fwd_ms", "-"), r.get("fwd_gbs", "-"),
         pct(r, "fwd_frac_copy"), r.get("fwd_ms_speedup_vs_eager", "-"), r.get("fwd_ms_speedup_vs_compile", "-"),
         r.get("fwd_bwd_ms", "-"), r.get("fwd_bwd_ms_speedup_vs_eager", "-"), r.get("fwd_bwd_ms_speedup_vs_compile", "-"),
         pct(r, "bwd_frac_copy"), r.get("fwd_call_ms", "-"), r.get("fwd_bwd_call_ms", "-"),
@@ -187,6 +216,8 @@ def main(argv=None) -> dict:
     table = (f"Copy bandwidth (read+write): {copy_gbs:,.0f} GB/s. damping={DAMPING}, stop_mode={STOP}, "
              f"frozen (N, d) with gradient. ms columns: {timing}; 'call' columns: each call launched from "
              f"Python (do_bench, L2 flushed), host overhead included.\n\n" + common.markdown_table(headers, table_rows))
+    if skipped:
+        table += "\n\nSkipped (run time budget reached): " + ", ".join(skipped)
     if overhead:
         table += "\n\nHost overhead per call (µs, 8×64 fp32): " + ", ".join(f"{k} {v:.1f}" for k, v in overhead.items())
     out_dir = common.write_results(device, "update" + ("_quick" if args.quick else ""), payload, table)

@@ -3,6 +3,10 @@
 Timing on CUDA uses ``triton.testing.do_bench`` (CUDA events, median, warm-up). On a
 CPU-only machine it uses ``time.perf_counter`` medians; the Triton interpreter is never
 timed (it is a correctness tool, not a speed comparison).
+
+A run-wide deadline (``DEQKERN_BENCH_DEADLINE``, seconds since the epoch, set by
+``python -m bench --budget-s``) lets each benchmark skip its remaining sizes, reported
+as skipped, instead of overrunning a fixed time slot.
 """
 
 from __future__ import annotations
@@ -50,7 +54,48 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "cpu_threads": torch.get_num_threads(),
     }
+
+
+CPU_NOTE = ("CPU run: only eager variants are timed, and only as a smoke test. Fused variants run through "
+            "the Triton interpreter and are checked for correctness, not timed: interpreter timings are not "
+            "a speed comparison.")
+
+
+def out_of_time() -> bool:
+    """True once the run-wide deadline (``DEQKERN_BENCH_DEADLINE``) has passed."""
+    deadline = os.environ.get("DEQKERN_BENCH_DEADLINE")
+    return deadline is not None and time.time() > float(deadline)
+
+
+def fresh_compile(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)`` with Dynamo's caches cleared first.
+
+    A new ``torch.compile`` wrapper does not get a new cache: compiled graphs hang off
+    ``fn``'s code object, and past ``recompile_limit`` (8) Dynamo silently runs ``fn``
+    eagerly -- a "compile" row that would really be eager. Resetting per problem size
+    keeps each one at a fresh compile, and the limit is made an error, not a fallback.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False)
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak CUDA memory (MiB) that one call of ``fn`` allocates above what was already
+    allocated; None on a CPU (no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def device_slug(device: torch.device) -> str:
@@ -144,9 +189,14 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float)
     return "ok" if err <= rel_tol else f"FAIL ({name}: rel. error {err:.2e} > {rel_tol:.0e})"
 
 
+def results_dir(device: torch.device) -> Path:
+    """``bench/results/<device-slug>/``, or ``$DEQKERN_RESULTS/<device-slug>/``."""
+    return Path(os.environ.get("DEQKERN_RESULTS", RESULTS)) / device_slug(device)
+
+
 def write_results(device: torch.device, stem: str, payload: dict, table: str) -> Path:
-    """Write ``<stem>.json`` and ``<stem>.md`` under ``bench/results/<device-slug>/``."""
-    out_dir = Path(os.environ.get("DEQKERN_RESULTS", RESULTS)) / device_slug(device)
+    """Write ``<stem>.json`` and ``<stem>.md`` under :func:`results_dir`."""
+    out_dir = results_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
@@ -154,6 +204,8 @@ def write_results(device: torch.device, stem: str, payload: dict, table: str) ->
         f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
         f"commit {env['commit'][:10]} · {env['date']}\n\n"
     )
+    if device.type != "cuda":
+        header += f"> {CPU_NOTE}\n\n"
     (out_dir / f"{stem}.md").write_text(header + table + "\n")
     return out_dir
 
@@ -169,3 +221,54 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+#: Order of the sections in SUMMARY.md (a result file ``<stem>.md`` belongs to the first
+#: suite its stem starts with); plots in the order ``bench/plot.py`` writes them.
+SUMMARY_ORDER = ("update", "iteration", "solve", "train", "spectral", "model", "dropin")
+PLOTS = {
+    "speedup_update.png": "Update op: fused speedup vs eager and torch.compile, by problem size",
+    "speedup_iteration.png": "One iteration (GEMM + update): speedup and time / floor, by problem size",
+    "speedup_solve.png": "Solve and train step: deqkern speedups, by problem size",
+    "solve_time_vs_iterations.png": "Time per forward solve vs iterations run, per variant",
+    "bandwidth_update.png": "Update op: achieved GB/s vs device copy bandwidth",
+}
+
+
+def write_summary(out_dir: Path) -> Path:
+    """``SUMMARY.md`` in ``out_dir``: environment, run status, plots that exist, and every
+    ``<stem>.md`` table there, in :data:`SUMMARY_ORDER`."""
+    out_dir = Path(out_dir)
+    tables = sorted((p for p in out_dir.glob("*.md") if p.name != "SUMMARY.md"),
+                    key=lambda p: (_suite_rank(p.stem), p.stem))
+    lines = [f"# Benchmark summary: {out_dir.name}", ""]
+    run_file = out_dir / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.exists() else None
+    env = run["environment"] if run else next(
+        (json.loads(p.read_text()).get("environment") for p in out_dir.glob("*.json") if p.name != "run.json"), None)
+    if env:
+        lines += [f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+                  f"commit {str(env['commit'])[:10]} · {env['date']}", ""]
+        if env.get("cuda") is None or env.get("triton_interpreter"):
+            lines += [f"> {CPU_NOTE}", ""]
+    if run:
+        lines += [f"Command: `python -m bench {' '.join(run['argv'])}`", "",
+                  markdown_table(["suite", "status", "seconds"],
+                                 [[name, info["status"], info["seconds"]] for name, info in run["suites"].items()]),
+                  ""]
+    plots = [(name, title) for name, title in PLOTS.items() if (out_dir / name).exists()]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"**{title}**\n\n![{title}]({name})\n" for name, title in plots]
+    for path in tables:
+        body = path.read_text().split("\n", 2)
+        # drop the per-file device line, already given once above
+        text = body[2] if body[0].startswith("Device:") and len(body) > 2 else path.read_text()
+        lines += [f"## {path.stem}", "", f"From [`{path.name}`]({path.name}) / `{path.stem}.json`.", "", text.strip(), ""]
+    out = out_dir / "SUMMARY.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _suite_rank(stem: str) -> int:
+    return next((i for i, suite in enumerate(SUMMARY_ORDER) if stem.startswith(suite)), len(SUMMARY_ORDER))

@@ -1,0 +1,198 @@
+"""One Picard iteration of the frozen-context cell, fused vs eager vs torch.compile, against its floor.
+
+    python bench/bench_iteration.py [--dtype bf16 fp32] [--sizes 8192x1024 ...] [--quick]
+
+One iteration is what a solver runs per step: ``signal = h @ W.T`` (cuBLAS) and the
+update ``h_next = (1 - b) h + b * g * RMSNorm(signal + frozen)`` with its per-row
+residual. Variants (forward, no grad):
+
+  gemm      ``F.linear(h, W)`` alone -- the part no update kernel can remove
+  eager     GEMM + the eager update (``deqkern.ops.update.update_reference``)
+  compile   ``torch.compile`` of that whole eager iteration (GEMM included)
+  fused     GEMM + ``deqkern.frozen_rmsnorm_update``
+
+Floor: the GEMM's measured time plus one pass over the bytes the update must move (read
+signal, frozen and h_prev, write h_next, all in the storage dtype; write the float32
+residual and rstd; read the gain) at the device-to-device copy bandwidth measured in the
+same run. ``time / floor`` = 1 means the update costs no more than moving its bytes once.
+
+Every variant's h_next and residual are compared with eager's on random inputs before
+timing (FAIL rows are not timed). CUDA: device time from 20 iterations captured in one
+CUDA graph (``ms``) and Python-launched calls (``call ms``, host overhead included).
+CPU: only eager and the GEMM are timed; the fused op is checked, not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import deqkern  # noqa: E402
+from deqkern.ops.update import update_reference  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_SIZES = ["8192x1024", "32768x512", "256x512"]
+QUICK_SIZES = ["256x64", "1024x128"]
+DAMPING, EPS, STOP = 0.8, 1e-6, "rel"
+
+
+def gemm(h, w, frozen, gain):
+    return F.linear(h, w)
+
+
+def eager_iteration(h, w, frozen, gain):
+    h_next, residual, _ = update_reference(F.linear(h, w), frozen, h, gain, EPS, DAMPING, STOP)
+    return h_next, residual
+
+
+def fused_iteration(h, w, frozen, gain):
+    return deqkern.frozen_rmsnorm_update(F.linear(h, w), frozen, h, gain, eps=EPS, damping=DAMPING, stop_mode=STOP)
+
+
+def update_bytes(n: int, d: int, dtype: torch.dtype) -> int:
+    """Bytes the update moves at least once: 3 reads + 1 write of (n, d) in the storage
+    dtype, the float32 residual and rstd (n each), the gain (d)."""
+    es = torch.finfo(dtype).bits // 8
+    return 4 * n * d * es + 2 * 4 * n + d * es
+
+
+def _time(fn, device, graph: bool) -> float:
+    try:
+        return common.time_ms(fn, device, graph=graph)
+    except Exception as exc:  # a variant that cannot be captured is reported, not hidden
+        print(f"  timing failed (graph={graph}): {type(exc).__name__}: {exc}".splitlines()[0])
+        return float("nan")
+
+
+def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gbs: float) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    gen = torch.Generator().manual_seed(n * 7919 + d)
+    w = (torch.randn(d, d, generator=gen) / d**0.5).to(device=device, dtype=dtype)
+    gain = (1 + 0.1 * torch.randn(d, generator=gen)).to(device=device, dtype=dtype)
+    es = torch.finfo(dtype).bits // 8
+
+    def make():
+        return [torch.randn(n, d, device=device, dtype=dtype), w,
+                torch.randn(n, d, device=device, dtype=dtype), gain]
+
+    inputs = common.Rotating(make, 4 * n * d * es, device)
+    check_in = inputs.sets[0]
+    with torch.no_grad():
+        h_ref, res_ref = eager_iteration(*check_in)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+
+    variants = {"gemm": lambda: gemm, "eager": lambda: eager_iteration}
+    if on_gpu:
+        variants["compile"] = lambda: common.fresh_compile(eager_iteration)
+    variants["fused"] = lambda: fused_iteration
+    timed = set(variants) if on_gpu else {"gemm", "eager"}
+
+    rows = []
+    for name, factory in variants.items():
+        fn = factory()
+        row = {"n": n, "d": d, "dtype": str(dtype).replace("torch.", ""), "variant": name}
+        rows.append(row)
+        with torch.no_grad():
+            out = fn(*check_in)
+        if name == "gemm":
+            ref = check_in[0].double() @ check_in[1].double().T
+            row["check"] = common.check_close("h @ W.T", out, ref, 2e-2 if dtype == torch.bfloat16 else 1e-2)
+        else:
+            row["check"] = common.check_close("h_next", out[0], h_ref, tol)
+            if row["check"] == "ok":
+                row["check"] = common.check_close("residual", out[1], res_ref, 1e-4)
+        if name == "fused":
+            row["backend"] = deqkern.last_backend()
+        if row["check"] != "ok":
+            continue
+        if name not in timed:
+            row["note"] = "checked, not timed (Triton interpreter)"
+            continue
+
+        def one_iteration():
+            with torch.no_grad():
+                fn(*inputs.next())
+
+        row["call_ms"] = _time(one_iteration, device, graph=False)
+        row["ms"] = _time(one_iteration, device, graph=True) if on_gpu else row["call_ms"]
+
+    by = {r["variant"]: r for r in rows}
+    gemm_ms = by["gemm"].get("ms", float("nan"))
+    update_floor_ms = update_bytes(n, d, dtype) / (copy_gbs * 1e9) * 1e3
+    floor_ms = gemm_ms + update_floor_ms
+    for r in rows:
+        if "ms" not in r:
+            continue
+        r["floor_ms"] = floor_ms
+        r["update_floor_ms"] = update_floor_ms
+        if r["variant"] != "gemm":
+            r["time_over_floor"] = r["ms"] / floor_ms
+            r["update_ms"] = r["ms"] - gemm_ms
+        for base in ("eager", "compile"):
+            for key in ("ms", "call_ms"):
+                if r["variant"] != "gemm" and key in by.get(base, {}) and key in r:
+                    r[f"{key}_speedup_vs_{base}"] = by[base][key] / r[key]
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    ap.add_argument("--sizes", nargs="+", default=None, help="NxD, e.g. 8192x1024")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if device.type != "cuda":
+        print(common.CPU_NOTE)
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    rows, skipped = [], []
+    for size in sizes:  # dtype innermost: a cut by the time budget spares both dtypes
+        for dt in args.dtype:
+            if common.out_of_time():
+                skipped.append(f"{dt} {size}")
+                continue
+            n, d = (int(x) for x in size.lower().split("x"))
+            rows.extend(bench_size(n, d, DTYPES[dt], device, copy_gbs))
+    dtype_order = [str(DTYPES[dt]).replace("torch.", "") for dt in args.dtype]
+    rows.sort(key=lambda r: dtype_order.index(r["dtype"]))  # stable: tables grouped by dtype
+    payload = {"environment": common.environment(device), "copy_bandwidth_gbs": copy_gbs, "damping": DAMPING,
+               "stop_mode": STOP, "rows": rows, "skipped_time_budget": skipped}
+
+    headers = ["dtype", "N×d", "variant", "check", "ms", "update ms", "floor ms", "time / floor", "× eager",
+               "× compile", "call ms", "call × eager", "call × compile"]
+    table_rows = []
+    for r in rows:
+        label = r["variant"] if r.get("backend") in (None, "triton") else f"{r['variant']} ({r['backend']})"
+        table_rows.append([
+            r["dtype"], f"{r['n']}×{r['d']}", label, r["check"] + (" (not timed)" if "note" in r else ""),
+            r.get("ms", "-"), r.get("update_ms", "-"), r.get("floor_ms", "-"), r.get("time_over_floor", "-"),
+            r.get("ms_speedup_vs_eager", "-"), r.get("ms_speedup_vs_compile", "-"), r.get("call_ms", "-"),
+            r.get("call_ms_speedup_vs_eager", "-"), r.get("call_ms_speedup_vs_compile", "-"),
+        ])
+    timing = ("device time: 20 iterations captured in one CUDA graph, median replay / 20" if device.type == "cuda"
+              else "CPU wall time, median")
+    table = (f"Copy bandwidth (read+write): {copy_gbs:,.0f} GB/s. One iteration = h @ W.T + update "
+             f"(damping={DAMPING}, stop_mode={STOP}, frozen (N, d)), no grad. ms: {timing}; 'call' columns: "
+             f"launched from Python (do_bench, L2 flushed). floor = measured GEMM ms + update bytes / copy "
+             f"bandwidth; update ms = ms - GEMM ms.\n\n" + common.markdown_table(headers, table_rows))
+    if skipped:
+        table += "\n\nSkipped (run time budget reached): " + ", ".join(skipped)
+    out_dir = common.write_results(device, "iteration" + ("_quick" if args.quick else ""), payload, table)
+    print(table)
+    print(f"\nwritten to {out_dir}")
+    return payload
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DEQKERN_BACKEND", "auto")
+    main()
