@@ -1,0 +1,208 @@
+"""``python -m deqkern``: train the reference model, or check the fused update.
+
+    python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton]
+                      [--device cpu|cuda] [--seed S] [--compare]
+    python -m deqkern check [--device cpu|cuda]
+
+``train`` (the default) trains :class:`deqkern.models.CharLM` (a byte-level LM on Python
+standard-library sources, no download) with the layer's spectral-norm schedule attached
+to the optimizer, and prints per logging interval: loss, tokens/s, Picard iterations per
+token (mean, max), converged fraction, contraction, the memory context's RMS over the
+injection's RMS, and the largest spectral-norm estimate; then a summary. ``--compare``
+trains twice from the same seed, eager and fused, and prints the throughput ratio and
+the largest per-step loss difference.
+
+``check`` compares :func:`deqkern.frozen_rmsnorm_update` with a float64 reference on
+each backend that can run here, and times it.
+
+``--backend`` sets ``DEQKERN_BACKEND`` for the run (``deqkern._backend`` reads it at every
+call). On the CPU, ``torch.set_num_threads(1)``: the model's matrices are tiny, and on a
+shared two-core machine intra-op threads made training 10-20x slower whenever another
+process was busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from deqkern import _backend
+from deqkern.models.charlm import PRESETS, CharLMConfig, TrainResult, train
+
+BACKENDS = ("auto", "eager", "triton")
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Set ``DEQKERN_BACKEND`` for the duration of the block."""
+    previous = os.environ.get("DEQKERN_BACKEND")
+    os.environ["DEQKERN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DEQKERN_BACKEND", None)
+        else:
+            os.environ["DEQKERN_BACKEND"] = previous
+
+
+def fused_available(device: torch.device, dtype: torch.dtype = torch.float32, d: int = 64) -> bool:
+    """Whether the Triton kernels can run here (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
+    with forced_backend("auto"):
+        return _backend.select(device, dtype, d) != "eager"
+
+
+def format_log(log: dict) -> str:
+    return (
+        f"step {log['step']:>5} | loss {log['loss']:.3f} | {log['tokens_per_s']:>9,.0f} tok/s | "
+        f"iters mean {log['mean_nstep']:.2f} max {log['max_nstep']:>2} | "
+        f"converged {100 * log['converged_fraction']:.2f}% | contraction {log['contraction']:.3f} | "
+        f"hist/inj {log['hist_inj_ratio']:.3f} | sigma_max {log['sigma_max']:.3f}"
+    )
+
+
+def summarize(result: TrainResult, cfg: CharLMConfig, backend: str) -> str:
+    logs = result.logs
+    steps = logs[-1]["step"]
+    rows = steps * cfg.batch * cfg.seq_len * cfg.n_slots
+    unconverged = sum(log["unconverged"] for log in logs)
+    mean_nstep = sum(log["mean_nstep"] * log["tokens"] for log in logs) / sum(log["tokens"] for log in logs)
+    verdict = "yes" if unconverged == 0 else f"no: {unconverged:,} of {rows:,} rows missed tol"
+    return "\n".join([
+        f"summary ({steps} steps, backend {backend}, {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tok/s "
+        f"after the first interval):",
+        f"  100% of tokens converged (tol {cfg.tol:g}, {cfg.stop_mode}, cap {cfg.max_iter}): {verdict}",
+        f"  Picard iterations per token: mean {mean_nstep:.2f}, max {max(log['max_nstep'] for log in logs)}",
+        f"  max contraction: {max(log['contraction'] for log in logs):.3f}",
+        f"  largest sigma estimate (taken before each clamp): {max(log['sigma_max'] for log in logs):.3f} "
+        f"(target {cfg.spectral_target:g})",
+        f"  loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f} "
+        f"(first -> last interval mean: {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f})",
+    ])
+
+
+def run_training(cfg: CharLMConfig, args: argparse.Namespace, backend: str) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    steps = args.steps or cfg.steps
+    log_every = args.log_every or max(1, steps // 10)
+    with forced_backend(backend):
+        result = train(cfg, steps=steps, device=args.device, seed=args.seed, log_every=log_every,
+                       on_log=lambda log: tqdm.write(format_log(log)), progress=True)
+        ran = _backend.last_backend()
+    print(summarize(result, cfg, f"{backend} (ran: {ran})"))
+    return result
+
+
+# --------------------------------------------------------------------------- check
+def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    """Median wall milliseconds of one call (device synchronized around each call)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def check(device: torch.device) -> None:
+    """Parity with a float64 reference and timing of ``frozen_rmsnorm_update``."""
+    import deqkern
+    from deqkern.ops.update import update_reference
+
+    damping, eps, stop_mode = 0.85, 1e-6, "rel"
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    print(f"frozen_rmsnorm_update on {device} (damping {damping}, stop_mode {stop_mode}): "
+          "max abs error against the float64 reference")
+    generator = torch.Generator(device=device).manual_seed(0)
+    for dtype in dtypes:
+        backends = ["eager"] + (["triton"] if fused_available(device, dtype) else [])
+        if device.type == "cpu" and backends == ["eager"]:
+            print("  (CPU without TRITON_INTERPRET=1: eager only; the fused kernels need a GPU)")
+        for n, d in ((4096, 256), (4096, 1000), (1024, 4096)):
+            signal, frozen, h_prev = (torch.randn(n, d, device=device, generator=generator).to(dtype) for _ in range(3))
+            gain = (1 + 0.1 * torch.randn(d, device=device, generator=generator)).to(dtype)
+            inputs = (signal, frozen, h_prev, gain)
+            h_ref, res_ref, _ = update_reference(*(t.double() for t in inputs), eps, damping, stop_mode)
+            for name in backends:
+                with forced_backend(name), torch.no_grad():
+                    def call():
+                        return deqkern.frozen_rmsnorm_update(*inputs, eps=eps, damping=damping, stop_mode=stop_mode)
+
+                    h, res = call()
+                    ran = deqkern.last_backend()
+                    # The interpreter is a correctness tool: its timings compare nothing.
+                    timing = ("not timed" if ran == "triton-interpreter" else
+                              f"{_time_ms(call, device, reps=20 if device.type == 'cuda' else 5):8.3f} ms")
+                h_err = (h.double() - h_ref).abs().max().item()
+                res_err = (res.double() - res_ref).abs().max().item()
+                print(f"  {str(dtype).replace('torch.', ''):>8} {n:>5}x{d:<5} {ran:>18}: h_next {h_err:.2e}, "
+                      f"residual {res_err:.2e}, {timing}")
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m deqkern", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="train", choices=("train", "check"))
+    ap.add_argument("--config", choices=sorted(PRESETS), default=None,
+                    help="model preset (default: gpu on CUDA, small on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    ap.add_argument("--log-every", type=int, default=None, help="steps per logging interval (default: steps/10)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="DEQKERN_BACKEND for the run: auto (fused where possible), eager, triton")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", action="store_true",
+                    help="train twice from the same seed, eager and fused; print speed ratio and loss difference")
+    args = ap.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be >= 1; got {args.steps}")
+    if args.log_every is not None and args.log_every < 1:
+        ap.error(f"--log-every must be >= 1; got {args.log_every}")
+    if args.command == "train" and (args.backend == "triton" or args.compare) and not fused_available(args.device):
+        what = "--compare" if args.compare else "--backend triton"
+        ap.error(f"{what} needs the Triton kernels, which cannot run on {args.device} here "
+                 "(use a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.command == "check":
+        check(args.device)
+        return 0
+    cfg = PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")]()
+    print(f"deqkern reference model on {args.device}: {cfg}")
+    if not args.compare:
+        run_training(cfg, args, args.backend)
+        return 0
+    results = {}
+    for name in ("eager", "triton"):
+        print(f"\n=== backend {name} ===")
+        results[name] = run_training(cfg, args, name)
+    eager, fused = results["eager"], results["triton"]
+    diff = max(abs(a - b) for a, b in zip(eager.losses, fused.losses))
+    print(f"\nfused / eager tokens/s: {fused.tokens_per_s:,.0f} / {eager.tokens_per_s:,.0f} = "
+          f"{fused.tokens_per_s / eager.tokens_per_s:.2f}x; largest |loss difference| over "
+          f"{len(eager.losses)} steps: {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
