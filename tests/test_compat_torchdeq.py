@@ -41,8 +41,8 @@ def _run(solver: str, func: DEQFunc, x: torch.Tensor, **deq_kwargs):
     deq = torchdeq.get_deq(f_solver=solver, b_solver=solver, f_max_iter=60, f_tol=1e-6, f_stop_mode="rel",
                            b_max_iter=60, b_tol=1e-7, **deq_kwargs)
     func.zero_grad()
-    z_out, info = deq(lambda z: func(z, x), torch.zeros(x.shape[0], S, D))
-    loss = (z_out[-1] * torch.linspace(-1, 1, D)).sum()
+    z_out, info = deq(lambda z: func(z, x), torch.zeros(x.shape[0], S, D, device=x.device))
+    loss = (z_out[-1] * torch.linspace(-1, 1, D, device=x.device)).sum()
     loss.backward()
     return z_out, info, {name: p.grad.clone() for name, p in func.named_parameters()}
 
@@ -105,10 +105,10 @@ def test_direct_call_damping_indexing_and_flat_samples():
     torch.testing.assert_close(z, torch.cos(z), atol=1e-5, rtol=0)
 
 
-def test_patched_model_runs_the_fused_norm(fused_backend_name):
+def test_patched_model_runs_the_fused_norm(fused_backend_name, device):
     gen = torch.Generator().manual_seed(case_seed("patched"))
-    func = DEQFunc(gen)
-    x = torch.randn(B, S, D_IN, generator=gen)
+    func = DEQFunc(gen).to(device)
+    x = torch.randn(B, S, D_IN, generator=gen).to(device)
     z_ref, _, grads_ref = _run("fixed_point_iter", func, x)
     deqkern.patch(func)
     z, _, grads = _run("deqkern", func, x)

@@ -55,7 +55,7 @@ def _run(model: nn.Module, *inputs: torch.Tensor):
     model.zero_grad()
     out = model(*inputs)
     out = out[0] if isinstance(out, tuple) else out
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
     grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
     return out.detach(), [t.grad for t in inputs], grads
 
@@ -75,10 +75,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_op_and_norm_compile_fullgraph(fused_backend_name):
+def test_op_and_norm_compile_fullgraph(fused_backend_name, device):
     gen = torch.Generator().manual_seed(case_seed("compile-op"))
-    model = UpdateModel(gen)
-    h, frozen = torch.randn(5, D, generator=gen), torch.randn(5, D, generator=gen)
+    model = UpdateModel(gen).to(device)
+    h, frozen = torch.randn(5, D, generator=gen).to(device), torch.randn(5, D, generator=gen).to(device)
     assert torch._dynamo.explain(model)(h, frozen).graph_break_count == 0
     compiled = torch.compile(model, fullgraph=True)  # inductor
     got = _run(compiled, h, frozen)
@@ -86,10 +86,10 @@ def test_op_and_norm_compile_fullgraph(fused_backend_name):
     _assert_same(got, _run(model, h, frozen))
 
 
-def test_solve_module_compiles_with_one_graph_break(fused_backend_name):
+def test_solve_module_compiles_with_one_graph_break(fused_backend_name, device):
     gen = torch.Generator().manual_seed(case_seed("compile-solve"))
-    model = SolveModel(gen)
-    x = torch.randn(4, D, generator=gen)
+    model = SolveModel(gen).to(device)
+    x = torch.randn(4, D, generator=gen).to(device)
     explanation = torch._dynamo.explain(model)(x)
     # One break: deqkern.solve is a torch.compiler.disable'd region (its early exit and
     # NaN checks read device values on the host). Everything around it is in 2 graphs.

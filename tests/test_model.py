@@ -70,13 +70,13 @@ def test_trained_model_converges_fast(trained, monkeypatch, one_thread):
     assert stats["contraction"].item() < 0.85
 
 
-def test_fused_and_eager_train_alike(monkeypatch, one_thread):
+def test_fused_and_eager_train_alike(monkeypatch, one_thread, device):
     """Same seed, two steps: the Triton kernels (interpreted on a CPU) and eager agree."""
     cfg = dataclasses.replace(CharLMConfig.tiny(), seq_len=6)
     losses = {}
     for backend in ("triton", "eager"):
         monkeypatch.setenv("DEQKERN_BACKEND", backend)
-        losses[backend] = train(cfg, steps=2, seed=1, log_every=1).losses
+        losses[backend] = train(cfg, steps=2, seed=1, log_every=1, device=device).losses
         assert deqkern.last_backend() == ("eager" if backend == "eager" else
                                           "triton" if torch.cuda.is_available() else "triton-interpreter")
     assert losses["triton"] == pytest.approx(losses["eager"], abs=1e-4)

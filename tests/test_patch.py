@@ -42,9 +42,9 @@ def _model(seed_name: str) -> Model:
     return model
 
 
-def test_round_trip(fused_backend_name):
-    model = _model("round-trip")
-    x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(case_seed("x")))
+def test_round_trip(fused_backend_name, device):
+    model = _model("round-trip").to(device)
+    x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(case_seed("x"))).to(device)
     before = model(x)
     originals = {name: m for name, m in model.named_modules(remove_duplicate=False) if type(m) is nn.RMSNorm}
     weights = {name: m.weight for name, m in originals.items()}
