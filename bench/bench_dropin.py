@@ -94,7 +94,11 @@ def train(variant: str, shape: tuple, device: torch.device, dtype_name: str, ste
     if "patch" in variant:
         deqkern.patch(model)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, seq, d_in, generator=gen).to(device)
+    # Inputs at scale 4: the injection then dominates W z, so the cell stays contractive
+    # through training and both solvers converge (at unit scale the fp32 model stopped
+    # converging within f_max_iter after ~10 steps, and unconverged iterates are where
+    # torchdeq (lowest-residual iterate) and deqkern (last iterate) legitimately differ).
+    x = (4.0 * torch.randn(batch, seq, d_in, generator=gen)).to(device)
     y = torch.randint(0, n_classes, (batch,), generator=gen).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses, times = [], []
@@ -162,7 +166,8 @@ def main(argv=None) -> dict:
     table = (f"torchdeq DEQ z = RMSNorm(W z + U x), weight_norm, {grad}; B={batch} S={seq} d_in={d_in} d={d}; "
              f"{args.dtype}{' (autocast)' if args.dtype != 'fp32' else ''}; {steps} Adam steps; step ms = median "
              f"wall time of a training step after the first.\n\n" + common.markdown_table(headers, table_rows))
-    out_dir = common.write_results(device, "dropin" + ("_quick" if args.quick else ""), payload, table)
+    stem = "dropin" + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("_quick" if args.quick else "")
+    out_dir = common.write_results(device, stem, payload, table)
     print(table)
     print(f"\nwritten to {out_dir}")
     if any(r["check"] != "ok" for r in rows):

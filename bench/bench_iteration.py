@@ -145,26 +145,15 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    ap.add_argument("--sizes", nargs="+", default=None, help="NxD, e.g. 8192x1024")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    common.add_size_args(ap, DTYPES)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     if device.type != "cuda":
         print(common.CPU_NOTE)
     copy_gbs = common.copy_bandwidth_gbs(device)
-    rows, skipped = [], []
-    for size in sizes:  # dtype innermost: a cut by the time budget spares both dtypes
-        for dt in args.dtype:
-            if common.out_of_time():
-                skipped.append(f"{dt} {size}")
-                continue
-            n, d = (int(x) for x in size.lower().split("x"))
-            rows.extend(bench_size(n, d, DTYPES[dt], device, copy_gbs))
-    dtype_order = [str(DTYPES[dt]).replace("torch.", "") for dt in args.dtype]
-    rows.sort(key=lambda r: dtype_order.index(r["dtype"]))  # stable: tables grouped by dtype
+    rows, skipped = common.sweep(sizes, args.dtype, DTYPES,
+                                 lambda n, d, dtype: bench_size(n, d, dtype, device, copy_gbs))
     payload = {"environment": common.environment(device), "copy_bandwidth_gbs": copy_gbs, "damping": DAMPING,
                "stop_mode": STOP, "rows": rows, "skipped_time_budget": skipped}
 

@@ -355,10 +355,7 @@ def targets(rows: list[dict]) -> list[list[object]]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    ap.add_argument("--sizes", nargs="+", default=None, help="NxD, e.g. 8192x1024")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    common.add_size_args(ap, DTYPES)
     ap.add_argument("--phase", nargs="+", default=list(PHASES), choices=PHASES,
                     help="forward solve (no grad) and/or train step (solve + backward)")
     ap.add_argument("--out", default=None, help="JSON path (a .md table is written next to it); "
@@ -373,18 +370,10 @@ def main(argv=None) -> dict:
                      + " are timed (perf_counter medians, a smoke test); deqkern variants are checked, not timed.")
     if torchdeq is None:
         notes.append("torchdeq is not importable: its variants were skipped (pip install torchdeq==0.1.0).")
-    rows, skipped = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("once", ConvergenceWarning)
-        for size in sizes:  # dtype innermost: a cut by the time budget spares both dtypes
-            for dt in args.dtype:
-                if common.out_of_time():
-                    skipped.append(f"{dt} {size}")
-                    continue
-                n, d = (int(x) for x in size.lower().split("x"))
-                rows.extend(bench_size(n, d, DTYPES[dt], device, phases))
-    dtype_order = [str(DTYPES[dt]).replace("torch.", "") for dt in args.dtype]
-    rows.sort(key=lambda r: dtype_order.index(r["dtype"]))  # stable: tables grouped by dtype
+        rows, skipped = common.sweep(sizes, args.dtype, DTYPES,
+                                     lambda n, d, dtype: bench_size(n, d, dtype, device, phases))
     if skipped:
         notes.append("Skipped (run time budget reached): " + ", ".join(skipped))
     ratios(rows)

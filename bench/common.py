@@ -70,6 +70,32 @@ def out_of_time() -> bool:
     return deadline is not None and time.time() > float(deadline)
 
 
+def add_size_args(ap, dtypes: Sequence[str]) -> None:
+    """The arguments every size-sweeping bench takes: --dtype, --sizes, --device, --quick."""
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(dtypes))
+    ap.add_argument("--sizes", nargs="+", default=None, help="NxD, e.g. 8192x1024")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+
+
+def sweep(sizes: Sequence[str], dtype_names: Sequence[str], dtypes: dict,
+          bench_size: Callable[[int, int, torch.dtype], list]) -> tuple[list, list]:
+    """Run ``bench_size(n, d, dtype)`` over sizes x dtypes (dtype innermost, so a cut by the
+    time budget spares both dtypes of a size). Returns the rows, grouped by dtype in the
+    order given, and the ``"dtype NxD"`` cases skipped for lack of time."""
+    rows, skipped = [], []
+    for size in sizes:
+        for name in dtype_names:
+            if out_of_time():
+                skipped.append(f"{name} {size}")
+                continue
+            n, d = (int(x) for x in size.lower().split("x"))
+            rows.extend(bench_size(n, d, dtypes[name]))
+    order = [str(dtypes[name]).replace("torch.", "") for name in dtype_names]
+    rows.sort(key=lambda r: order.index(r["dtype"]))  # stable: tables grouped by dtype
+    return rows, skipped
+
+
 def fresh_compile(fn: Callable) -> Callable:
     """``torch.compile(fn, dynamic=False)`` with Dynamo's caches cleared first.
 

@@ -103,7 +103,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from deqkern import _backend
-from deqkern.ops.update import REL_EPS, STOP_MODES, _launch_config, _rows, row_residual
+from deqkern.ops.update import REL_EPS, STOP_MODES, _cdiv, _launch_config, _rows, row_residual
 
 __all__ = [
     "solve",
@@ -378,7 +378,7 @@ def _commit_triton(
         return out
     res_in = state.residual if residual is None else residual.reshape(-1).contiguous()
     block_d, block_m, num_warps = _launch_config(n_rows, d, h.device.type == "cpu")
-    _commit_kernel[(triton.cdiv(n_rows, block_m),)](
+    _commit_kernel[(_cdiv(n_rows, block_m),)](
         hn, hp, res_in, state.residual, state.prev, state.lowest, state.nstep,
         n_rows, d, hn.stride(0), hp.stride(0),
         float(tol), _FLT_MAX,

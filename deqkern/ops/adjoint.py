@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deqkern.ops.update import STOP_MODES, _launch_config, _rows, _compute_dtype, row_residual
+from deqkern.ops.update import STOP_MODES, _cdiv, _compute_dtype, _launch_config, _rows, row_residual
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def adjoint_step_triton(
     res = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     if n_rows > 0:
         block_d, block_m, num_warps = _launch_config(n_rows, d, z.device.type == "cpu")
-        _adjoint_kernel[(triton.cdiv(n_rows, block_m),)](
+        _adjoint_kernel[(_cdiv(n_rows, block_m),)](
             uu, gp, go, zz, rstd.reshape(-1).contiguous(), gain.contiguous(), g_next, dz, res,
             n_rows, d,
             uu.stride(0), gp.stride(0), go.stride(0), zz.stride(0), g_next.stride(0), dz.stride(0),

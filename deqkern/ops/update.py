@@ -141,7 +141,7 @@ def _update_bwd_kernel(
 
 def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
     """(..., d) -> a 2-D (rows, d) view with unit column stride (copies only if needed)."""
-    x2 = x.reshape(-1, d)
+    x2 = x if x.dim() == 2 else x.reshape(-1, d)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
@@ -159,13 +159,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)
 def _launch_config(n_rows: int, d: int, interpreted: bool) -> tuple[int, int, int]:
-    """BLOCK_D, BLOCK_M and num_warps for a row-wise kernel."""
-    block_d = triton.next_power_of_2(d)
+    """BLOCK_D, BLOCK_M and num_warps for a row-wise kernel. Cached: it runs before every
+    launch, and on small problems the host's time per launch is the iteration's time."""
+    block_d = _next_power_of_2(d)
     tile = _INTERPRETER_TILE if interpreted else _GPU_TILE
-    block_m = max(1, min(tile // block_d, triton.next_power_of_2(max(n_rows, 1))))
+    block_m = max(1, min(tile // block_d, _next_power_of_2(max(n_rows, 1))))
     num_warps = min(16, max(1, (block_m * block_d) // 512))
     return block_d, block_m, num_warps
+
+
+def _next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 in plain Python (the triton helper costs microseconds a call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def update_forward_triton(
@@ -185,7 +196,7 @@ def update_forward_triton(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=signal.device)
     if n_rows > 0:
         block_d, block_m, num_warps = _launch_config(n_rows, d, signal.device.type == "cpu")
-        grid = (triton.cdiv(n_rows, block_m),)
+        grid = (_cdiv(n_rows, block_m),)
         _update_fwd_kernel[grid](
             s, f, p, g, h, res, rstd,
             n_rows, d,
@@ -194,6 +205,8 @@ def update_forward_triton(
             STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=num_warps,
         )
+    if len(lead) == 1:
+        return h, res, rstd
     return h.view(*lead, d), res.view(lead), rstd.view(lead)
 
 
@@ -219,8 +232,8 @@ def update_backward_triton(
     interpreted = device.type == "cpu"
     block_d, block_m, num_warps = _launch_config(n_rows, d, interpreted)
     max_programs = 4 if interpreted else 4 * _sm_count(device.index or 0)
-    n_programs = max(1, min(triton.cdiv(n_rows, block_m), max_programs))
-    rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), n_programs), block_m) * block_m
+    n_programs = max(1, min(_cdiv(n_rows, block_m), max_programs))
+    rows_per_program = _cdiv(_cdiv(max(n_rows, 1), n_programs), block_m) * block_m
     dg_part = torch.empty((n_programs, d), dtype=torch.float32, device=device)
     df_part = torch.empty((n_programs, d) if reduce_df else (0,), dtype=torch.float32, device=device)
     _update_bwd_kernel[(n_programs,)](
