@@ -286,10 +286,27 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
         _check_tensor("weight", weight)
         if weight.shape != (d,) or weight.device != x.device:
             raise ValueError(f"weight must have shape ({d},) on {x.device}; got {tuple(weight.shape)} on {weight.device}")
-    gain = torch.ones(d, dtype=x.dtype, device=x.device) if weight is None else weight
-    frozen = torch.zeros(d, dtype=x.dtype, device=x.device)
+    gain = _constant(1.0, d, x.dtype, x.device) if weight is None else weight
+    frozen = _constant(0.0, d, x.dtype, x.device)
     _validate_update(x, frozen, x, gain, eps, 1.0, "abs")
-    return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+    if _needs_op(x, gain):
+        return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+    return _update_forward(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only ``(d,)`` vector filled with ``value``, allocated once per (d, dtype,
+    device) outside tracing: two allocations fewer per call on the host's hot path."""
+    if torch.compiler.is_compiling():
+        return torch.full((d,), value, dtype=dtype, device=device)
+    key = (value, d, dtype, device)
+    vec = _CONSTANTS.get(key)
+    if vec is None:
+        vec = _CONSTANTS[key] = torch.full((d,), value, dtype=dtype, device=device)
+    return vec
 
 
 # --------------------------------------------------------------------------- fused adjoint
