@@ -19,7 +19,11 @@ Forward solve (no grad):
 Train step (solve + ``backward()`` of an MSE loss; grads of W, g, frozen):
   eager-unrolled  the eager-item loop with autograd through every iteration
   compile-unrolled the same with the cell ``torch.compile``-d
-  deqkern-ift, deqkern-ift-graph, deqkern-onestep
+  deqkern-ift     ``solve_fused`` + the cell's fused adjoint (``deqkern.nn.cell_adjoint``: one
+                  GEMM + one kernel per adjoint iteration), as FrozenContextDEQ trains
+  deqkern-ift-graph  the same with ``graph=True`` for the forward solve
+  deqkern-ift-autograd  the generic IFT backward (autograd vector-Jacobian products)
+  deqkern-onestep
   torchdeq-ift    ``get_deq(ift=True)`` (fixed_point_iter forward and backward), eager cell
   torchdeq-1step  ``get_deq()`` default 1-step gradient, eager cell
 
@@ -50,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import deqkern  # noqa: E402
+from deqkern.nn import cell_adjoint  # noqa: E402
 from deqkern.solver import ConvergenceWarning, solve_fused  # noqa: E402
 
 try:
@@ -92,6 +97,10 @@ class Cell:
         z = (F.linear(h, self.w) + self.frozen).float()
         y = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * self.gain.float()
         return ((1 - DAMPING) * h.float() + DAMPING * y).to(h.dtype)
+
+    def adjoint(self):
+        """The cell's fused implicit backward (what ``deqkern.nn.FrozenContextDEQ`` uses)."""
+        return cell_adjoint(self.w, self.gain, self.frozen, damping=DAMPING, eps=EPS, stop_mode=STOP)
 
     def step(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cell through the fused op (also returns the per-row residual)."""
@@ -300,9 +309,10 @@ def train_variants(cell: Cell, h_ref: torch.Tensor, k_ref: int, dtype: torch.dty
             return h
 
         train_variant("compile-unrolled", compiled_unrolled, grads_ift_ref, f"{k_ref} iterations")
-    train_variant("deqkern-ift", lambda: deqkern_solve(cell, False)[0], grads_ift_ref)
+    train_variant("deqkern-ift", lambda: deqkern_solve(cell, False, adjoint=cell.adjoint())[0], grads_ift_ref)
     if on_gpu:
-        train_variant("deqkern-ift-graph", lambda: deqkern_solve(cell, True)[0], grads_ift_ref)
+        train_variant("deqkern-ift-graph", lambda: deqkern_solve(cell, True, adjoint=cell.adjoint())[0], grads_ift_ref)
+    train_variant("deqkern-ift-autograd", lambda: deqkern_solve(cell, False)[0], grads_ift_ref)
     train_variant("deqkern-onestep", lambda: deqkern_solve(cell, False, backward="onestep")[0], grads_onestep_ref)
     if torchdeq is not None:
         ift_layer, onestep_layer = torchdeq_layer(cell, True), torchdeq_layer(cell, False)
@@ -339,7 +349,7 @@ def targets(rows: list[dict]) -> list[list[object]]:
     out = []
     for dtype, n, d in sorted({(r["dtype"], r["n"], r["d"]) for r in rows}):
         goals = [("forward", "deqkern", "eager-item", 4.0), ("train", "deqkern-ift", "torchdeq-ift", 5.0),
-                 ("train", "deqkern-ift", "torchdeq-1step", 1.0)]
+                 ("train", "deqkern-ift", "torchdeq-1step", 1.0), ("train", "deqkern-ift-graph", "torchdeq-1step", 1.0)]
         if (n, d) == LAUNCH_BOUND:
             goals += [("forward", "deqkern-graph", "eager-item", 20.0), ("forward", "deqkern-graph", "eager-graph", 2.0)]
         for phase, variant, base, goal in goals:

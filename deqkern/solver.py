@@ -128,8 +128,8 @@ _GRAPHS_PER_F = 4
 
 #: ``step(h) -> (h_next, residual_or_None)``; residual: float32, shape ``h.shape[:-1]``.
 Step = Callable[[torch.Tensor], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
-#: ``adjoint(v) -> adjoint_step``, ``adjoint_step(g) -> (g_next, residual)`` (see solve_fused).
-AdjointFactory = Callable[[torch.Tensor], Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]]
+#: ``adjoint(h_star, v) -> adjoint_step``, ``adjoint_step(g) -> (g_next, residual)`` (see solve_fused).
+AdjointFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]]
 
 
 # --------------------------------------------------------------------------- errors
@@ -731,7 +731,7 @@ class _Adjoint:
             return torch.add(v, vjp), None
 
         if self.custom is not None:
-            adjoint_step = self.custom(v)
+            adjoint_step = self.custom(self.h_in.detach(), v)
 
         what = "deqkern.solve backward (adjoint solve)"
         capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -914,8 +914,9 @@ def solve_fused(
 
     ``adjoint`` (``backward="ift"`` only): a layer's own adjoint step, for layers that
     can form ``(df/dh)^T g`` faster than autograd (``deqkern.nn.FrozenContextDEQ``: one
-    GEMM plus one fused kernel). ``adjoint(v)`` is called once per backward with the
-    incoming gradient ``v`` (float32 for 16-bit iterates) and returns
+    GEMM plus one fused kernel). ``adjoint(h_star, v)`` is called once per backward with
+    the fixed point (detached) and the incoming gradient ``v`` (float32 for 16-bit
+    iterates) and returns
     ``adjoint_step(g) -> (v + (df/dh)^T g, residual)``, the residual as ``step``'s, of
     the returned value against ``g``. The adjoint iteration starts at ``g = v``. The
     parameter gradients still come from one recorded application of ``step`` at

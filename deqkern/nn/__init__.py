@@ -2,7 +2,7 @@
 the drop-in fused RMSNorm."""
 
 from deqkern.nn.context import ContextProvider, MambaMemory, SlotAttentionContext
-from deqkern.nn.deq import FrozenContextDEQ
+from deqkern.nn.deq import FrozenContextDEQ, cell_adjoint
 from deqkern.nn.norm import FusedRMSNorm
 
-__all__ = ["FrozenContextDEQ", "ContextProvider", "MambaMemory", "SlotAttentionContext", "FusedRMSNorm"]
+__all__ = ["FrozenContextDEQ", "cell_adjoint", "ContextProvider", "MambaMemory", "SlotAttentionContext", "FusedRMSNorm"]

@@ -36,7 +36,7 @@ from deqkern.nn.context import ContextProvider
 from deqkern.solver import solve_fused
 from deqkern.spectral import SpectralNormSchedule
 
-__all__ = ["FrozenContextDEQ"]
+__all__ = ["FrozenContextDEQ", "cell_adjoint"]
 
 State = tuple[Any, ...]
 
@@ -189,10 +189,11 @@ class FrozenContextDEQ(nn.Module):
             raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
 
         step = self._step(frozen)
-        adjoint = self._adjoint(frozen) if self.fused_backward else None
-        box: list[torch.Tensor] = []
-        h_star, info = solve_fused(step, h0.detach(), adjoint=_late(adjoint, box), **self.solver_options)
-        box.append(h_star.detach())
+        adjoint = None
+        if self.fused_backward:
+            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
+                                   stop_mode=self.solver_options["stop_mode"])
+        h_star, info = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
 
         new_state = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
@@ -220,48 +221,46 @@ class FrozenContextDEQ(nn.Module):
 
         return step
 
-    def _adjoint(self, frozen: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
-        """``(h*, v) -> adjoint_step``: the fused implicit-backward iteration.
+def cell_adjoint(
+    weight: torch.Tensor, gain: torch.Tensor, frozen: torch.Tensor, *, damping: float, eps: float, stop_mode: str,
+) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
+    """The fused implicit-backward iteration of the cell
+    ``f(h) = (1 - damping) h + damping * gain * RMSNorm(h @ weight.T + frozen)``, as the
+    ``adjoint`` argument of :func:`deqkern.solve_fused` (``(h*, v) -> adjoint_step``).
 
-        ``g <- v + J^T g`` with ``J^T g = (1 - beta) g + VJP_z(g) @ W``. The step carries
-        ``dz = VJP_z(g)`` from one call to the next, so each iteration is one GEMM
-        (``u = dz @ W``) plus one kernel that forms ``g_next``, its residual and the next
-        ``dz``. ``g`` is float32 (the solver upcasts 16-bit gradients); ``z``, ``dz`` and
-        the GEMM stay in the weight's dtype.
-        """
-        stop_mode = self.solver_options["stop_mode"]
-        weight, gain, damping, eps = self.weight.detach(), self.gain.detach(), self.damping, self.eps
-        frozen = frozen.detach()
+    ``g <- v + J^T g`` with ``J^T g = (1 - damping) g + VJP_z(g) @ W``. The step carries
+    ``dz = VJP_z(g)`` from one call to the next, so each iteration is one GEMM
+    (``u = dz @ W``) plus one kernel (:func:`deqkern.functional.rmsnorm_adjoint_step`)
+    that forms ``g_next``, its residual and the next ``dz``. ``g`` is float32 (the solver
+    upcasts 16-bit gradients); ``z``, ``dz`` and the GEMM stay in the weight's dtype.
+    ``weight`` ``(d, d)``, ``gain`` ``(d,)``, ``frozen`` ``(..., d)`` as in the forward;
+    nothing here is differentiated (the parameter gradients come from the solver's
+    recorded application of the cell).
+    """
+    weight, gain, frozen = weight.detach(), gain.detach(), frozen.detach()
+    d = weight.shape[-1]
 
-        def factory(h_star: torch.Tensor, v: torch.Tensor) -> Callable:
-            d = self.d_model
-            with torch.no_grad():
-                z = (F.linear(h_star, weight).float() + frozen.float()).reshape(-1, d)
-                rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
-                z = z.to(weight.dtype)
-                v_rows = v.reshape(-1, d)
-                # dz of the starting iterate g = v: one kernel call from g_prev = 0.
-                _, dz, _ = rmsnorm_adjoint_step(None, torch.zeros_like(v_rows), v_rows, z, rstd, gain,
-                                                damping=damping, stop_mode=stop_mode)
-            carried = [dz]
+    def factory(h_star: torch.Tensor, v: torch.Tensor) -> Callable:
+        with torch.no_grad():
+            z = (F.linear(h_star, weight).float() + frozen.float()).reshape(-1, d)
+            rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
+            z = z.to(weight.dtype)
+            v_rows = v.reshape(-1, d)
+            # dz of the starting iterate g = v: one kernel call from g_prev = 0.
+            _, dz, _ = rmsnorm_adjoint_step(None, torch.zeros_like(v_rows), v_rows, z, rstd, gain,
+                                            damping=damping, stop_mode=stop_mode)
+        carried = [dz]
 
-            def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                u = carried[0] @ weight
-                g_next, carried[0], residual = rmsnorm_adjoint_step(
-                    u, g.reshape(-1, d), v_rows, z, rstd, gain, damping=damping, stop_mode=stop_mode,
-                )
-                return g_next.view(g.shape), residual.view(g.shape[:-1])
+        def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            u = carried[0] @ weight
+            g_next, carried[0], residual = rmsnorm_adjoint_step(
+                u, g.reshape(-1, d), v_rows, z, rstd, gain, damping=damping, stop_mode=stop_mode,
+            )
+            return g_next.view(g.shape), residual.view(g.shape[:-1])
 
-            return adjoint_step
+        return adjoint_step
 
-        return factory
-
-
-def _late(factory: Optional[Callable], box: list) -> Optional[Callable]:
-    """Bind the adjoint factory to ``h*``, which exists only after the solve returns."""
-    if factory is None:
-        return None
-    return lambda v: factory(box[0], v)
+    return factory
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
