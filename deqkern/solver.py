@@ -31,6 +31,11 @@ end otherwise. Graphs are cached per ``f`` (weakly: a graph dies with its ``f``)
 ``(shape, dtype, device, max_iter, tol, stop_mode)``. Requirements, because a replay
 re-runs the recorded kernels on the recorded addresses:
 
+With a custom adjoint (:func:`solve_fused`'s ``adjoint``), ``graph=True`` also captures the
+whole ``b_max_iter`` adjoint solve, the adjoint's set-up included, in a second graph cached
+with the first; ``h*`` and the incoming gradient are copied into its static inputs, and the
+tensors the adjoint factory closes over are guarded like ``f``'s.
+
 - ``f`` must be capturable: no host syncs (``.item()``, printing tensors,
   data-dependent shapes) and no CPU tensors.
 - Every tensor ``f`` reads must live at the same address at every call. Updating
@@ -618,11 +623,14 @@ class _CapturedSolve:
     (copy in, replay, clone out) plus views."""
 
     def __init__(self, graph: "torch.cuda.CUDAGraph", static_in: torch.Tensor, packed: torch.Tensor,
-                 layout: list, guards: tuple):
+                 layout: list, guards: tuple, static_extra: tuple = ()):
         self.graph, self.static_in, self.packed, self.layout, self.guards = graph, static_in, packed, layout, guards
+        self.static_extra = static_extra
 
-    def run(self, h0: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run(self, h0: torch.Tensor, extra: tuple = ()) -> dict[str, torch.Tensor]:
         self.static_in.copy_(h0)
+        for static, value in zip(self.static_extra, extra):
+            static.copy_(value)
         self.graph.replay()
         out = self.packed.clone()
         return {name: out.narrow(0, offset, nbytes).view(dtype).view(shape)
@@ -645,23 +653,29 @@ def _pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
     return packed, layout
 
 
-def _capture(step: Step, h0: torch.Tensor, loop_kwargs: dict, tol: float, stop_mode: str,
-             guards: tuple) -> _CapturedSolve:
+def _capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extra: tuple, loop_kwargs: dict,
+             tol: float, stop_mode: str, guards: tuple) -> _CapturedSolve:
+    """Capture ``_picard_loop(build(static_in, static_extra), static_in)`` and its info.
+    ``extra``: further per-call inputs (the adjoint's ``h*``), copied into static buffers
+    too; ``build`` makes the step from the static tensors (once for the warm-up, once
+    inside the capture)."""
     static_in = torch.empty_like(h0, memory_format=torch.contiguous_format)
     static_in.copy_(h0)
+    static_extra = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in extra)
     side = torch.cuda.Stream(device=h0.device)
     side.wait_stream(torch.cuda.current_stream(h0.device))
     with torch.cuda.stream(side), torch.no_grad():
         # Warm-up outside the capture: compiles kernels, creates library handles and
         # validates what the step returns.
-        warm = _picard_loop(step, static_in, **{**loop_kwargs, "max_iter": 2, "check_every": None})
+        warm = _picard_loop(build(static_in, static_extra), static_in,
+                            **{**loop_kwargs, "max_iter": 2, "check_every": None})
         _summarize(warm.h, warm.state, warm.check_vector, tol, stop_mode)
         del warm
     torch.cuda.current_stream(h0.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.no_grad(), torch.cuda.graph(graph):
-            result = _picard_loop(step, static_in, **{**loop_kwargs, "check_every": None})
+            result = _picard_loop(build(static_in, static_extra), static_in, **{**loop_kwargs, "check_every": None})
             fields = _summarize(result.h, result.state, result.check_vector, tol, stop_mode)
             fields["h"] = result.h
             fields["_check"] = result.check_vector
@@ -673,13 +687,14 @@ def _capture(step: Step, h0: torch.Tensor, loop_kwargs: dict, tol: float, stop_m
             f"capturable: no host synchronization (.item(), printing tensors, data-dependent shapes) and no "
             f"CPU tensors. Use graph=False for this f."
         ) from err
-    return _CapturedSolve(graph, static_in, packed, layout, guards)
+    return _CapturedSolve(graph, static_in, packed, layout, guards, static_extra)
 
 
-def _graph_solve(owner_fn: Callable, tag: str, step: Step, h0: torch.Tensor, cfg: _Config,
-                 loop_kwargs: dict) -> dict[str, torch.Tensor]:
+def _graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor,
+                 cfg: _Config, loop_kwargs: dict, extra: tuple = (), guarded: tuple = ()) -> dict[str, torch.Tensor]:
     """Replay (capturing first if needed) the cached graph for ``owner_fn`` and this
-    problem; returns the packed outputs as views ("h", "_check" and the info tensors)."""
+    problem; returns the packed outputs as views ("h", "_check" and the info tensors).
+    ``guarded``: further callables whose tensors must not move (the adjoint factory)."""
     owner, method = (owner_fn.__self__, owner_fn.__func__) if inspect.ismethod(owner_fn) else (owner_fn, None)
     try:
         per_owner = _GRAPHS.get(owner)
@@ -690,8 +705,9 @@ def _graph_solve(owner_fn: Callable, tag: str, step: Step, h0: torch.Tensor, cfg
             f"graph=True caches the captured solve per f and needs f (or the object it is bound to) to be "
             f"weak-referenceable; got {type(owner).__name__}"
         ) from err
-    key = (tag, method, tuple(h0.shape), h0.dtype, h0.device, cfg.max_iter, cfg.tol, cfg.stop_mode)
-    guards = _tensor_guards(owner_fn)
+    key = (tag, method, tuple(h0.shape), h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
+           cfg.stop_mode)
+    guards = tuple(_tensor_guards(fn) for fn in (owner_fn, *guarded))
     entry = per_owner.get(key)
     if entry is not None and entry.guards != guards:
         warnings.warn(
@@ -703,12 +719,12 @@ def _graph_solve(owner_fn: Callable, tag: str, step: Step, h0: torch.Tensor, cfg
         del per_owner[key]
         entry = None
     if entry is None:
-        entry = _capture(step, h0, loop_kwargs, cfg.tol, cfg.stop_mode, guards)
+        entry = _capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], cfg.stop_mode, guards)
         per_owner[key] = entry
         while len(per_owner) > _GRAPHS_PER_F:
             per_owner.popitem(last=False)
     per_owner.move_to_end(key)
-    return entry.run(h0)
+    return entry.run(h0, extra)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -716,8 +732,9 @@ class _Adjoint:
     """The IFT backward: solves ``g = (df/dh)^T g + v`` through the recorded ``f_out``."""
 
     def __init__(self, f_out: torch.Tensor, h_in: torch.Tensor, cfg: _Config, info: dict,
-                 custom: Optional[AdjointFactory] = None):
+                 custom: Optional[AdjointFactory] = None, owner: Optional[Callable] = None, tag: str = ""):
         self.f_out, self.h_in, self.cfg, self.info, self.custom = f_out, h_in, cfg, info, custom
+        self.owner, self.tag = owner, tag
 
     def solve(self, grad: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -730,11 +747,13 @@ class _Adjoint:
                                          allow_unused=True, materialize_grads=True)
             return torch.add(v, vjp), None
 
+        what = "deqkern.solve backward (adjoint solve)"
+        capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.custom is not None and cfg.graph and v.is_cuda and not capturing:
+            return self._graph_solve(grad, v, what)
         if self.custom is not None:
             adjoint_step = self.custom(self.h_in.detach(), v)
 
-        what = "deqkern.solve backward (adjoint solve)"
-        capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
         result = _picard_loop(
             adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode,
             check_every=None if capturing else cfg.check_every, what=what, step_name="the adjoint step",
@@ -747,6 +766,24 @@ class _Adjoint:
             _enforce(result.check, cfg.on_nonconvergence, what, v.shape[:-1].numel(), cfg.b_max_iter,
                      cfg.b_tol, cfg.stop_mode, self.info)
         return result.h.to(grad.dtype)
+
+    def _graph_solve(self, grad: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
+        """``graph=True`` with a custom adjoint: the whole adjoint solve (the factory's
+        set-up included) replays from one CUDA graph, cached with the forward's."""
+        cfg, custom = self.cfg, self.custom
+        loop_kwargs = dict(max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode, check_every=None,
+                           what=what, step_name="the adjoint step", expects_residual=True)
+        with torch.no_grad():
+            out = _graph_solve(self.owner, self.tag + ":adjoint",
+                               lambda static_v, extra: custom(extra[0], static_v), v.contiguous(), cfg,
+                               loop_kwargs, extra=(self.h_in.detach(),), guarded=(custom,))
+        g, check_vector = out.pop("h"), out.pop("_check")
+        self.info.update({f"b_{name}": value for name, value in out.items()})
+        self.info["b_iterations"] = cfg.b_max_iter
+        if cfg.on_nonconvergence != "ignore":
+            _enforce(_host_check(check_vector), cfg.on_nonconvergence, what, v.shape[:-1].numel(),
+                     cfg.b_max_iter, cfg.b_tol, cfg.stop_mode, self.info)
+        return g.to(grad.dtype)
 
 
 class _Equilibrium(torch.autograd.Function):
@@ -781,7 +818,7 @@ def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: C
 
     if cfg.graph:
         with torch.no_grad():
-            out = _graph_solve(owner, tag, step, h0, cfg, loop_kwargs)
+            out = _graph_solve(owner, tag, lambda static_in, extra: step, h0, cfg, loop_kwargs)
         h_star, check_vector = out.pop("h"), out.pop("_check")
         info = {**out, "iterations": cfg.max_iter}
         check = None if cfg.on_nonconvergence == "ignore" else _host_check(check_vector)
@@ -806,7 +843,7 @@ def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: C
             # application then needs no gradient path to h_in (one GEMM less).
             h_in.requires_grad_(custom_adjoint is None)
             f_out = grad_fn(h_in)
-            adjoint = _Adjoint(f_out, h_in, cfg, info, custom_adjoint)
+            adjoint = _Adjoint(f_out, h_in, cfg, info, custom_adjoint, owner, tag)
         else:
             f_out = grad_fn(h_in)
             adjoint = None
@@ -846,6 +883,7 @@ def solve(
         check_every: iterations between host syncs (early exit + NaN detection);
             default :data:`DEFAULT_CHECK_EVERY`. A check also follows the last iteration.
         graph: capture the whole loop in a CUDA graph (CUDA only; module docstring).
+            With :func:`solve_fused`'s ``adjoint``, the adjoint solve is captured too.
         on_nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
 
     Returns:
