@@ -31,11 +31,6 @@ end otherwise. Graphs are cached per ``f`` (weakly: a graph dies with its ``f``)
 ``(shape, dtype, device, max_iter, tol, stop_mode)``. Requirements, because a replay
 re-runs the recorded kernels on the recorded addresses:
 
-With a custom adjoint (:func:`solve_fused`'s ``adjoint``), ``graph=True`` also captures the
-whole ``b_max_iter`` adjoint solve, the adjoint's set-up included, in a second graph cached
-with the first; ``h*`` and the incoming gradient are copied into its static inputs, and the
-tensors the adjoint factory closes over are guarded like ``f``'s.
-
 - ``f`` must be capturable: no host syncs (``.item()``, printing tensors,
   data-dependent shapes) and no CPU tensors.
 - Every tensor ``f`` reads must live at the same address at every call. Updating
@@ -50,6 +45,11 @@ tensors the adjoint factory closes over are guarded like ``f``'s.
   Per-call inputs such as a frozen context should be ``copy_``-ed into a persistent
   buffer that ``f`` reads.
 - ``f`` must return a new tensor (the solver writes converged rows into it in place).
+
+With a custom adjoint (:func:`solve_fused`'s ``adjoint``), ``graph=True`` also captures the
+whole ``b_max_iter`` adjoint solve, the adjoint's set-up included, in a second graph cached
+with the first; ``h*`` and the incoming gradient are copied into its static inputs, and the
+tensors the adjoint factory closes over are guarded like ``f``'s.
 
 Backward modes (the forward solve runs under ``no_grad`` except for ``"unrolled"``):
 
