@@ -121,13 +121,17 @@ def main(argv=None) -> dict:
     elif not on_gpu:
         print(f"{device}: {common.CPU_NOTE} (fused: the first {INTERPRETER_STEPS} steps, compared with eager)")
 
+    variants = [(b, b, cfg) for b in backends]
+    if on_gpu and "triton" in backends:  # the fused path with its solves replayed from CUDA graphs
+        variants.append(("triton+graph", "triton", dataclasses.replace(cfg, graph=True)))
     runs = {}
-    for backend in backends:
+    for label, backend, run_cfg in variants:
         interpreted = backend == "triton" and not on_gpu
         run_steps = min(steps, INTERPRETER_STEPS) if interpreted else steps
-        print(f"training {run_steps} steps, backend {backend}, {cfg}")
+        print(f"training {run_steps} steps, {label}, {run_cfg}")
         budget = time_budget(args.budget_s) if backend == "eager" else None
-        r = runs[backend] = run_backend(cfg, backend, run_steps, device, dtype, args.seed, budget)
+        r = runs[label] = run_backend(run_cfg, backend, run_steps, device, dtype, args.seed, budget)
+        r["backend"] = label
         if r["steps"] < run_steps:
             print(f"  stopped after {r['steps']} steps (time budget {budget:.0f} s)")
             steps = r["steps"]
@@ -145,6 +149,11 @@ def main(argv=None) -> dict:
         if on_gpu:
             comparison["speedup_tokens_per_s"] = fused["tokens_per_s"] / eager["tokens_per_s"]
             comparison["peak_memory_ratio"] = fused["peak_memory_mb"] / eager["peak_memory_mb"]
+        if "triton+graph" in runs:
+            graphed = runs["triton+graph"]
+            comparison["graph_max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(eager["losses"], graphed["losses"]))
+            comparison["graph_speedup_tokens_per_s"] = graphed["tokens_per_s"] / eager["tokens_per_s"]
+            comparison["graph_peak_memory_ratio"] = graphed["peak_memory_mb"] / eager["peak_memory_mb"]
 
     payload = {"environment": common.environment(device), "config": dataclasses.asdict(cfg), "steps": steps,
                "dtype": args.dtype, "runs": runs, "comparison": comparison}
@@ -163,6 +172,10 @@ def main(argv=None) -> dict:
         if on_gpu:
             table += (f"; fused / eager tokens/s: {comparison['speedup_tokens_per_s']:.2f}×; peak memory fused / "
                       f"eager: {comparison['peak_memory_ratio']:.2f}")
+        if "graph_speedup_tokens_per_s" in comparison:
+            table += (f"\n\nfused with graph=True: tokens/s {comparison['graph_speedup_tokens_per_s']:.2f}× eager; "
+                      f"largest |loss difference| vs eager {comparison['graph_max_abs_loss_diff']:.2e}; peak memory "
+                      f"{comparison['graph_peak_memory_ratio']:.2f}× eager")
     if not on_gpu:
         table += "\n\n" + common.CPU_NOTE
     stem = "model" + ("_bf16" if dtype == torch.bfloat16 else "") + ("_quick" if args.quick else "")

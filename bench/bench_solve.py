@@ -348,7 +348,8 @@ def targets(rows: list[dict]) -> list[list[object]]:
     by = {(r["dtype"], r["n"], r["d"], r["phase"], r["variant"]): r for r in rows}
     out = []
     for dtype, n, d in sorted({(r["dtype"], r["n"], r["d"]) for r in rows}):
-        goals = [("forward", "deqkern", "eager-item", 4.0), ("train", "deqkern-ift", "torchdeq-ift", 5.0),
+        goals = [("forward", "deqkern", "eager-item", 4.0), ("forward", "deqkern-graph", "eager-item", 4.0),
+                 ("train", "deqkern-ift", "torchdeq-ift", 5.0), ("train", "deqkern-ift-graph", "torchdeq-ift", 5.0),
                  ("train", "deqkern-ift", "torchdeq-1step", 1.0), ("train", "deqkern-ift-graph", "torchdeq-1step", 1.0)]
         if (n, d) == LAUNCH_BOUND:
             goals += [("forward", "deqkern-graph", "eager-item", 20.0), ("forward", "deqkern-graph", "eager-graph", 2.0)]

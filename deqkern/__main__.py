@@ -1,6 +1,6 @@
 """``python -m deqkern``: train the reference model, or check the fused update.
 
-    python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton]
+    python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton] [--graph]
                       [--device cpu|cuda] [--seed S] [--compare]
     python -m deqkern check [--device cpu|cuda]
 
@@ -24,6 +24,7 @@ process was busy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import os
 import statistics
@@ -165,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="DEQKERN_BACKEND for the run: auto (fused where possible), eager, triton")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--graph", action="store_true",
+                    help="replay each token's solve and adjoint solve from CUDA graphs (CUDA only)")
     ap.add_argument("--compare", action="store_true",
                     help="train twice from the same seed, eager and fused; print speed ratio and loss difference")
     args = ap.parse_args(argv)
@@ -177,6 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         what = "--compare" if args.compare else "--backend triton"
         ap.error(f"{what} needs the Triton kernels, which cannot run on {args.device} here "
                  "(use a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
+    if args.graph and args.device.type != "cuda":
+        ap.error(f"--graph needs a CUDA device; got {args.device}")
     return args
 
 
@@ -188,6 +193,8 @@ def main(argv=None) -> int:
         check(args.device)
         return 0
     cfg = PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")]()
+    if args.graph:
+        cfg = dataclasses.replace(cfg, graph=True)
     print(f"deqkern reference model on {args.device}: {cfg}")
     if not args.compare:
         run_training(cfg, args, args.backend)

@@ -78,6 +78,7 @@ class CharLMConfig:
     warm_start: bool = True
     embed_std: float = 3.0
     grad_clip: float = 1.0
+    graph: bool = False  # solve and adjoint replayed from CUDA graphs (FrozenContextDEQ(graph=True))
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_slots", "n_heads", "seq_len", "batch", "steps", "max_iter", "spectral_every"):
@@ -162,7 +163,7 @@ class CharLM(nn.Module):
         self.deq = FrozenContextDEQ(
             d, contexts=[MambaMemory(d), SlotAttentionContext(d, n_heads=cfg.n_heads)],
             damping=cfg.damping, max_iter=cfg.max_iter, tol=cfg.tol, stop_mode=cfg.stop_mode,
-            spectral_target=cfg.spectral_target,
+            spectral_target=cfg.spectral_target, graph=cfg.graph,
         )
         self.readout_norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, VOCAB)

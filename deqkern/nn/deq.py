@@ -58,6 +58,10 @@ class FrozenContextDEQ(nn.Module):
         spectral_target: bound on ``||W||_2`` kept by :meth:`spectral_schedule`; the
             initial ``W`` is scaled to it.
         eps: RMSNorm's epsilon.
+        graph: solve (and, with ``fused_backward``, the adjoint) by replaying CUDA graphs
+            (``deqkern.solve(graph=True)``): no host launches or syncs inside the loops,
+            always ``max_iter`` iterations. CUDA only; one capture per input shape. The
+            frozen term is copied into a persistent buffer each call.
 
     Parameters: ``weight`` ``(d, d)`` (the only h-dependent weight), ``inj``
     (``nn.Linear(d_input, d)``, its bias is the cell's bias), ``gain`` ``(d,)``.
@@ -79,6 +83,7 @@ class FrozenContextDEQ(nn.Module):
         eps: float = 1e-6,
         check_every: Optional[int] = None,
         on_nonconvergence: str = "warn",
+        graph: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -92,6 +97,8 @@ class FrozenContextDEQ(nn.Module):
             raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
         if not isinstance(spectral_target, (int, float)) or not spectral_target > 0:
             raise ValueError(f"spectral_target must be a float > 0; got {spectral_target!r}")
+        if not isinstance(graph, bool):
+            raise TypeError(f"graph must be a bool; got {type(graph).__name__}")
         if not isinstance(fused_backward, bool):
             raise TypeError(f"fused_backward must be a bool; got {type(fused_backward).__name__}")
         for i, provider in enumerate(contexts):
@@ -105,7 +112,12 @@ class FrozenContextDEQ(nn.Module):
         self.damping, self.eps, self.spectral_target = float(damping), float(eps), float(spectral_target)
         self.fused_backward = fused_backward
         self.solver_options = dict(max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
-                                   check_every=check_every, on_nonconvergence=on_nonconvergence)
+                                   check_every=check_every, on_nonconvergence=on_nonconvergence, graph=graph)
+        # graph=True: the solves read the frozen term from this persistent buffer (a CUDA
+        # graph replays fixed addresses); the autograd-connected frozen tensor of the
+        # current call sits in a list, out of the graph guards' sight.
+        self.register_buffer("_frozen_static", None, persistent=False)
+        self._frozen_live: list[torch.Tensor] = []
         self.weight = nn.Parameter(torch.empty(d_model, d_model, **factory))
         self.inj = nn.Linear(d_input, d_model, **factory)
         self.gain = nn.Parameter(torch.ones(d_model, **factory))
@@ -188,12 +200,16 @@ class FrozenContextDEQ(nn.Module):
         elif h0.dtype != frozen.dtype:
             raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
 
-        step = self._step(frozen)
+        if self.solver_options["graph"]:
+            step, frozen_solve = self._graph_step, self._stage_frozen(frozen)
+        else:
+            step, frozen_solve = self._step(frozen), frozen
         adjoint = None
         if self.fused_backward:
-            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
+            adjoint = cell_adjoint(self.weight, self.gain, frozen_solve, damping=self.damping, eps=self.eps,
                                    stop_mode=self.solver_options["stop_mode"])
         h_star, info = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
+        self._frozen_live.clear()  # the recorded application holds what backward needs
 
         new_state = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
@@ -207,6 +223,24 @@ class FrozenContextDEQ(nn.Module):
         info["inj_rms"] = _rms(inj)
         info["ctx_rms"] = tuple(ctx_rms)
         return h_star, tuple(new_state), info
+
+    def _stage_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Copy this call's frozen term into the persistent buffer that the captured
+        graphs read (re-allocated, and the graphs re-captured, only when its shape,
+        dtype or device changes)."""
+        static = self._frozen_static
+        if static is None or static.shape != frozen.shape or static.dtype != frozen.dtype or static.device != frozen.device:
+            static = self._frozen_static = torch.empty_like(frozen, memory_format=torch.contiguous_format)
+        static.copy_(frozen.detach())
+        self._frozen_live[:] = [frozen]
+        return static
+
+    def _graph_step(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step for ``graph=True``: a bound method (the graph cache's key) reading the
+        persistent frozen buffer; when autograd records the one application at ``h*``,
+        the call's live frozen tensor instead, so gradients reach what produced it."""
+        frozen = self._frozen_live[0] if torch.is_grad_enabled() else self._frozen_static
+        return self._step(frozen)(h)
 
     def _step(self, frozen: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``h -> (h_next, residual)``: one GEMM and one fused update."""
