@@ -48,8 +48,10 @@ re-runs the recorded kernels on the recorded addresses:
 
 With a custom adjoint (:func:`solve_fused`'s ``adjoint``), ``graph=True`` also captures the
 whole ``b_max_iter`` adjoint solve, the adjoint's set-up included, in a second graph cached
-with the first; ``h*`` and the incoming gradient are copied into its static inputs, and the
-tensors the adjoint factory closes over are guarded like ``f``'s.
+with the first; ``h*``, the incoming gradient and the factory's declared per-call tensors
+(``adjoint.extra_inputs``, rebound with ``adjoint.rebind(*static)``) are copied into its
+static inputs at each replay, and other tensors the factory closes over are guarded like
+``f``'s.
 
 Backward modes (the forward solve runs under ``no_grad`` except for ``"unrolled"``):
 
@@ -773,10 +775,17 @@ class _Adjoint:
         cfg, custom = self.cfg, self.custom
         loop_kwargs = dict(max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode, check_every=None,
                            what=what, step_name="the adjoint step", expects_residual=True)
+        # Per-call tensors the adjoint reads besides h* (declared in ``extra_inputs``)
+        # are copied into static buffers too, and the adjoint is rebound to them.
+        per_call = tuple(getattr(custom, "extra_inputs", ()))
+
+        def build(static_v: torch.Tensor, extra: tuple) -> Step:
+            bound = custom.rebind(*extra[1:]) if per_call else custom
+            return bound(extra[0], static_v)
+
         with torch.no_grad():
-            out = _graph_solve(self.owner, self.tag + ":adjoint",
-                               lambda static_v, extra: custom(extra[0], static_v), v.contiguous(), cfg,
-                               loop_kwargs, extra=(self.h_in.detach(),), guarded=(custom,))
+            out = _graph_solve(self.owner, self.tag + ":adjoint", build, v.contiguous(), cfg, loop_kwargs,
+                               extra=(self.h_in.detach(), *per_call), guarded=(custom,))
         g, check_vector = out.pop("h"), out.pop("_check")
         self.info.update({f"b_{name}": value for name, value in out.items()})
         self.info["b_iterations"] = cfg.b_max_iter

@@ -338,21 +338,27 @@ def test_graph_captured_fused_adjoint_matches_uncaptured():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_layer_graph_mode_matches_eager_mode():
     """FrozenContextDEQ(graph=True): same h*, state and parameter gradients (contexts
-    and injection included) as graph=False, over calls whose inputs change."""
+    and injection included) as graph=False, over a chain of calls whose inputs change
+    and one backward at the end (as a sequence model runs it: every call's adjoint must
+    use that call's frozen term, not the last one staged for the forward graph)."""
     gen = torch.Generator().manual_seed(case_seed("deq-layer-graph"))
     layers = {g: make_layer(16, dtype=torch.float32, tol=1e-6, max_iter=60, graph=g, seed=3).cuda()
               for g in (False, True)}
     layers[True].load_state_dict(layers[False].state_dict())
-    for _ in range(3):
-        x = torch.randn(4, 3, 16, generator=gen).cuda()
-        weights = torch.randn(4, 3, 16, generator=gen).cuda()
-        out = {}
-        for g, layer in layers.items():
-            layer.zero_grad()
-            state = tuple(torch.full_like(s, 0.5) for s in layer.init_state(4, 3))
-            h, new_state, info = layer(x, state)
-            ((h * weights).sum() + new_state[0].sum()).backward()
-            out[g] = (h.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
-        torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
-        for name, grad in out[False][1].items():
-            torch.testing.assert_close(out[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    xs = [torch.randn(4, 3, 16, generator=gen).cuda() for _ in range(3)]
+    weights = [torch.randn(4, 3, 16, generator=gen).cuda() for _ in range(3)]
+    out = {}
+    for g, layer in layers.items():
+        layer.zero_grad()
+        state = tuple(torch.full_like(s, 0.5) for s in layer.init_state(4, 3))
+        loss, hs = 0.0, []
+        for x, w in zip(xs, weights):
+            h, state, _ = layer(x, state)
+            loss = loss + (h * w).sum()
+            hs.append(h.detach())
+        (loss + state[0].sum()).backward()
+        out[g] = (hs, {n: p.grad.clone() for n, p in layer.named_parameters()})
+    for a, b in zip(out[True][0], out[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, grad in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

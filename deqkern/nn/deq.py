@@ -201,12 +201,15 @@ class FrozenContextDEQ(nn.Module):
             raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
 
         if self.solver_options["graph"]:
-            step, frozen_solve = self._graph_step, self._stage_frozen(frozen)
+            self._stage_frozen(frozen)
+            step = self._graph_step
         else:
-            step, frozen_solve = self._step(frozen), frozen
+            step = self._step(frozen)
         adjoint = None
         if self.fused_backward:
-            adjoint = cell_adjoint(self.weight, self.gain, frozen_solve, damping=self.damping, eps=self.eps,
+            # this call's frozen term: under graph=True the solver copies it into the
+            # adjoint graph's own static buffer when the backward replays
+            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
                                    stop_mode=self.solver_options["stop_mode"])
         h_star, info = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
         self._frozen_live.clear()  # the recorded application holds what backward needs
@@ -224,7 +227,7 @@ class FrozenContextDEQ(nn.Module):
         info["ctx_rms"] = tuple(ctx_rms)
         return h_star, tuple(new_state), info
 
-    def _stage_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+    def _stage_frozen(self, frozen: torch.Tensor) -> None:
         """Copy this call's frozen term into the persistent buffer that the captured
         graphs read (re-allocated, and the graphs re-captured, only when its shape,
         dtype or device changes)."""
@@ -233,7 +236,6 @@ class FrozenContextDEQ(nn.Module):
             static = self._frozen_static = torch.empty_like(frozen, memory_format=torch.contiguous_format)
         static.copy_(frozen.detach())
         self._frozen_live[:] = [frozen]
-        return static
 
     def _graph_step(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step for ``graph=True``: a bound method (the graph cache's key) reading the
@@ -255,12 +257,10 @@ class FrozenContextDEQ(nn.Module):
 
         return step
 
-def cell_adjoint(
-    weight: torch.Tensor, gain: torch.Tensor, frozen: torch.Tensor, *, damping: float, eps: float, stop_mode: str,
-) -> Callable[[torch.Tensor, torch.Tensor], Callable]:
+class cell_adjoint:  # noqa: N801  (used like a function: cell_adjoint(...) -> factory)
     """The fused implicit-backward iteration of the cell
     ``f(h) = (1 - damping) h + damping * gain * RMSNorm(h @ weight.T + frozen)``, as the
-    ``adjoint`` argument of :func:`deqkern.solve_fused` (``(h*, v) -> adjoint_step``).
+    ``adjoint`` argument of :func:`deqkern.solve_fused` (called as ``(h*, v) -> adjoint_step``).
 
     ``g <- v + J^T g`` with ``J^T g = (1 - damping) g + VJP_z(g) @ W``. The step carries
     ``dz = VJP_z(g)`` from one call to the next, so each iteration is one GEMM
@@ -270,14 +270,31 @@ def cell_adjoint(
     ``weight`` ``(d, d)``, ``gain`` ``(d,)``, ``frozen`` ``(..., d)`` as in the forward;
     nothing here is differentiated (the parameter gradients come from the solver's
     recorded application of the cell).
-    """
-    weight, gain, frozen = weight.detach(), gain.detach(), frozen.detach()
-    d = weight.shape[-1]
 
-    def factory(h_star: torch.Tensor, v: torch.Tensor) -> Callable:
+    ``frozen`` changes from call to call (the weights are updated in place), so it is
+    declared in ``extra_inputs``: under ``graph=True`` the solver copies it into the
+    captured graph's static buffer at each replay and :meth:`rebind` s the adjoint to it.
+    """
+
+    def __init__(self, weight: torch.Tensor, gain: torch.Tensor, frozen: torch.Tensor, *, damping: float,
+                 eps: float, stop_mode: str):
+        self.weight, self.gain, self.frozen = weight.detach(), gain.detach(), frozen.detach()
+        self.damping, self.eps, self.stop_mode = damping, eps, stop_mode
+
+    @property
+    def extra_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.frozen,)
+
+    def rebind(self, frozen: torch.Tensor) -> "cell_adjoint":
+        return cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
+                            stop_mode=self.stop_mode)
+
+    def __call__(self, h_star: torch.Tensor, v: torch.Tensor) -> Callable:
+        weight, gain, damping, stop_mode = self.weight, self.gain, self.damping, self.stop_mode
+        d = weight.shape[-1]
         with torch.no_grad():
-            z = (F.linear(h_star, weight).float() + frozen.float()).reshape(-1, d)
-            rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
+            z = (F.linear(h_star, weight).float() + self.frozen.float()).reshape(-1, d)
+            rstd = torch.rsqrt(z.pow(2).mean(-1) + self.eps)
             z = z.to(weight.dtype)
             v_rows = v.reshape(-1, d)
             # dz of the starting iterate g = v: one kernel call from g_prev = 0.
@@ -293,8 +310,6 @@ def cell_adjoint(
             return g_next.view(g.shape), residual.view(g.shape[:-1])
 
         return adjoint_step
-
-    return factory
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
