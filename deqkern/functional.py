@@ -12,6 +12,7 @@ do; an opaque custom op behaves the same on every device.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -33,17 +34,22 @@ def _update_op(
     return _update_forward(signal, frozen, h_prev, gain, eps, damping, stop_mode)
 
 
+def _pick(t: torch.Tensor, eager: Callable, triton_impl: Callable) -> Callable:
+    """The implementation of a fused op for tensors like ``t`` (``deqkern._backend``
+    decides; the choice is recorded for :func:`deqkern.last_backend`)."""
+    backend = _backend.select(t.device, t.dtype, t.shape[-1])
+    _backend.record(backend)
+    return eager if backend == "eager" else triton_impl
+
+
 def _update_forward(
     signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
     eps: float, damping: float, stop_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's body: dispatch to the Triton kernel or the eager path."""
-    backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
-    _backend.record(backend)
-    if backend == "eager":
-        h, res, rstd = _update.update_reference(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-        return h.contiguous(), res, rstd
-    return _update.update_forward_triton(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    """The op's body: the Triton kernel or the eager path."""
+    impl = _pick(signal, _update.update_reference, _update.update_forward_triton)
+    h, res, rstd = impl(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    return h.contiguous(), res, rstd
 
 
 @_update_op.register_fake
@@ -59,9 +65,7 @@ def _update_backward_op(
     grad_h: torch.Tensor, signal: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor,
     rstd: torch.Tensor, damping: float, need_frozen: bool, need_h_prev: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
-    _backend.record(backend)
-    impl = _update.update_backward_reference if backend == "eager" else _update.update_backward_triton
+    impl = _pick(signal, _update.update_backward_reference, _update.update_backward_triton)
     return impl(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev)
 
 
@@ -188,22 +192,24 @@ def update_with_stats(
     if isinstance(signal, torch.Tensor) and isinstance(h_prev, torch.Tensor):
         signal, h_prev = _autocast_storage(signal, h_prev)
     _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-    if _needs_op(signal, frozen, h_prev, gain):
-        return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
-    return _update_forward(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+    return _call_update(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
 
 
-def _needs_op(*tensors: torch.Tensor) -> bool:
-    """Whether a call must go through the registered custom op: under tracing
-    (torch.compile, export, fake tensors), or when autograd must record it. Otherwise
-    (a solver's no-grad loop) the op's body runs directly: same code, same numbers,
-    without the dispatcher's per-call host cost (tens of microseconds, which is most of
-    an iteration's time on small, launch-bound problems)."""
-    if torch.compiler.is_compiling():
-        return True
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
+def _call_update(
+    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
+    eps: float, damping: float, stop_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered custom op where it is needed -- under tracing (torch.compile,
+    export, fake tensors) or when autograd must record the call -- and otherwise (a
+    solver's no-grad loop) the op's body directly: same code, same numbers, without the
+    dispatcher's per-call host cost (tens of microseconds, most of an iteration's time on
+    small, launch-bound problems)."""
+    tensors = (signal, frozen, h_prev, gain)
+    if (torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)):
+        return _update_op(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    return _update_forward(signal, frozen, h_prev, gain, eps, damping, stop_mode)
 
 
 def frozen_rmsnorm_update(
@@ -289,9 +295,7 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
     gain = _constant(1.0, d, x.dtype, x.device) if weight is None else weight
     frozen = _constant(0.0, d, x.dtype, x.device)
     _validate_update(x, frozen, x, gain, eps, 1.0, "abs")
-    if _needs_op(x, gain):
-        return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
-    return _update_forward(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+    return _call_update(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -323,8 +327,5 @@ def rmsnorm_adjoint_step(
     per-row residual of ``g_next`` against ``g_prev``. Math in ``deqkern.ops.adjoint``;
     dispatched like :func:`frozen_rmsnorm_update`.
     """
-    backend = _backend.select(z.device, z.dtype, z.shape[-1])
-    _backend.record(backend)
-    if backend == "eager":
-        return _adjoint.adjoint_step_reference(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)
-    return _adjoint.adjoint_step_triton(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)
+    impl = _pick(z, _adjoint.adjoint_step_reference, _adjoint.adjoint_step_triton)
+    return impl(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)

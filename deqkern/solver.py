@@ -743,18 +743,17 @@ class _Adjoint:
         # 16-bit gradients are iterated in float32: the sum J^T g + v would otherwise be
         # rounded to 8 (bf16) or 11 (fp16) bits at every iteration.
         v = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-
-        def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, None]:
-            (vjp,) = torch.autograd.grad(self.f_out, self.h_in, g, retain_graph=True,
-                                         allow_unused=True, materialize_grads=True)
-            return torch.add(v, vjp), None
-
         what = "deqkern.solve backward (adjoint solve)"
         capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.custom is not None and cfg.graph and v.is_cuda and not capturing:
             return self._graph_solve(grad, v, what)
         if self.custom is not None:
             adjoint_step = self.custom(self.h_in.detach(), v)
+        else:
+            def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, None]:
+                (vjp,) = torch.autograd.grad(self.f_out, self.h_in, g, retain_graph=True,
+                                             allow_unused=True, materialize_grads=True)
+                return torch.add(v, vjp), None
 
         result = _picard_loop(
             adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode,

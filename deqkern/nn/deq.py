@@ -242,20 +242,19 @@ class FrozenContextDEQ(nn.Module):
         persistent frozen buffer; when autograd records the one application at ``h*``,
         the call's live frozen tensor instead, so gradients reach what produced it."""
         frozen = self._frozen_live[0] if torch.is_grad_enabled() else self._frozen_static
-        return self._step(frozen)(h)
+        return self._cell(h, frozen)
 
     def _step(self, frozen: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``h -> (h_next, residual)``: one GEMM and one fused update."""
-        stop_mode = self.solver_options["stop_mode"]
+        """``h -> (h_next, residual)`` for this call's frozen term."""
+        return lambda h: self._cell(h, frozen)
 
-        def step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h_next, residual, _ = update_with_stats(
-                F.linear(h, self.weight), frozen, h, self.gain,
-                eps=self.eps, damping=self.damping, stop_mode=stop_mode,
-            )
-            return h_next, residual
-
-        return step
+    def _cell(self, h: torch.Tensor, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration: one GEMM and one fused update; returns ``(h_next, residual)``."""
+        h_next, residual, _ = update_with_stats(
+            F.linear(h, self.weight), frozen, h, self.gain,
+            eps=self.eps, damping=self.damping, stop_mode=self.solver_options["stop_mode"],
+        )
+        return h_next, residual
 
 class cell_adjoint:  # noqa: N801  (used like a function: cell_adjoint(...) -> factory)
     """The fused implicit-backward iteration of the cell
