@@ -166,10 +166,8 @@ def main(argv=None) -> dict:
     table = (f"torchdeq DEQ z = RMSNorm(W z + U x), weight_norm, {grad}; B={batch} S={seq} d_in={d_in} d={d}; "
              f"{args.dtype}{' (autocast)' if args.dtype != 'fp32' else ''}; {steps} Adam steps; step ms = median "
              f"wall time of a training step after the first.\n\n" + common.markdown_table(headers, table_rows))
-    stem = "dropin" + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("_quick" if args.quick else "")
-    out_dir = common.write_results(device, stem, payload, table)
-    print(table)
-    print(f"\nwritten to {out_dir}")
+    stem = "dropin" + ("" if args.dtype == "fp32" else f"_{args.dtype}")
+    common.publish(device, stem, payload, table, quick=args.quick)
     if any(r["check"] != "ok" for r in rows):
         raise SystemExit("bench_dropin: a variant's losses differ from the unchanged model's")
     return payload

@@ -176,10 +176,7 @@ def main(argv=None) -> dict:
              f"bandwidth; update ms = ms - GEMM ms.\n\n" + common.markdown_table(headers, table_rows))
     if skipped:
         table += "\n\nSkipped (run time budget reached): " + ", ".join(skipped)
-    out_dir = common.write_results(device, "iteration" + ("_quick" if args.quick else ""), payload, table)
-    print(table)
-    print(f"\nwritten to {out_dir}")
-    return payload
+    return common.publish(device, "iteration", payload, table, quick=args.quick)
 
 
 if __name__ == "__main__":

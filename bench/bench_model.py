@@ -178,11 +178,8 @@ def main(argv=None) -> dict:
                       f"{comparison['graph_peak_memory_ratio']:.2f}× eager")
     if not on_gpu:
         table += "\n\n" + common.CPU_NOTE
-    stem = "model" + ("_bf16" if dtype == torch.bfloat16 else "") + ("_quick" if args.quick else "")
-    out_dir = common.write_results(device, stem, payload, table)
-    print(table)
-    print(f"\nwritten to {out_dir}")
-    return payload
+    stem = "model" + ("_bf16" if dtype == torch.bfloat16 else "")
+    return common.publish(device, stem, payload, table, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ variants only; no CUDA-graph or compile variants; the deqkern variants are check
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -416,21 +415,8 @@ def main(argv=None) -> dict:
     table += "\n\nTargets\n\n" + common.markdown_table(
         ["dtype", "N×d", "phase", "comparison", "goal", "measured", "verdict"], payload["targets"])
 
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
-        env = payload["environment"]
-        out.with_suffix(".md").write_text(
-            f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
-            f"commit {env['commit'][:10]} · {env['date']}\n\n{table}\n")
-        where = out
-    else:
-        stem = "solve" if phases == PHASES else f"solve_{phases[0]}"
-        where = common.write_results(device, stem + ("_quick" if args.quick else ""), payload, table)
-    print(table)
-    print(f"\nwritten to {where}")
-    return payload
+    stem = "solve" if phases == PHASES else f"solve_{phases[0]}"
+    return common.publish(device, stem, payload, table, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

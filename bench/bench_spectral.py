@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import check_close, environment, markdown_table, time_ms, write_results  # noqa: E402
+from common import check_close, environment, markdown_table, publish, time_ms  # noqa: E402
 
 from deqkern.spectral import SpectralNormSchedule  # noqa: E402
 
@@ -120,16 +119,7 @@ def main(argv=None) -> dict:
                    f"perf_counter median of {cpu_reps}"},
         "results": results,
     }
-    if args.out is None:
-        where = write_results(device, "spectral" + ("_quick" if args.quick else ""), payload, table)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
-        where = args.out
-    print(table)
-    print(f"\nwritten: {where}")
-    return payload
+    return publish(device, "spectral", payload, table, quick=args.quick, out=args.out)
 
 
 if __name__ == "__main__":

@@ -209,10 +209,7 @@ def main(argv=None) -> dict:
         table += "\n\nSkipped (run time budget reached): " + ", ".join(skipped)
     if overhead:
         table += "\n\nHost overhead per call (µs, 8×64 fp32): " + ", ".join(f"{k} {v:.1f}" for k, v in overhead.items())
-    out_dir = common.write_results(device, "update" + ("_quick" if args.quick else ""), payload, table)
-    print(table)
-    print(f"\nwritten to {out_dir}")
-    return payload
+    return common.publish(device, "update", payload, table, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -220,11 +220,22 @@ def results_dir(device: torch.device) -> Path:
     return Path(os.environ.get("DEQKERN_RESULTS", RESULTS)) / device_slug(device)
 
 
-def write_results(device: torch.device, stem: str, payload: dict, table: str) -> Path:
-    """Write ``<stem>.json`` and ``<stem>.md`` under :func:`results_dir`."""
-    out_dir = results_dir(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+def publish(device: torch.device, stem: str, payload: dict, table: str, *, quick: bool = False,
+            out: "Path | None" = None) -> dict:
+    """Write the results (:func:`write_results`; ``out``: an explicit JSON path instead),
+    print the table and where it went; returns ``payload``."""
+    where = write_results(device, stem + ("_quick" if quick else ""), payload, table, out)
+    print(table)
+    print(f"\nwritten to {where}")
+    return payload
+
+
+def write_results(device: torch.device, stem: str, payload: dict, table: str, out: "Path | None" = None) -> Path:
+    """Write ``<stem>.json`` and ``<stem>.md`` under :func:`results_dir` (or ``out`` and
+    ``out`` with suffix ``.md``), the markdown headed by the environment line."""
+    json_path = results_dir(device) / f"{stem}.json" if out is None else Path(out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
     header = (
         f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
@@ -232,8 +243,8 @@ def write_results(device: torch.device, stem: str, payload: dict, table: str) ->
     )
     if device.type != "cuda":
         header += f"> {CPU_NOTE}\n\n"
-    (out_dir / f"{stem}.md").write_text(header + table + "\n")
-    return out_dir
+    json_path.with_suffix(".md").write_text(header + table + "\n")
+    return json_path.parent if out is None else json_path
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
