@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deqkern import solver as _solver  # noqa: E402
+from deqkern.ops.commit import RowState  # noqa: E402
+from deqkern.solver import loop as _loop, solve_fused  # noqa: E402
 from deqkern.functional import _update_op, update_with_stats  # noqa: E402
 from deqkern.ops import update as _update  # noqa: E402
 
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     frozen = torch.randn(n, d, device=dev, dtype=dtype)
     gain = torch.ones(d, device=dev, dtype=dtype)
     x = torch.randn(1024, device=dev)
-    state = _solver._RowState.start(n, dev)
+    state = RowState.start(n, dev)
     rows = {}
     with torch.no_grad():
         rows["empty torch op (x.add_(0))"] = host_us(lambda: x.add_(0))
@@ -68,14 +69,14 @@ def main(argv=None) -> None:
         rows["_update_op (custom op)"] = host_us(lambda: _update_op(h, frozen, h, gain, 1e-6, 0.8, "rel"))
         rows["update_with_stats (public)"] = host_us(lambda: update_with_stats(h, frozen, h, gain, damping=0.8))
         h_next = h.clone()
-        rows["_commit (triton)"] = host_us(lambda: _solver._commit(h, h_next, None, state, 1e-30, "rel"))
+        rows["_commit (triton)"] = host_us(lambda: _loop.commit(h, h_next, None, state, 1e-30, "rel"))
 
         def step(t):
             out = update_with_stats(F.linear(t, w), frozen, t, gain, damping=0.8)
             return out[0], out[1]
 
         rows["solve_fused per iteration (20 it, no early exit)"] = host_us(
-            lambda: _solver.solve_fused(step, h, max_iter=20, tol=1e-30, on_nonconvergence="ignore"), 100) / 20
+            lambda: solve_fused(step, h, max_iter=20, tol=1e-30, on_nonconvergence="ignore"), 100) / 20
     print(f"host time per call, {torch.cuda.get_device_name()}, {n}x{d} {dtype}")
     for name, us in rows.items():
         print(f"  {name:52s} {us:8.1f} us")

@@ -19,6 +19,7 @@ import torch
 from deqkern import _backend
 from deqkern.ops import adjoint as _adjoint
 from deqkern.ops import update as _update
+from deqkern.ops.launch import compute_dtype
 
 __all__ = ["frozen_rmsnorm_update", "update_with_stats", "rms_norm"]
 
@@ -56,7 +57,7 @@ def _update_forward(
 def _update_op_fake(signal, frozen, h_prev, gain, eps, damping, stop_mode):
     lead = signal.shape[:-1]
     res = signal.new_empty(lead, dtype=torch.float32)
-    rstd = signal.new_empty(lead, dtype=_update._compute_dtype(signal))
+    rstd = signal.new_empty(lead, dtype=compute_dtype(signal))
     return torch.empty_like(signal, memory_format=torch.contiguous_format), res, rstd
 
 

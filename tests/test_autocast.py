@@ -1,6 +1,6 @@
 """Mixed precision: the fused op, the solver and FusedRMSNorm under torch.autocast.
 
-Policy (deqkern.functional._autocast_storage, deqkern.solver._autocast_iterate): under
+Policy (deqkern.functional._autocast_storage, deqkern.solver.config.autocast_iterate): under
 autocast the iterate (signal, h_prev, h) is stored in the autocast dtype, math and
 reductions stay float32, the residual is float32; frozen and gain keep their dtype.
 FusedRMSNorm keeps x's dtype, as nn.RMSNorm does under autocast."""

@@ -10,7 +10,11 @@ import torch
 
 import deqkern
 import deqkern.solver as solver
-from deqkern.ops.update import row_residual, update_reference
+from deqkern.ops import commit as commit_ops
+from deqkern.solver import capture as capture_mod, loop as loop_mod
+from deqkern import _backend
+from deqkern.ops.residual import row_residual
+from deqkern.ops.update import update_reference
 from deqkern.solver import ConvergenceError, ConvergenceWarning, NonFiniteError, solve, solve_fused
 from numerics import case_seed
 
@@ -296,22 +300,22 @@ def test_converged_rows_keep_their_value(dtype, backend, stop_mode):
 def test_commit_kernel_matches_eager(dtype, d, stop_mode, device):
     """The Triton bookkeeping kernel (interpreted on CPU) against its eager twin: frozen,
     active, NaN and not-yet-started rows, with and without a step-provided residual."""
-    if device.type != "cuda" and not solver._backend.interpreter_active():
+    if device.type != "cuda" and not _backend.interpreter_active():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     gen = fresh_gen("commit", str(dtype), d, stop_mode)
     n = 11
     h = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     h_next = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     h_next[4, 0] = math.nan
-    state = solver._RowState.start(n, device)
+    state = commit_ops.RowState.start(n, device)
     state.residual[:] = torch.tensor([1e-6, 0.5, math.nan, 3e38, 2.0, 1e-6, 0.1, 7.0, 1e-7, 0.3, math.inf])
     state.lowest[:] = 0.2
     state.nstep[:] = torch.arange(n, dtype=torch.int32)
     for residual in (None, torch.rand(n, generator=gen).to(device)):
-        s_tri = solver._RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
-        s_eag = solver._RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
-        out_tri = solver._commit_triton(h, h_next.clone(), residual, s_tri, 1e-4, stop_mode)
-        out_eag = solver._commit_eager(h, h_next.clone(), residual, s_eag, 1e-4, stop_mode)
+        s_tri = commit_ops.RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
+        s_eag = commit_ops.RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
+        out_tri = commit_ops.commit_triton(h, h_next.clone(), residual, s_tri, 1e-4, stop_mode)
+        out_eag = commit_ops.commit_reference(h, h_next.clone(), residual, s_eag, 1e-4, stop_mode)
         torch.testing.assert_close(out_tri, out_eag, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(s_tri.nstep, s_eag.nstep) and torch.equal(s_tri.prev, s_eag.prev)
         for name in ("residual", "lowest"):
@@ -322,13 +326,13 @@ def test_commit_kernel_matches_eager(dtype, d, stop_mode, device):
 # --------------------------------------------------------------------------- host syncs
 def counting_checks(monkeypatch):
     calls = []
-    original = solver._host_check
+    original = loop_mod.host_check
 
     def counted(vector):
         calls.append(1)
         return original(vector)
 
-    monkeypatch.setattr(solver, "_host_check", counted)
+    monkeypatch.setattr(loop_mod, "host_check", counted)
     return calls
 
 
@@ -424,7 +428,7 @@ def nan_at(call_index, row, value=math.nan):
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("backend", ["triton", "eager"], indirect=True)
 def test_nonfinite_always_raises_naming_the_iteration(policy, value, backend, device):
-    if backend == "triton" and device.type != "cuda" and not solver._backend.interpreter_active():
+    if backend == "triton" and device.type != "cuda" and not _backend.interpreter_active():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     with pytest.raises(NonFiniteError, match=r"at iteration 3 in 1 row") as err:
         with torch.no_grad():
@@ -540,15 +544,15 @@ def test_graph_guards_follow_the_tensors_f_reads():
     def f(h):
         return lin(h @ w) + frozen
 
-    before = solver._tensor_guards(f)
+    before = capture_mod.tensor_guards(f)
     assert len(before) == 4  # w, frozen, lin.weight, lin.bias
     with torch.no_grad():
         w.mul_(2)
         lin.weight.add_(1)  # what an optimizer does: in place
-    assert solver._tensor_guards(f) == before
-    assert solver._tensor_guards(lin.forward) == solver._tensor_guards(lin)
+    assert capture_mod.tensor_guards(f) == before
+    assert capture_mod.tensor_guards(lin.forward) == capture_mod.tensor_guards(lin)
     frozen = frozen + 1  # rebinding the closed-over name: a new address
-    assert solver._tensor_guards(f) != before
+    assert capture_mod.tensor_guards(f) != before
 
 
 @cuda_only
@@ -559,8 +563,8 @@ def test_graph_matches_eager_and_is_cached(entry, monkeypatch):
     f = (lambda h: step(h)[0]) if entry == "solve" else step
     run = solve if entry == "solve" else solve_fused
     captures = []
-    original = solver._capture
-    monkeypatch.setattr(solver, "_capture", lambda *a, **k: captures.append(1) or original(*a, **k))
+    original = capture_mod.capture
+    monkeypatch.setattr(capture_mod, "capture", lambda *a, **k: captures.append(1) or original(*a, **k))
     h0 = torch.randn(256, 512, device="cuda")
     with torch.no_grad():
         h_eager, info_eager = run(f, h0, max_iter=30, tol=1e-5)

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deqkern.ops.update import STOP_MODES, _cdiv, _compute_dtype, _launch_config, _rows, row_residual
+from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, launch_config, rows
+from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def _adjoint_kernel(
     U, GP, GO, Z, RSTD, GAIN, GN, DZ, RES,
     n_rows, d,
     stride_u, stride_gp, stride_go, stride_z, stride_gn, stride_dz,
-    damping,
+    damping, rel_eps,
     HAS_U: tl.constexpr, STOP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g_next = (1-damping)*g_prev + u + grad_out; its residual; dz = RMSNorm-VJP(g_next)."""
@@ -53,14 +54,7 @@ def _adjoint_kernel(
     tl.store(GN + r64 * stride_gn + c, gn.to(GN.dtype.element_ty), mask=mask)
 
     diff = tl.where(mask, gn - gp, 0.0)
-    sq = tl.sum(diff * diff, axis=1)
-    if STOP_MODE == 0:
-        res = tl.sqrt(sq)
-    elif STOP_MODE == 1:
-        gm = tl.where(mask, gn, 0.0)
-        res = tl.sqrt(sq) / (tl.sqrt(tl.sum(gm * gm, axis=1)) + 1e-9)
-    else:
-        res = tl.max(tl.abs(diff), axis=1) + 0.0 * sq
+    res = row_residual_tl(diff, tl.where(mask, gn, 0.0), rel_eps, STOP_MODE)
     tl.store(RES + rows, res, mask=row_ok)
 
     z = tl.load(Z + r64 * stride_z + c, mask=mask, other=0.0).to(tl.float32)
@@ -81,19 +75,19 @@ def adjoint_step_triton(
 
     Returns ``g_next`` (g_prev's dtype), ``dz`` (z's dtype) and the float32 residual."""
     d = z.shape[-1]
-    gp, go, zz = _rows(g_prev, d), _rows(grad_out, d), _rows(z, d)
-    uu = _rows(u, d) if u is not None else gp
+    gp, go, zz = rows(g_prev, d), rows(grad_out, d), rows(z, d)
+    uu = rows(u, d) if u is not None else gp
     n_rows = zz.shape[0]
     g_next = torch.empty((n_rows, d), dtype=g_prev.dtype, device=z.device)
     dz = torch.empty((n_rows, d), dtype=z.dtype, device=z.device)
     res = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     if n_rows > 0:
-        block_d, block_m, num_warps = _launch_config(n_rows, d, z.device.type == "cpu")
-        _adjoint_kernel[(_cdiv(n_rows, block_m),)](
+        block_d, block_m, num_warps = launch_config(n_rows, d, z.device.type == "cpu")
+        _adjoint_kernel[(cdiv(n_rows, block_m),)](
             uu, gp, go, zz, rstd.reshape(-1).contiguous(), gain.contiguous(), g_next, dz, res,
             n_rows, d,
             uu.stride(0), gp.stride(0), go.stride(0), zz.stride(0), g_next.stride(0), dz.stride(0),
-            float(damping),
+            float(damping), REL_EPS,
             HAS_U=u is not None, STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=num_warps,
         )
@@ -105,7 +99,7 @@ def adjoint_step_reference(
     rstd: torch.Tensor, gain: torch.Tensor, damping: float, stop_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The eager path of :func:`adjoint_step_triton` (same math, same outputs)."""
-    ct = _compute_dtype(z)
+    ct = compute_dtype(z)
     gp = g_prev.to(ct)
     gn = (1.0 - damping) * gp + grad_out.to(ct)
     if u is not None:

@@ -6,9 +6,8 @@ One Picard step of the frozen-context cell, per row of ``d`` features::
     rstd   = 1 / sqrt(mean(z**2) + eps)
     y      = gain * z * rstd
     h_next = (1 - damping) * h_prev + damping * y
-    residual = ||h_next - h_prev||_2                       ("abs")
-             | ||h_next - h_prev||_2 / (||h_next||_2 + 1e-9)  ("rel")
-             | max |h_next - h_prev|                       ("max")
+    residual = deqkern.ops.residual: ||h_next - h_prev|| ("abs"), that over ||h_next||
+               ("rel"), or max |h_next - h_prev| ("max"); overflow-safe, NaN for a bad row
 
 All arithmetic, and every reduction, is float32 whatever the storage dtype (float64 in
 the eager path for float64 inputs). The residual is computed from the float32 value of
@@ -22,19 +21,15 @@ source of truth that tests compare the kernels with (in float64).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-STOP_MODES = {"abs": 0, "rel": 1, "max": 2}
-REL_EPS = 1e-9
+from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, frozen_rows, launch_config, rows, sm_count
+from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
-# Under the interpreter every program costs milliseconds, so pack many rows per program;
-# on a GPU keep tiles near 4K elements so each thread holds a few values per tensor.
-_GPU_TILE = 4096
-_INTERPRETER_TILE = 16384
+__all__ = ["update_forward_triton", "update_backward_triton", "update_reference", "update_backward_reference",
+           "STOP_MODES"]
 
 
 @triton.jit
@@ -42,7 +37,7 @@ def _update_fwd_kernel(
     S, F, P, G, H, RES, RSTD,
     n_rows, d,
     stride_s, stride_f, stride_p, stride_h,
-    eps, damping,
+    eps, damping, rel_eps,
     STOP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Forward: a tile of BLOCK_M rows x BLOCK_D (>= d) columns per program.
@@ -71,16 +66,7 @@ def _update_fwd_kernel(
     tl.store(H + r64 * stride_h + c, h.to(H.dtype.element_ty), mask=mask)
 
     diff = tl.where(mask, h - p, 0.0)
-    sq = tl.sum(diff * diff, axis=1)
-    if STOP_MODE == 0:
-        res = tl.sqrt(sq)
-    elif STOP_MODE == 1:
-        hm = tl.where(mask, h, 0.0)
-        res = tl.sqrt(sq) / (tl.sqrt(tl.sum(hm * hm, axis=1)) + 1e-9)
-    else:
-        # 0 * sum(diff^2) turns any NaN/Inf in the row into a NaN residual: max alone
-        # may drop NaNs.
-        res = tl.max(tl.abs(diff), axis=1) + 0.0 * sq
+    res = row_residual_tl(diff, tl.where(mask, h, 0.0), rel_eps, STOP_MODE)
     tl.store(RES + rows, res, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -139,46 +125,6 @@ def _update_bwd_kernel(
         tl.store(DF_PART + pid * d + cols, df_acc, mask=col_ok)
 
 
-def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
-    """(..., d) -> a 2-D (rows, d) view with unit column stride (copies only if needed)."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, d)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _frozen_rows(frozen: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
-    """frozen as (rows, d) and its row stride; a broadcast (d,) vector gets stride 0."""
-    if frozen.dim() == 1:
-        f = frozen if frozen.stride(0) == 1 else frozen.contiguous()
-        return f, 0
-    f = _rows(frozen, d)
-    return f, f.stride(0)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=4096)
-def _launch_config(n_rows: int, d: int, interpreted: bool) -> tuple[int, int, int]:
-    """BLOCK_D, BLOCK_M and num_warps for a row-wise kernel. Cached: it runs before every
-    launch, and on small problems the host's time per launch is the iteration's time."""
-    block_d = _next_power_of_2(d)
-    tile = _INTERPRETER_TILE if interpreted else _GPU_TILE
-    block_m = max(1, min(tile // block_d, _next_power_of_2(max(n_rows, 1))))
-    num_warps = min(16, max(1, (block_m * block_d) // 512))
-    return block_d, block_m, num_warps
-
-
-def _next_power_of_2(n: int) -> int:
-    """triton.next_power_of_2 in plain Python (the triton helper costs microseconds a call)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def update_forward_triton(
     signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
     eps: float, damping: float, stop_mode: str,
@@ -187,21 +133,21 @@ def update_forward_triton(
     rstd (float32, shape ``signal.shape[:-1]``)."""
     d = signal.shape[-1]
     lead = signal.shape[:-1]
-    s, p = _rows(signal, d), _rows(h_prev, d)
-    f, stride_f = _frozen_rows(frozen, d)
+    s, p = rows(signal, d), rows(h_prev, d)
+    f, stride_f = frozen_rows(frozen, d)
     g = gain.contiguous()
     n_rows = s.shape[0]
     h = torch.empty((n_rows, d), dtype=signal.dtype, device=signal.device)
     res = torch.empty(n_rows, dtype=torch.float32, device=signal.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=signal.device)
     if n_rows > 0:
-        block_d, block_m, num_warps = _launch_config(n_rows, d, signal.device.type == "cpu")
-        grid = (_cdiv(n_rows, block_m),)
+        block_d, block_m, num_warps = launch_config(n_rows, d, signal.device.type == "cpu")
+        grid = (cdiv(n_rows, block_m),)
         _update_fwd_kernel[grid](
             s, f, p, g, h, res, rstd,
             n_rows, d,
             s.stride(0), stride_f, p.stride(0), h.stride(0),
-            float(eps), float(damping),
+            float(eps), float(damping), REL_EPS,
             STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=num_warps,
         )
@@ -219,8 +165,8 @@ def update_backward_triton(
     d = signal.shape[-1]
     lead = signal.shape[:-1]
     device = signal.device
-    dh, s = _rows(grad_h, d), _rows(signal, d)
-    f, stride_f = _frozen_rows(frozen, d)
+    dh, s = rows(grad_h, d), rows(signal, d)
+    f, stride_f = frozen_rows(frozen, d)
     n_rows = s.shape[0]
     broadcast = frozen.dim() == 1
     store_df = need_frozen and not broadcast
@@ -230,10 +176,10 @@ def update_backward_triton(
     dp = torch.empty((n_rows, d) if need_h_prev else (0,), dtype=grad_h.dtype, device=device)
 
     interpreted = device.type == "cpu"
-    block_d, block_m, num_warps = _launch_config(n_rows, d, interpreted)
-    max_programs = 4 if interpreted else 4 * _sm_count(device.index or 0)
-    n_programs = max(1, min(_cdiv(n_rows, block_m), max_programs))
-    rows_per_program = _cdiv(_cdiv(max(n_rows, 1), n_programs), block_m) * block_m
+    block_d, block_m, num_warps = launch_config(n_rows, d, interpreted)
+    max_programs = 4 if interpreted else 4 * sm_count(device.index or 0)
+    n_programs = max(1, min(cdiv(n_rows, block_m), max_programs))
+    rows_per_program = cdiv(cdiv(max(n_rows, 1), n_programs), block_m) * block_m
     dg_part = torch.empty((n_programs, d), dtype=torch.float32, device=device)
     df_part = torch.empty((n_programs, d) if reduce_df else (0,), dtype=torch.float32, device=device)
     _update_bwd_kernel[(n_programs,)](
@@ -254,31 +200,6 @@ def update_backward_triton(
     return dz.view(*lead, d), d_frozen, dp.view(*lead, d) if need_h_prev else dp, d_gain
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def row_residual(h_next: torch.Tensor, h_prev: torch.Tensor, stop_mode: str) -> torch.Tensor:
-    """Per-row residual of ``h_next`` against ``h_prev`` (shape ``h.shape[:-1]``, float32).
-
-    Accumulated in float32 (float64 for float64 inputs); NaN for any row holding a NaN
-    or Inf, in every mode.
-    """
-    ct = _compute_dtype(h_next)
-    h = h_next.to(ct)
-    diff = h - h_prev.to(ct)
-    sq = (diff * diff).sum(-1)
-    if stop_mode == "abs":
-        res = sq.sqrt()
-    elif stop_mode == "rel":
-        res = sq.sqrt() / ((h * h).sum(-1).sqrt() + REL_EPS)
-    elif stop_mode == "max":
-        res = diff.abs().amax(-1) + 0.0 * sq if diff.shape[-1] > 0 else sq
-    else:
-        raise ValueError(f"stop_mode must be one of {sorted(STOP_MODES)}; got {stop_mode!r}")
-    return res.float()
-
-
 def update_reference(
     signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
     eps: float, damping: float, stop_mode: str,
@@ -288,7 +209,7 @@ def update_reference(
     Differentiable by torch autograd, which the tests use (in float64) to check both
     backward implementations.
     """
-    ct = _compute_dtype(signal)
+    ct = compute_dtype(signal)
     p = h_prev.to(ct)
     z = signal.to(ct) + frozen.to(ct)
     rstd = torch.rsqrt(z.pow(2).mean(-1) + eps)
@@ -302,7 +223,7 @@ def update_backward_reference(
     rstd: torch.Tensor, damping: float, need_frozen: bool, need_h_prev: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The eager backward, the same closed form as the kernel (see its docstring)."""
-    ct = _compute_dtype(signal)
+    ct = compute_dtype(signal)
     rs = rstd.to(ct).unsqueeze(-1)
     n = (signal.to(ct) + frozen.to(ct)) * rs
     dy = damping * grad_h.to(ct)

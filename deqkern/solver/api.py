@@ -1,0 +1,192 @@
+"""The public entry points :func:`solve` and :func:`solve_fused`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+
+from deqkern.solver.adjoint import Adjoint, Equilibrium
+from deqkern.solver.capture import graph_solve
+from deqkern.solver.config import AdjointFactory, Config, Step, autocast_iterate, validate
+from deqkern.solver import loop
+from deqkern.solver.loop import enforce, picard_loop, summarize
+
+__all__ = ["solve", "solve_fused"]
+
+
+def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: Callable, tag: str,
+           h0: torch.Tensor, cfg: Config, step_name: str, expects_residual: bool,
+           custom_adjoint: Optional[AdjointFactory] = None) -> tuple[torch.Tensor, dict]:
+    what = "deqkern.solve"
+    capturing = h0.is_cuda and torch.cuda.is_current_stream_capturing()
+    loop_kwargs = dict(max_iter=cfg.max_iter, tol=cfg.tol, stop_mode=cfg.stop_mode,
+                       check_every=None if capturing else cfg.check_every, what=what,
+                       step_name=step_name, expects_residual=expects_residual)
+    n_rows = h0.shape[:-1].numel()
+    record = torch.is_grad_enabled() and cfg.backward != "unrolled"
+
+    if cfg.graph:
+        with torch.no_grad():
+            out = graph_solve(owner, tag, lambda static_in, extra: step, h0, cfg, loop_kwargs)
+        h_star, check_vector = out.pop("h"), out.pop("_check")
+        info = {**out, "iterations": cfg.max_iter}
+        check = None if cfg.on_nonconvergence == "ignore" else loop.host_check(check_vector)
+    else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not record):
+            result = picard_loop(step, h0, **loop_kwargs)
+        h_star, check = result.h, result.check
+        info = summarize(h_star, result.state, result.check_vector, cfg.tol, cfg.stop_mode)
+        info["iterations"] = result.iterations
+    if check is not None:
+        enforce(check, cfg.on_nonconvergence, what, n_rows, cfg.max_iter, cfg.tol, cfg.stop_mode, info)
+    if not record:
+        return h_star, info
+
+    # The value returned is h_star itself; autograd sees one recorded application of f
+    # at it. The returned tensor is a copy, so that the caller may modify it in place
+    # without touching what f's recorded graph saved (and it is never a view or h0).
+    h_in = h_star.detach()
+    with torch.enable_grad():
+        if cfg.backward == "ift":
+            # A custom adjoint supplies the (df/dh)^T products itself: f's recorded
+            # application then needs no gradient path to h_in (one GEMM less).
+            h_in.requires_grad_(custom_adjoint is None)
+            f_out = grad_fn(h_in)
+            adjoint = Adjoint(f_out, h_in, cfg, info, custom_adjoint, owner, tag)
+        else:
+            f_out = grad_fn(h_in)
+            adjoint = None
+    if not f_out.requires_grad:
+        return h_star, info
+    return Equilibrium.apply(f_out, [h_star.clone()], adjoint), info
+
+
+@torch.compiler.disable(reason="deqkern.solve: the Picard loop's early exit and NaN checks sync with the host")
+def solve(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    h0: torch.Tensor,
+    *,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    backward: str = "ift",
+    b_max_iter: Optional[int] = None,
+    b_tol: Optional[float] = None,
+    check_every: Optional[int] = None,
+    graph: bool = False,
+    on_nonconvergence: str = "warn",
+) -> tuple[torch.Tensor, dict]:
+    """Solve ``h = f(h)`` by Picard iteration, row by row, from ``h0``.
+
+    Args:
+        f: ``h -> h_next``, same shape, dtype and device (checked on the first call).
+            May close over parameters and a frozen context; those receive gradients.
+            Must return a new tensor (converged rows are written into it in place).
+        h0: ``(..., d)`` starting point; each ``d``-vector is a row with its own
+            convergence test. Receives no gradient under "ift"/"onestep".
+        max_iter: forward iterations at most (exactly, with ``graph=True``).
+        tol: a row has converged when its residual (float32) is below ``tol``.
+        stop_mode: ``"abs"``, ``"rel"`` or ``"max"`` (see the module docstring).
+        backward: ``"ift"``, ``"onestep"`` or ``"unrolled"``.
+        b_max_iter, b_tol: the adjoint solve's limits ("ift"); default ``max_iter``, ``tol``.
+        check_every: iterations between host syncs (early exit + NaN detection);
+            default :data:`DEFAULT_CHECK_EVERY`. A check also follows the last iteration.
+        graph: capture the whole loop in a CUDA graph (CUDA only; module docstring).
+            With :func:`solve_fused`'s ``adjoint``, the adjoint solve is captured too.
+        on_nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``.
+
+    Returns:
+        ``h_star``: ``(..., d)``, ``h0``'s dtype (under ``torch.autocast``: the autocast
+        dtype, see :func:`autocast_iterate`); differentiable per ``backward``.
+        ``info``: dict of device tensors (nothing in it forces a sync):
+
+        - ``nstep`` ``(...)`` int32: steps taken by the row (where it converged, else
+          ``max_iter``; a row that blew up: the step that produced the NaN/Inf).
+        - ``residual`` ``(...)`` float32: the residual of the returned iterate.
+        - ``converged`` ``(...)`` bool: ``residual < tol``.
+        - ``abs_lowest``, ``rel_lowest`` ``(...)`` float32 (torchdeq's names): the lowest
+          residual seen, in absolute and relative terms; the mode that is not
+          ``stop_mode`` is converted with the returned iterate's norm. NaN for
+          ``stop_mode="max"``.
+        - ``max_residual``, ``mean_nstep``, ``converged_fraction`` () float32.
+        - ``contraction`` () float32: the largest, over rows, ratio of a row's last two
+          residuals -- near convergence an estimate of the local Lipschitz constant of
+          ``f`` (>= 1: not contracting); 0 for rows that took one step.
+        - ``nonfinite_iter`` () int32: first step with a NaN/Inf residual, 0 if none.
+        - ``iterations`` (Python int): loop iterations run (host-side, free).
+        - after ``backward()`` with "ift": the same keys prefixed ``b_`` for the adjoint
+          solve (``b_nstep``, ``b_residual``, ``b_converged``, ...).
+
+    Raises:
+        ConvergenceError: ``on_nonconvergence="raise"`` and some row did not converge.
+        NonFiniteError: an iterate became NaN/Inf (names the first such iteration).
+        ValueError, TypeError: bad arguments, or ``f`` returned the wrong shape, dtype or
+            device.
+
+    Under ``torch.compile`` the solve is one eager region (one graph break): its early
+    exit and NaN checks read device values on the host, which a graph cannot hold. The
+    code around it is compiled; ``f`` runs as given (pass ``torch.compile(f)`` to
+    compile the step itself).
+    """
+    cfg = validate(f, "f", h0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
+                    b_max_iter=b_max_iter, b_tol=b_tol, check_every=check_every, graph=graph,
+                    on_nonconvergence=on_nonconvergence)
+    f_iter, h0 = autocast_iterate(f, h0)
+
+    def step(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return f_iter(h), None
+
+    return _solve(step, f_iter, f, "f", h0, cfg, "f", expects_residual=False)
+
+
+_SOLVE_DEFAULTS = {name: p.default for name, p in inspect.signature(solve).parameters.items() if name not in ("f", "h0")}
+
+
+def solve_fused(
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    h0: torch.Tensor,
+    *,
+    adjoint: Optional[AdjointFactory] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, dict]:
+    """:func:`solve` for a step that also returns its own residual.
+
+    ``step(h) -> (h_next, residual)``: ``h_next`` as ``f(h)`` in :func:`solve` (its
+    differentiable output); ``residual``: float32 ``(...)`` = ``h.shape[:-1]``, per row,
+    of ``h_next`` against ``h`` in the same ``stop_mode`` as passed here, NaN for a row
+    holding NaN/Inf -- exactly what ``deqkern.frozen_rmsnorm_update(...,
+    stop_mode=stop_mode)`` returns with ``h_prev=h``. The solver uses it instead of
+    recomputing the residual. Keyword arguments, return value and errors as
+    :func:`solve`; ``graph=True`` caches per ``step``.
+
+    ``adjoint`` (``backward="ift"`` only): a layer's own adjoint step, for layers that
+    can form ``(df/dh)^T g`` faster than autograd (``deqkern.nn.FrozenContextDEQ``: one
+    GEMM plus one fused kernel). ``adjoint(h_star, v)`` is called once per backward with
+    the fixed point (detached) and the incoming gradient ``v`` (float32 for 16-bit
+    iterates) and returns
+    ``adjoint_step(g) -> (v + (df/dh)^T g, residual)``, the residual as ``step``'s, of
+    the returned value against ``g``. The adjoint iteration starts at ``g = v``. The
+    parameter gradients still come from one recorded application of ``step`` at
+    ``h*`` (then recorded without a gradient path to ``h``).
+    """
+    if adjoint is not None and not callable(adjoint):
+        raise TypeError(f"adjoint must be callable or None; got {type(adjoint).__name__}")
+    unknown = set(kwargs) - set(_SOLVE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"solve_fused got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    cfg = validate(step, "step", h0, **{**_SOLVE_DEFAULTS, **kwargs})
+
+    def grad_fn(h: torch.Tensor) -> torch.Tensor:
+        return step(h)[0]
+
+    def checked_step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = step(h)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"step must return a tuple (h_next, residual); got {type(out).__name__}")
+        return out
+
+    return _solve(checked_step, grad_fn, step, "fused", h0, cfg, "step", expects_residual=True,
+                  custom_adjoint=adjoint)
+

@@ -1,0 +1,188 @@
+"""``graph=True``: the whole solve captured in a CUDA graph, cached per ``f`` (weakly) and
+per problem, with guards on the tensors ``f`` reads (see the package docstring)."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import warnings
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from deqkern.solver.config import Config, Step
+from deqkern.solver.loop import picard_loop, summarize
+
+__all__ = ["clear_graph_cache", "tensor_guards", "CapturedSolve", "capture", "graph_solve"]
+
+#: Captured problems kept per ``f`` (least recently used dropped first).
+GRAPHS_PER_F = 4
+
+_GRAPHS: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def clear_graph_cache() -> None:
+    """Drop every cached ``graph=True`` capture (and its memory pool)."""
+    _GRAPHS.clear()
+
+
+def tensor_guards(fn: Callable) -> tuple:
+    """Address, shape, stride and dtype of the tensors reachable from ``fn`` (see the
+    module docstring for what is covered). Host metadata only."""
+    found: list = []
+    seen: set = set()
+
+    def visit(obj: object, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append((obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype))
+        elif isinstance(obj, torch.nn.Module):
+            for t in obj.parameters():
+                visit(t, depth + 1)
+            for t in obj.buffers():
+                visit(t, depth + 1)
+            for value in vars(obj).values():
+                if isinstance(value, torch.Tensor):
+                    visit(value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value, depth + 1)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value, depth + 1)
+        elif isinstance(obj, functools.partial):
+            visit(obj.func, depth + 1)
+            visit(obj.args, depth + 1)
+            visit(obj.keywords, depth + 1)
+        elif inspect.ismethod(obj):
+            visit(obj.__self__, depth + 1)
+            visit(obj.__func__, depth + 1)
+        elif inspect.isfunction(obj):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # empty cell
+                    pass
+            for name in obj.__code__.co_names:
+                if name in obj.__globals__:
+                    visit(obj.__globals__[name], depth + 1)
+            visit(obj.__defaults__ or (), depth + 1)
+            visit(obj.__kwdefaults__ or {}, depth + 1)
+
+    visit(fn, 0)
+    return tuple(found)
+
+
+class CapturedSolve:
+    """One captured ``max_iter`` loop. Inputs: ``static_in``. Outputs: one byte buffer
+    holding the final iterate and every info tensor, so a replay costs three launches
+    (copy in, replay, clone out) plus views."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", static_in: torch.Tensor, packed: torch.Tensor,
+                 layout: list, guards: tuple, static_extra: tuple = ()):
+        self.graph, self.static_in, self.packed, self.layout, self.guards = graph, static_in, packed, layout, guards
+        self.static_extra = static_extra
+
+    def run(self, h0: torch.Tensor, extra: tuple = ()) -> dict[str, torch.Tensor]:
+        self.static_in.copy_(h0)
+        for static, value in zip(self.static_extra, extra):
+            static.copy_(value)
+        self.graph.replay()
+        out = self.packed.clone()
+        return {name: out.narrow(0, offset, nbytes).view(dtype).view(shape)
+                for name, offset, nbytes, dtype, shape in self.layout}
+
+
+def pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """Copy ``fields`` into one uint8 buffer (widest dtypes first, so every field is
+    aligned) and return it with its layout."""
+    order = sorted(fields, key=lambda name: -fields[name].element_size())
+    layout, offset = [], 0
+    for name in order:
+        t = fields[name]
+        nbytes = t.numel() * t.element_size()
+        layout.append((name, offset, nbytes, t.dtype, tuple(t.shape)))
+        offset += nbytes
+    packed = torch.empty(offset, dtype=torch.uint8, device=next(iter(fields.values())).device)
+    for name, start, nbytes, _, _ in layout:
+        packed.narrow(0, start, nbytes).view(fields[name].dtype).view(fields[name].shape).copy_(fields[name])
+    return packed, layout
+
+
+def capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extra: tuple, loop_kwargs: dict,
+             tol: float, stop_mode: str, guards: tuple) -> CapturedSolve:
+    """Capture ``picard_loop(build(static_in, static_extra), static_in)`` and its info.
+    ``extra``: further per-call inputs (the adjoint's ``h*``), copied into static buffers
+    too; ``build`` makes the step from the static tensors (once for the warm-up, once
+    inside the capture)."""
+    static_in = torch.empty_like(h0, memory_format=torch.contiguous_format)
+    static_in.copy_(h0)
+    static_extra = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in extra)
+    side = torch.cuda.Stream(device=h0.device)
+    side.wait_stream(torch.cuda.current_stream(h0.device))
+    with torch.cuda.stream(side), torch.no_grad():
+        # Warm-up outside the capture: compiles kernels, creates library handles and
+        # validates what the step returns.
+        warm = picard_loop(build(static_in, static_extra), static_in,
+                            **{**loop_kwargs, "max_iter": 2, "check_every": None})
+        summarize(warm.h, warm.state, warm.check_vector, tol, stop_mode)
+        del warm
+    torch.cuda.current_stream(h0.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.no_grad(), torch.cuda.graph(graph):
+            result = picard_loop(build(static_in, static_extra), static_in, **{**loop_kwargs, "check_every": None})
+            fields = summarize(result.h, result.state, result.check_vector, tol, stop_mode)
+            fields["h"] = result.h
+            fields["_check"] = result.check_vector
+            packed, layout = pack(fields)
+            del result, fields
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"deqkern.solve(graph=True): capturing the solve in a CUDA graph failed ({err}). The step must be "
+            f"capturable: no host synchronization (.item(), printing tensors, data-dependent shapes) and no "
+            f"CPU tensors. Use graph=False for this f."
+        ) from err
+    return CapturedSolve(graph, static_in, packed, layout, guards, static_extra)
+
+
+def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor,
+                 cfg: Config, loop_kwargs: dict, extra: tuple = (), guarded: tuple = ()) -> dict[str, torch.Tensor]:
+    """Replay (capturing first if needed) the cached graph for ``owner_fn`` and this
+    problem; returns the packed outputs as views ("h", "_check" and the info tensors).
+    ``guarded``: further callables whose tensors must not move (the adjoint factory)."""
+    owner, method = (owner_fn.__self__, owner_fn.__func__) if inspect.ismethod(owner_fn) else (owner_fn, None)
+    try:
+        per_owner = _GRAPHS.get(owner)
+        if per_owner is None:
+            per_owner = _GRAPHS[owner] = collections.OrderedDict()
+    except TypeError as err:
+        raise TypeError(
+            f"graph=True caches the captured solve per f and needs f (or the object it is bound to) to be "
+            f"weak-referenceable; got {type(owner).__name__}"
+        ) from err
+    key = (tag, method, tuple(h0.shape), h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
+           cfg.stop_mode)
+    guards = tuple(tensor_guards(fn) for fn in (owner_fn, *guarded))
+    entry = per_owner.get(key)
+    if entry is not None and entry.guards != guards:
+        warnings.warn(
+            "deqkern.solve(graph=True): tensors that f reads moved since the graph was captured; recapturing. "
+            "Keep them at fixed addresses (update in place, copy_ per-call inputs into persistent buffers) "
+            "to avoid a capture per call.",
+            stacklevel=4,
+        )
+        del per_owner[key]
+        entry = None
+    if entry is None:
+        entry = capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], cfg.stop_mode, guards)
+        per_owner[key] = entry
+        while len(per_owner) > GRAPHS_PER_F:
+            per_owner.popitem(last=False)
+    per_owner.move_to_end(key)
+    return entry.run(h0, extra)
+

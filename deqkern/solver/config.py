@@ -1,0 +1,144 @@
+"""Solver configuration: argument validation (metadata only, no sync), the checks of what
+a step returns, and the autocast policy of the iterate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from deqkern.ops.launch import STOP_MODES
+
+__all__ = ["Config", "validate", "validate_iterate", "validate_residual", "autocast_iterate",
+           "DEFAULT_CHECK_EVERY", "BACKWARD_MODES", "POLICIES", "FLOAT_DTYPES", "Step", "AdjointFactory"]
+
+#: Iterations between host checks when ``check_every`` is None (see the module docstring).
+DEFAULT_CHECK_EVERY = 4
+
+BACKWARD_MODES = ("ift", "onestep", "unrolled")
+POLICIES = ("warn", "raise", "ignore")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: ``step(h) -> (h_next, residual_or_None)``; residual: float32, shape ``h.shape[:-1]``.
+Step = Callable[[torch.Tensor], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+#: ``adjoint(h_star, v) -> adjoint_step``, ``adjoint_step(g) -> (g_next, residual)`` (see solve_fused).
+AdjointFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]]
+
+
+@dataclass(frozen=True)
+class Config:
+    max_iter: int
+    tol: float
+    stop_mode: str
+    backward: str
+    b_max_iter: int
+    b_tol: float
+    check_every: int
+    graph: bool
+    on_nonconvergence: str
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
+def one_of(name: str, value: object, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def validate(
+    fn: object, fn_name: str, h0: object, *, max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
+    check_every, graph, on_nonconvergence,
+) -> Config:
+    """All argument checks, metadata only (no sync)."""
+    if not callable(fn):
+        raise TypeError(f"{fn_name} must be callable; got {type(fn).__name__}")
+    if not isinstance(h0, torch.Tensor):
+        raise TypeError(f"h0 must be a torch.Tensor; got {type(h0).__name__}")
+    if h0.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"h0 must be float16, bfloat16, float32 or float64; got {h0.dtype}")
+    if h0.dim() < 1 or h0.shape[-1] < 1:
+        raise ValueError(f"h0 must have shape (..., d) with d >= 1; got {tuple(h0.shape)}")
+    max_iter = positive_int("max_iter", max_iter)
+    tol = positive_float("tol", tol)
+    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
+    one_of("backward", backward, BACKWARD_MODES)
+    one_of("on_nonconvergence", on_nonconvergence, POLICIES)
+    b_max_iter = max_iter if b_max_iter is None else positive_int("b_max_iter", b_max_iter)
+    b_tol = tol if b_tol is None else positive_float("b_tol", b_tol)
+    check_every = DEFAULT_CHECK_EVERY if check_every is None else positive_int("check_every", check_every)
+    if not isinstance(graph, bool):
+        raise TypeError(f"graph must be a bool; got {type(graph).__name__}")
+    if graph:
+        if h0.device.type != "cuda":
+            raise ValueError(
+                f"graph=True captures the solve in a CUDA graph and needs CUDA tensors; h0 is on "
+                f"{h0.device}. Use graph=False on this device."
+            )
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("graph=True inside an ongoing CUDA graph capture; use graph=False there "
+                             "(the outer capture already records the loop)")
+        if backward == "unrolled" and torch.is_grad_enabled():
+            raise ValueError("graph=True cannot be combined with backward='unrolled' while grad is enabled "
+                             "(autograd cannot record through a graph replay); use 'ift' or 'onestep'")
+    return Config(max_iter, tol, stop_mode, backward, b_max_iter, b_tol, check_every, graph, on_nonconvergence)
+
+
+def validate_iterate(name: str, out: object, h: torch.Tensor) -> None:
+    """First-call check of what the step returned (metadata only)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor shaped like h; got {type(out).__name__}")
+    if out.shape != h.shape:
+        raise ValueError(f"{name} must return h's shape {tuple(h.shape)}; got {tuple(out.shape)}")
+    if out.dtype != h.dtype:
+        raise TypeError(f"{name} must return h's dtype {h.dtype}; got {out.dtype} (under torch.autocast, "
+                        f"pass h0 in the dtype {name} returns)")
+    if out.device != h.device:
+        raise ValueError(f"{name} must return a tensor on h's device {h.device}; got {out.device}")
+
+
+def autocast_iterate(f: Callable[[torch.Tensor], torch.Tensor], h0: torch.Tensor):
+    """:func:`solve`'s autocast policy: under ``torch.autocast`` for h0's device type the
+    iterate is stored in the autocast dtype. ``h0`` is cast once (float64 is left alone,
+    as autocast does) and ``f``'s output is cast to the iterate's dtype where it differs
+    (an autocast matmul returns bf16, an fp32 residual add returns fp32). Residuals and
+    their reductions stay float32. Returns ``(f, h0)`` unchanged outside autocast."""
+    device_type = h0.device.type
+    if not torch.is_autocast_enabled(device_type) or h0.dtype == torch.float64:
+        return f, h0
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def f_autocast(h: torch.Tensor) -> torch.Tensor:
+        out = f(h)
+        if isinstance(out, torch.Tensor) and out.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return out.to(dtype)
+        return out
+
+    return f_autocast, h0.to(dtype)
+
+
+def validate_residual(name: str, residual: object, h: torch.Tensor) -> None:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{name} must return (h_next, residual) with a tensor residual; got {type(residual).__name__}")
+    if residual.dtype != torch.float32 or residual.shape != h.shape[:-1] or residual.device != h.device:
+        raise ValueError(
+            f"{name}'s residual must be float32 of shape {tuple(h.shape[:-1])} on {h.device}; got "
+            f"{residual.dtype} of shape {tuple(residual.shape)} on {residual.device}"
+        )
+
