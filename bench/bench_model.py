@@ -43,7 +43,8 @@ import common  # noqa: E402
 
 from deqkern import _backend  # noqa: E402
 from deqkern.__main__ import forced_backend, fused_available  # noqa: E402
-from deqkern.models.charlm import CharLMConfig, train  # noqa: E402
+from deqkern.models.charlm import CharLMConfig  # noqa: E402
+from deqkern.models.train import train  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_TOL = 2e-2

@@ -35,7 +35,8 @@ from typing import Callable, Iterator
 import torch
 
 from deqkern import _backend
-from deqkern.models.charlm import PRESETS, CharLMConfig, TrainResult, train
+from deqkern.models.charlm import PRESETS, CharLMConfig
+from deqkern.models.train import TrainResult, train
 
 BACKENDS = ("auto", "eager", "triton")
 

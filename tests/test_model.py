@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import deqkern
-from deqkern.models.charlm import CharLM, CharLMConfig, batches, corpus, train
+from deqkern.models.charlm import CharLM, CharLMConfig, batches, corpus
+from deqkern.models.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

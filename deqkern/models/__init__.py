@@ -1,5 +1,6 @@
 """Reference models built on deqkern's layers."""
 
-from deqkern.models.charlm import CharLM, CharLMConfig, batches, corpus, train
+from deqkern.models.charlm import CharLM, CharLMConfig, batches, corpus
+from deqkern.models.train import TrainResult, train
 
-__all__ = ["CharLM", "CharLMConfig", "batches", "corpus", "train"]
+__all__ = ["CharLM", "CharLMConfig", "TrainResult", "batches", "corpus", "train"]
