@@ -177,9 +177,7 @@ class FrozenContextDEQ(nn.Module):
             raise ValueError(f"state must be a tuple of {len(self.contexts)} provider states; got {got}")
         shape = (batch, n_slots, self.d_model)
 
-        inj = self.inj(x)
-        frozen = inj
-        ctx_rms = []
+        ctxs = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
             ctx = provider.prelude(st)
             if ctx.dim() == 2:
@@ -189,9 +187,10 @@ class FrozenContextDEQ(nn.Module):
                     f"contexts[{i}] ({type(provider).__name__}).prelude returned shape {tuple(ctx.shape)}; "
                     f"expected (B, d) or (B, S, d) = ({batch}, {self.d_model}) or {shape}"
                 )
-            frozen = frozen + ctx
-            ctx_rms.append(_rms(ctx))
-        frozen = frozen.expand(shape).contiguous()
+            ctxs.append(ctx)
+        inj = self.inj(x)
+        frozen = self.frozen_term(inj, ctxs).expand(shape).contiguous()
+        ctx_rms = [_rms(ctx) for ctx in ctxs]
 
         if h0 is None:
             h0 = torch.zeros(shape, device=x.device, dtype=frozen.dtype)
@@ -226,6 +225,15 @@ class FrozenContextDEQ(nn.Module):
         info["inj_rms"] = _rms(inj)
         info["ctx_rms"] = tuple(ctx_rms)
         return h_star, tuple(new_state), info
+
+    def frozen_term(self, inj: torch.Tensor, ctxs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The loop's frozen term from the injection ``inj = self.inj(x)`` ``(..., S, d)``
+        and the providers' contexts (each broadcastable to it): what the cell adds to
+        ``h @ W.T`` at every iteration. Shapes broadcast; no copy is forced."""
+        frozen = inj
+        for ctx in ctxs:
+            frozen = frozen + ctx
+        return frozen
 
     def _stage_frozen(self, frozen: torch.Tensor) -> None:
         """Copy this call's frozen term into the persistent buffer that the captured
