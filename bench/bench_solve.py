@@ -99,7 +99,7 @@ class Cell:
 
     def adjoint(self):
         """The cell's fused implicit backward (what ``deqkern.nn.FrozenContextDEQ`` uses)."""
-        return cell_adjoint(self.w, self.gain, self.frozen, damping=DAMPING, eps=EPS, stop_mode=STOP)
+        return cell_adjoint(self.w, self.gain, self.frozen, damping=DAMPING, eps=EPS)
 
     def step(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cell through the fused op (also returns the per-row residual)."""

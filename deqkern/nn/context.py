@@ -51,6 +51,7 @@ class MambaMemory(ContextProvider):
 
     def __init__(self, d_model: int, *, init_decay: float = 0.9, init_gate: float = 0.5):
         super().__init__()
+        _check_width(d_model)
         if not 0.0 < init_decay < 1.0:
             raise ValueError(f"init_decay must be in (0, 1); got {init_decay!r}")
         if not 0.0 < init_gate < 1.0:
@@ -84,7 +85,8 @@ class SlotAttentionContext(ContextProvider):
 
     def __init__(self, d_model: int, *, n_heads: int = 1):
         super().__init__()
-        if n_heads < 1 or d_model % n_heads:
+        _check_width(d_model)
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"n_heads must be >= 1 and divide d_model={d_model}; got {n_heads!r}")
         self.d_model, self.n_heads = d_model, n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -105,6 +107,11 @@ class SlotAttentionContext(ContextProvider):
         if h_star.shape != state.shape:
             raise ValueError(f"h_star must have the state's shape {tuple(state.shape)}; got {tuple(h_star.shape)}")
         return h_star
+
+
+def _check_width(d_model: object) -> None:
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model must be an int >= 1; got {d_model!r}")
 
 
 def _check_last_dim(name: str, t: torch.Tensor, d: int, ndim: int) -> None:

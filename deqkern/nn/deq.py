@@ -8,9 +8,24 @@ One call, for a batch of ``B`` sequences with ``S`` slots each (rows = ``B * S``
     state_i = provider_i.update(h*, state_i)             # once, after convergence
 
 ``frozen`` does not depend on the loop's ``h``, so the Jacobian that decides convergence,
-``(1 - damping) I + damping * J_RMSNorm * W``, is the same with or without contexts; its
-contraction is kept by clamping ``||W||_2`` to ``spectral_target`` every few optimizer
-steps (:meth:`FrozenContextDEQ.spectral_schedule`).
+``(1 - damping) I + damping * J_RMSNorm * W``, is the same with or without contexts.
+
+Contraction by construction. With ``z = h W^T + frozen``, ``n = z / rms(z)``, the
+Jacobian of ``h -> gain * RMSNorm(z)`` is ``diag(gain) * rstd * (I - n n^T / d) * W``
+(``rstd = 1 / sqrt(mean(z^2) + eps)``, and ``I - n n^T / d`` is a projection), so
+
+    Lip(f) <= (1 - damping) + damping * ||gain||_inf * ||W||_2 * rstd        (per row)
+
+Clamping ``||W||_2`` alone (:meth:`FrozenContextDEQ.spectral_schedule`) does not bound
+this: ``rstd = 1 / rms(z)`` grows without limit when the injection is small. So by default
+(``injection_norm=True``) the frozen term is RMS-normalised to a fixed scale ``c``
+(``injection_scale``, default 2): ``frozen = c * u / rms(u)``, ``u = inj(x) + sum ctx``.
+Then ``rms(z) >= c - ||W||_2 * rms(h)`` and, at a fixed point, ``rms(h*) <= ||gain||_inf``
+(``h* = gain * n``), so ``rstd <= 1 / (c - ||W||_2 ||gain||_inf)``: with ``||W||_2 <= 0.85``
+and unit gain the bound is at most ``0.15 + 0.85 * 0.85 / 1.15 = 0.78`` whatever the scale
+of ``x`` (typically ~0.5: ``z``'s two parts are not aligned). The layer reports the bound
+it actually had, ``info["lipschitz_bound"]``. ``injection_norm=False`` restores the raw sum
+(the scale of ``x`` then decides whether the cell contracts).
 
 Fused path: each forward iteration is one GEMM plus :func:`deqkern.functional.update_with_stats`
 (one Triton kernel that also yields the residual); the implicit backward's adjoint
@@ -34,6 +49,7 @@ from torch import nn
 from deqkern.functional import rmsnorm_adjoint_step, update_with_stats
 from deqkern.nn.context import ContextProvider
 from deqkern.solver import solve_fused
+from deqkern.solver.config import ADJOINT_STOP_MODE, positive_float, positive_int, validate_options
 from deqkern.spectral import SpectralNormSchedule
 
 __all__ = ["FrozenContextDEQ", "cell_adjoint"]
@@ -51,13 +67,20 @@ class FrozenContextDEQ(nn.Module):
         d_input: width of the injection input ``x`` (default ``d_model``).
         damping: ``beta`` in ``(0, 1]``.
         max_iter, tol, stop_mode, check_every, on_nonconvergence: the forward solve's
-            (see :func:`deqkern.solve`); the adjoint solve uses the same.
+            (see :func:`deqkern.solve`). The default ``stop_mode="rel"`` compares each
+            row's step with the row's size. The adjoint solve stops on the relative
+            residual of the gradient, whatever ``stop_mode`` (scale-free in the loss).
+        b_max_iter, b_tol: the adjoint solve's limits (default ``max_iter``, ``tol``).
         backward: ``"ift"`` (exact implicit gradient), ``"onestep"`` or ``"unrolled"``.
         fused_backward: with ``"ift"``, iterate the adjoint with the layer's own fused
             step (True) or with autograd vector-Jacobian products (False; the reference).
         spectral_target: bound on ``||W||_2`` kept by :meth:`spectral_schedule`; the
             initial ``W`` is scaled to it.
         eps: RMSNorm's epsilon.
+        injection_norm: RMS-normalise the frozen term to ``injection_scale`` (module
+            docstring: what makes the cell contract for any scale of ``x``). False: the
+            raw ``inj(x) + sum ctx``.
+        injection_scale: ``c > 0``, the RMS of the normalised frozen term (default 2).
         graph: solve (and, with ``fused_backward``, the adjoint) by replaying CUDA graphs
             (``deqkern.solve(graph=True)``): no host launches or syncs inside the loops,
             always ``max_iter`` iterations. CUDA only; one capture per input shape. The
@@ -76,11 +99,15 @@ class FrozenContextDEQ(nn.Module):
         damping: float = 0.85,
         max_iter: int = 20,
         tol: float = 1e-4,
-        stop_mode: str = "max",
+        stop_mode: str = "rel",
         backward: str = "ift",
+        b_max_iter: Optional[int] = None,
+        b_tol: Optional[float] = None,
         fused_backward: bool = True,
         spectral_target: float = 0.85,
         eps: float = 1e-6,
+        injection_norm: bool = True,
+        injection_scale: float = 2.0,
         check_every: Optional[int] = None,
         on_nonconvergence: str = "warn",
         graph: bool = False,
@@ -88,19 +115,20 @@ class FrozenContextDEQ(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be an int >= 1; got {d_model!r}")
         d_input = d_model if d_input is None else d_input
-        if isinstance(d_input, bool) or not isinstance(d_input, int) or d_input < 1:
-            raise ValueError(f"d_input must be an int >= 1; got {d_input!r}")
+        for name, value in (("d_model", d_model), ("d_input", d_input)):
+            positive_int(name, value)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
             raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
-        if not isinstance(spectral_target, (int, float)) or not spectral_target > 0:
-            raise ValueError(f"spectral_target must be a float > 0; got {spectral_target!r}")
-        if not isinstance(graph, bool):
-            raise TypeError(f"graph must be a bool; got {type(graph).__name__}")
-        if not isinstance(fused_backward, bool):
-            raise TypeError(f"fused_backward must be a bool; got {type(fused_backward).__name__}")
+        positive_float("spectral_target", spectral_target)
+        positive_float("eps", eps)
+        positive_float("injection_scale", injection_scale)
+        for name, value in (("graph", graph), ("fused_backward", fused_backward), ("injection_norm", injection_norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+        # The solver's own checks, run here so a bad setting fails at construction.
+        validate_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward, b_max_iter=b_max_iter,
+                         b_tol=b_tol, check_every=check_every, on_nonconvergence=on_nonconvergence)
         for i, provider in enumerate(contexts):
             if not isinstance(provider, ContextProvider):
                 raise TypeError(f"contexts[{i}] must be a deqkern.nn.ContextProvider; got {type(provider).__name__}")
@@ -111,8 +139,10 @@ class FrozenContextDEQ(nn.Module):
         self.d_model, self.d_input = d_model, d_input
         self.damping, self.eps, self.spectral_target = float(damping), float(eps), float(spectral_target)
         self.fused_backward = fused_backward
+        self.injection_norm, self.injection_scale = injection_norm, float(injection_scale)
         self.solver_options = dict(max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward,
-                                   check_every=check_every, on_nonconvergence=on_nonconvergence, graph=graph)
+                                   b_max_iter=b_max_iter, b_tol=b_tol, check_every=check_every,
+                                   on_nonconvergence=on_nonconvergence, graph=graph)
         # graph=True: the solves read the frozen term from this persistent buffer (a CUDA
         # graph replays fixed addresses); the autograd-connected frozen tensor of the
         # current call sits in a list, out of the graph guards' sight.
@@ -122,14 +152,18 @@ class FrozenContextDEQ(nn.Module):
         self.inj = nn.Linear(d_input, d_model, **factory)
         self.gain = nn.Parameter(torch.ones(d_model, **factory))
         self.contexts = nn.ModuleList(contexts)
+        # Warm-started power-iteration vector for the sigma(W) in info["lipschitz_bound"].
+        self.register_buffer("_sigma_v", torch.empty(d_model, device=device, dtype=torch.float32), persistent=False)
+        self._rstd_seen: list[torch.Tensor] = []
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``W`` orthogonal-like random, scaled to ``||W||_2 = spectral_target``; gain 1."""
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.d_model))
-        sigma = torch.linalg.matrix_norm(self.weight.float(), ord=2)
-        self.weight.mul_(self.spectral_target / sigma)
+        _, singular, vh = torch.linalg.svd(self.weight.float())
+        self.weight.mul_(self.spectral_target / singular[0])
+        self._sigma_v.copy_(vh[0])
         self.inj.reset_parameters()
         self.gain.fill_(1.0)
 
@@ -163,12 +197,19 @@ class FrozenContextDEQ(nn.Module):
             ``h_star`` ``(B, S, d_model)``; the updated states; ``info``: the solver's
             (device tensors, see :func:`deqkern.solve`) plus ``inj_rms`` () and
             ``ctx_rms`` (one () tensor per provider): RMS of the injection and of each
-            context, float32.
+            context, float32; ``lipschitz_bound`` () float32: the largest, over rows, of
+            ``(1 - damping) + damping * ||gain||_inf * sigma(W) * rstd`` at the
+            returned iterate (module docstring; < 1 certifies that the cell contracts
+            there), with ``sigma(W)`` from a warm-started power iteration (one step per
+            call, on the device) and ``rstd`` the fused kernel's own row statistic.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.d_input:
             raise ValueError(f"x must have shape (B, S, {self.d_input}); got {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x must have the layer's dtype {self.weight.dtype}; got {x.dtype} "
+                            f"(convert x, or the layer with .to(dtype))")
         batch, n_slots, _ = x.shape
         if state is None:
             state = self.init_state(batch, n_slots, x.device)
@@ -199,7 +240,8 @@ class FrozenContextDEQ(nn.Module):
         elif h0.dtype != frozen.dtype:
             raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
 
-        if self.solver_options["graph"]:
+        graph = self.solver_options["graph"]
+        if graph:
             self._stage_frozen(frozen)
             step = self._graph_step
         else:
@@ -208,10 +250,18 @@ class FrozenContextDEQ(nn.Module):
         if self.fused_backward:
             # this call's frozen term: under graph=True the solver copies it into the
             # adjoint graph's own static buffer when the backward replays
-            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
-                                   stop_mode=self.solver_options["stop_mode"])
+            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps)
+        self._rstd_seen.clear()
         h_star, info = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
         self._frozen_live.clear()  # the recorded application holds what backward needs
+        # rstd at the returned iterate: the last cell application saw it (the recorded
+        # one at h*, or the loop's last step, whose frozen rows are evaluated at their
+        # committed iterate); a replayed graph without autograd recorded none.
+        if graph and not torch.is_grad_enabled() or not self._rstd_seen:
+            with torch.no_grad():
+                self._cell(h_star.detach(), frozen.detach())
+        info["lipschitz_bound"] = self._lipschitz_bound(self._rstd_seen[0])
+        self._rstd_seen.clear()
 
         new_state = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
@@ -233,7 +283,11 @@ class FrozenContextDEQ(nn.Module):
         frozen = inj
         for ctx in ctxs:
             frozen = frozen + ctx
-        return frozen
+        if not self.injection_norm:
+            return frozen
+        # float32 arithmetic for 16-bit storage, as the update kernel does
+        u = frozen.to(torch.float64 if frozen.dtype == torch.float64 else torch.float32)
+        return (u * (self.injection_scale * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.eps))).to(frozen.dtype)
 
     def _stage_frozen(self, frozen: torch.Tensor) -> None:
         """Copy this call's frozen term into the persistent buffer that the captured
@@ -256,12 +310,27 @@ class FrozenContextDEQ(nn.Module):
         """``h -> (h_next, residual)`` for this call's frozen term."""
         return lambda h: self._cell(h, frozen)
 
+    @torch.no_grad()
+    def _lipschitz_bound(self, rstd: torch.Tensor) -> torch.Tensor:
+        """``(1 - damping) + damping * ||gain||_inf * sigma(W) * max(rstd)``, () float32
+        on the device; one warm-started power-iteration step refreshes sigma(W)."""
+        ct = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.detach().to(ct)
+        v = self._sigma_v.to(device=w.device, dtype=ct)
+        v = torch.mv(w.t(), torch.mv(w, v))
+        v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
+        self._sigma_v.copy_(v)
+        sigma = torch.linalg.vector_norm(torch.mv(w, v))
+        gain_max = self.gain.detach().abs().amax().float()
+        return (1.0 - self.damping) + self.damping * gain_max * sigma * rstd.detach().float().amax()
+
     def _cell(self, h: torch.Tensor, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration: one GEMM and one fused update; returns ``(h_next, residual)``."""
-        h_next, residual, _ = update_with_stats(
+        h_next, residual, rstd = update_with_stats(
             F.linear(h, self.weight), frozen, h, self.gain,
             eps=self.eps, damping=self.damping, stop_mode=self.solver_options["stop_mode"],
         )
+        self._rstd_seen[:] = [rstd]
         return h_next, residual
 
 class cell_adjoint:  # noqa: N801  (used like a function: cell_adjoint(...) -> factory)
@@ -281,23 +350,25 @@ class cell_adjoint:  # noqa: N801  (used like a function: cell_adjoint(...) -> f
     ``frozen`` changes from call to call (the weights are updated in place), so it is
     declared in ``extra_inputs``: under ``graph=True`` the solver copies it into the
     captured graph's static buffer at each replay and :meth:`rebind` s the adjoint to it.
+
+    The residual it reports is the relative one (``stop_mode="rel"``, what the solver's
+    adjoint solve tests, :data:`deqkern.solver.config.ADJOINT_STOP_MODE`).
     """
 
     def __init__(self, weight: torch.Tensor, gain: torch.Tensor, frozen: torch.Tensor, *, damping: float,
-                 eps: float, stop_mode: str):
+                 eps: float):
         self.weight, self.gain, self.frozen = weight.detach(), gain.detach(), frozen.detach()
-        self.damping, self.eps, self.stop_mode = damping, eps, stop_mode
+        self.damping, self.eps = damping, eps
 
     @property
     def extra_inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.frozen,)
 
     def rebind(self, frozen: torch.Tensor) -> "cell_adjoint":
-        return cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps,
-                            stop_mode=self.stop_mode)
+        return cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps)
 
     def __call__(self, h_star: torch.Tensor, v: torch.Tensor) -> Callable:
-        weight, gain, damping, stop_mode = self.weight, self.gain, self.damping, self.stop_mode
+        weight, gain, damping, stop_mode = self.weight, self.gain, self.damping, ADJOINT_STOP_MODE
         d = weight.shape[-1]
         with torch.no_grad():
             z = (F.linear(h_star, weight).float() + self.frozen.float()).reshape(-1, d)

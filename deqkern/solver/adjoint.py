@@ -9,7 +9,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from deqkern.solver.capture import graph_solve
-from deqkern.solver.config import AdjointFactory, Config, Step
+from deqkern.solver.config import ADJOINT_STOP_MODE, AdjointFactory, Config, Step
 from deqkern.solver import loop
 from deqkern.solver.loop import enforce, picard_loop, summarize
 
@@ -42,23 +42,23 @@ class Adjoint:
                 return torch.add(v, vjp), None
 
         result = picard_loop(
-            adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode,
+            adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=ADJOINT_STOP_MODE,
             check_every=None if capturing else cfg.check_every, what=what, step_name="the adjoint step",
             expects_residual=self.custom is not None,
         )
-        stats = summarize(result.h, result.state, result.check_vector, cfg.b_tol, cfg.stop_mode)
+        stats = summarize(result.h, result.state, result.check_vector, cfg.b_tol, ADJOINT_STOP_MODE)
         self.info.update({f"b_{name}": value for name, value in stats.items()})
         self.info["b_iterations"] = result.iterations
         if not capturing:
             enforce(result.check, cfg.on_nonconvergence, what, v.shape[:-1].numel(), cfg.b_max_iter,
-                     cfg.b_tol, cfg.stop_mode, self.info)
+                    cfg.b_tol, ADJOINT_STOP_MODE, self.info)
         return result.h.to(grad.dtype)
 
     def _graph_solve(self, grad: torch.Tensor, v: torch.Tensor, what: str) -> torch.Tensor:
         """``graph=True`` with a custom adjoint: the whole adjoint solve (the factory's
         set-up included) replays from one CUDA graph, cached with the forward's."""
         cfg, custom = self.cfg, self.custom
-        loop_kwargs = dict(max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=cfg.stop_mode, check_every=None,
+        loop_kwargs = dict(max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=ADJOINT_STOP_MODE, check_every=None,
                            what=what, step_name="the adjoint step", expects_residual=True)
         # Per-call tensors the adjoint reads besides h* (declared in ``extra_inputs``)
         # are copied into static buffers too, and the adjoint is rebound to them.
@@ -76,7 +76,7 @@ class Adjoint:
         self.info["b_iterations"] = cfg.b_max_iter
         if cfg.on_nonconvergence != "ignore":
             enforce(loop.host_check(check_vector), cfg.on_nonconvergence, what, v.shape[:-1].numel(),
-                     cfg.b_max_iter, cfg.b_tol, cfg.stop_mode, self.info)
+                    cfg.b_max_iter, cfg.b_tol, ADJOINT_STOP_MODE, self.info)
         return g.to(grad.dtype)
 
 

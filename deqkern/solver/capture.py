@@ -166,7 +166,7 @@ def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tup
             f"weak-referenceable; got {type(owner).__name__}"
         ) from err
     key = (tag, method, tuple(h0.shape), h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
-           cfg.stop_mode)
+           loop_kwargs["stop_mode"])
     guards = tuple(tensor_guards(fn) for fn in (owner_fn, *guarded))
     entry = per_owner.get(key)
     if entry is not None and entry.guards != guards:
@@ -179,7 +179,7 @@ def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tup
         del per_owner[key]
         entry = None
     if entry is None:
-        entry = capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], cfg.stop_mode, guards)
+        entry = capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], loop_kwargs["stop_mode"], guards)
         per_owner[key] = entry
         while len(per_owner) > GRAPHS_PER_F:
             per_owner.popitem(last=False)

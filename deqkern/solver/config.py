@@ -11,13 +11,18 @@ import torch
 
 from deqkern.ops.launch import STOP_MODES
 
-__all__ = ["Config", "validate", "validate_iterate", "validate_residual", "autocast_iterate",
+__all__ = ["ADJOINT_STOP_MODE", "Config", "validate", "validate_options", "positive_int", "positive_float", "validate_iterate", "validate_residual", "autocast_iterate",
            "DEFAULT_CHECK_EVERY", "BACKWARD_MODES", "POLICIES", "FLOAT_DTYPES", "Step", "AdjointFactory"]
 
 #: Iterations between host checks when ``check_every`` is None (see the module docstring).
 DEFAULT_CHECK_EVERY = 4
 
 BACKWARD_MODES = ("ift", "onestep", "unrolled")
+#: The adjoint solve's residual, whatever the forward's ``stop_mode``: per row,
+#: ``||g_next - g|| / ||g_next||``. The incoming gradient's scale is the loss's scale
+#: (a mean over a large batch makes every entry tiny), so an absolute test would stop the
+#: adjoint before it starts; the relative one takes the same steps at any loss scale.
+ADJOINT_STOP_MODE = "rel"
 POLICIES = ("warn", "raise", "ignore")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,6 +67,21 @@ def one_of(name: str, value: object, allowed: tuple) -> str:
     return value
 
 
+def validate_options(*, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, check_every,
+                     on_nonconvergence) -> tuple[int, float, int, float, int]:
+    """The checks of the solve's settings alone (layers run them at construction).
+    Returns ``(max_iter, tol, b_max_iter, b_tol, check_every)`` with defaults filled in."""
+    max_iter = positive_int("max_iter", max_iter)
+    tol = positive_float("tol", tol)
+    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
+    one_of("backward", backward, BACKWARD_MODES)
+    one_of("on_nonconvergence", on_nonconvergence, POLICIES)
+    b_max_iter = max_iter if b_max_iter is None else positive_int("b_max_iter", b_max_iter)
+    b_tol = tol if b_tol is None else positive_float("b_tol", b_tol)
+    check_every = DEFAULT_CHECK_EVERY if check_every is None else positive_int("check_every", check_every)
+    return max_iter, tol, b_max_iter, b_tol, check_every
+
+
 def validate(
     fn: object, fn_name: str, h0: object, *, max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
     check_every, graph, on_nonconvergence,
@@ -75,14 +95,9 @@ def validate(
         raise TypeError(f"h0 must be float16, bfloat16, float32 or float64; got {h0.dtype}")
     if h0.dim() < 1 or h0.shape[-1] < 1:
         raise ValueError(f"h0 must have shape (..., d) with d >= 1; got {tuple(h0.shape)}")
-    max_iter = positive_int("max_iter", max_iter)
-    tol = positive_float("tol", tol)
-    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
-    one_of("backward", backward, BACKWARD_MODES)
-    one_of("on_nonconvergence", on_nonconvergence, POLICIES)
-    b_max_iter = max_iter if b_max_iter is None else positive_int("b_max_iter", b_max_iter)
-    b_tol = tol if b_tol is None else positive_float("b_tol", b_tol)
-    check_every = DEFAULT_CHECK_EVERY if check_every is None else positive_int("check_every", check_every)
+    max_iter, tol, b_max_iter, b_tol, check_every = validate_options(
+        max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward, b_max_iter=b_max_iter, b_tol=b_tol,
+        check_every=check_every, on_nonconvergence=on_nonconvergence)
     if not isinstance(graph, bool):
         raise TypeError(f"graph must be a bool; got {type(graph).__name__}")
     if graph:
