@@ -154,7 +154,7 @@ def test_cli_train_smoke():
     assert out.returncode == 0, out.stderr
     assert "step     3 | loss" in out.stdout
     assert "backend auto (ran: eager)" in out.stdout
-    assert "100% of tokens converged (tol 0.0001, max, cap 20): yes" in out.stdout
+    assert "100% of tokens converged (tol 0.0001, rel, cap 20): yes" in out.stdout
 
 
 def test_cli_compare_smoke():
