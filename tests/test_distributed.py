@@ -241,6 +241,7 @@ CPU_CASES = [Case(wrap, backward, fused, dtype) for wrap in WRAPS for backward, 
 CPU_CASES += [Case(wrap, "ift", True, torch.float32, compiled=True) for wrap in ("ddp", "fsdp")]
 GPU_CASES = [Case(wrap, backward, fused, torch.float32, graph=graph) for wrap in WRAPS for backward, fused in MODES
              for graph in (False, True)]
+GPU_CASES += [Case(wrap, "ift", True, torch.float32, compiled=True) for wrap in ("ddp", "fsdp")]
 SEQUENCE_CASES = [Case(wrap, "ift", fused, torch.float64, time_parallel=True) for wrap in WRAPS
                   for fused in (True, False)]
 
