@@ -175,3 +175,19 @@ def test_batch_stream_resumes_where_it_stopped():
     fresh.load_state_dict(state)
     assert fresh.drawn == 3
     assert all(torch.equal(a, next(fresh)) for a in expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--save-every", "0"], "--save-every must be >= 1; got 0"),
+    (["--batch", "0"], "--batch must be >= 1; got 0"),
+    (["--compare", "--save", "x.pt"], "--compare trains twice in one process: not with torchrun, --save or --resume"),
+    (["--fsdp"], "--fsdp shards the model over the ranks of a torchrun launch"),
+])
+def test_cli_rejects_bad_checkpoint_and_launch_options(argv, message, capsys, monkeypatch):
+    from deqkern.__main__ import parse_args
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -228,7 +228,8 @@ def _train_worker(rank: int, world: int, folder: str) -> None:
     for fsdp in (False, True):
         name = "fsdp" if fsdp else "ddp"
         path = Path(folder) / f"{name}.pt"
-        out[name] = train(TINY, steps=4, seed=0, log_every=2, fsdp=fsdp).losses
+        straight = train(TINY, steps=4, seed=0, log_every=2, fsdp=fsdp)
+        out[name], out[name + "-logs"] = straight.losses, straight.logs
         out[name + "-saved"] = train(TINY, steps=2, seed=0, log_every=2, fsdp=fsdp, save=path).losses
         out[name + "-resumed"] = train(TINY, steps=4, seed=0, log_every=2, fsdp=fsdp, resume=path).losses
     if rank == 0:
@@ -332,13 +333,22 @@ def test_training_on_two_ranks(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = train(TINY, steps=4, seed=0, log_every=2).losses
+        single_run = train(TINY, steps=4, seed=0, log_every=2)
+        single = single_run.losses
         on_one = {wrap: train(TINY, steps=4, seed=0, log_every=2, resume=tmp_path / f"{wrap}.pt")
                   for wrap in ("ddp", "fsdp")}
     finally:
         torch.set_num_threads(threads)
     for wrap in ("ddp", "fsdp"):
         assert _close(out[wrap], single), (wrap, out[wrap], single)
+        for ours, theirs in zip(out[wrap + "-logs"], single_run.logs, strict=True):   # the global batch's figures
+            assert _close([ours["loss"], ours["mean_nstep"]], [theirs["loss"], theirs["mean_nstep"]]), (ours, theirs)
+            # batch-level statistics combined over ranks (ratio of RMS over each rank's rows;
+            # each rank's loop stops on its own rows), not recomputed on the global batch
+            assert _close([ours["hist_inj_ratio"], ours["contraction"]],
+                          [theirs["hist_inj_ratio"], theirs["contraction"]], rel=1e-2), (ours, theirs)
+            assert (ours["max_nstep"], ours["unconverged"], ours["tokens"]) == \
+                (theirs["max_nstep"], theirs["unconverged"], theirs["tokens"])
         assert out[wrap + "-saved"] + out[wrap + "-resumed"] == out[wrap], wrap
         assert on_one[wrap].start_step == 2
         assert _close(on_one[wrap].losses, out[wrap + "-resumed"]), (wrap, on_one[wrap].losses)

@@ -72,7 +72,9 @@ def train(
     initialized (``torchrun``), every rank trains on its ``cfg.batch / world_size``
     rows of the same global batch, wrapped in DDP or, with ``fsdp=True``, FSDP2; the
     logged loss and statistics are those of the global batch (reduced over ranks at
-    each log), rank 0 writes the checkpoints, every rank resumes from them.
+    each log; ``hist_inj_ratio`` and ``contraction``, statistics of a whole batch, are
+    combined from the ranks' own: the mean ratio and the largest contraction), rank 0
+    writes the checkpoints, every rank resumes from them.
 
     Each log dict (also passed to ``on_log``): ``step``, ``loss`` (mean over the
     interval), ``tokens``, ``seconds``, ``tokens_per_s``, ``mean_nstep``,
@@ -137,10 +139,11 @@ def train(
         if (step + 1) % log_every and step + 1 != steps:
             continue
         count = step + 1 - first
-        # the global batch's figures: per-rank means averaged, counts summed, maxima
+        # the global batch's figures: per-rank means averaged over ranks (equal rows per
+        # rank), except the count of unconverged rows, which is summed; maxima
         distributed.all_reduce_(losses[first:step + 1], "mean")
-        distributed.all_reduce_(sums[:2], "mean")
-        distributed.all_reduce_(sums[2:], "sum")
+        distributed.all_reduce_(sums, "mean")
+        sums[2].mul_(world_size)
         distributed.all_reduce_(maxima, "max")
         values = torch.cat([losses[first:step + 1].mean()[None], sums, maxima,
                             schedule.sigma_tensor().max()[None].to(device)]).tolist()
@@ -150,7 +153,7 @@ def train(
             "step": step + 1, "loss": loss_mean, "tokens": count * tokens_per_step,
             "seconds": now - interval_start, "tokens_per_s": count * tokens_per_step / (now - interval_start),
             "mean_nstep": nstep_sum / count, "max_nstep": int(max_nstep),
-            "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": int(unconverged),
+            "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": round(unconverged),
             "contraction": contraction, "hist_inj_ratio": ratio_sum / count, "sigma_max": sigma_max,
         }
         logs.append(log)
