@@ -110,10 +110,10 @@ def run_training(cfg: CharLMConfig, args: argparse.Namespace, backend: str) -> T
 
     steps = args.steps or cfg.steps
     log_every = args.log_every or max(1, steps // 10)
-    lead = distributed.world()[0] == 0
+    lead = distributed.world()[0] == 0   # rank 0 prints and writes; the others only train
     with forced_backend(backend):
         result = train(cfg, steps=steps, device=args.device, seed=args.seed, log_every=log_every,
-                       on_log=lambda log: lead and tqdm.write(format_log(log)), progress=True,
+                       on_log=(lambda log: tqdm.write(format_log(log))) if lead else None, progress=True,
                        save=args.save, save_every=args.save_every, resume=args.resume, fsdp=args.fsdp)
         ran = _backend.last_backend()
     if lead:
@@ -254,6 +254,9 @@ def main(argv=None) -> int:
             args.device = distributed.init(args.device.type)
         try:
             rank, world_size = distributed.world()
+            if cfg.batch % world_size:
+                raise SystemExit(f"--batch {cfg.batch} (the global batch) must divide by the number of ranks "
+                                 f"({world_size})")
             if rank == 0:
                 ranks = (f" ({world_size} ranks, {'FSDP2' if args.fsdp else 'DDP'}, "
                          f"{cfg.batch // world_size} rows each)" if distributed.launched() else "")
