@@ -1,7 +1,9 @@
 """``python -m deqkern``: train the reference model, or check the fused update.
 
     python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton] [--graph]
-                      [--device cpu|cuda] [--seed S] [--compare]
+                      [--device cpu|cuda] [--seed S] [--compare] [--batch B]
+                      [--save PATH [--save-every N]] [--resume PATH] [--metrics PATH]
+    torchrun --nproc_per_node=N -m deqkern [same options] [--fsdp]
     python -m deqkern check [--device cpu|cuda]
 
 ``train`` (the default) trains :class:`deqkern.models.CharLM` (a byte-level LM on Python
@@ -11,6 +13,17 @@ token (mean, max), converged fraction, contraction, the memory context's RMS ove
 injection's RMS, and the largest spectral-norm estimate; then a summary. ``--compare``
 trains twice from the same seed, eager and fused, and prints the throughput ratio and
 the largest per-step loss difference.
+
+``--save PATH`` writes a checkpoint every ``--save-every`` steps and at the end;
+``--resume PATH`` continues from one, bit for bit, up to ``--steps`` in all
+(:mod:`deqkern.models.checkpoint`). ``--metrics PATH`` writes the logs and every step's
+loss as JSON.
+
+Under ``torchrun`` the model trains data-parallel (:mod:`deqkern.models.distributed`):
+NCCL on GPUs (one per process, ``cuda:LOCAL_RANK``), gloo with ``--device cpu``; the
+global batch (``--batch``, default the preset's) is split across ranks, rank 0 prints
+the global batch's figures and writes checkpoints and metrics. DDP, or FSDP2 with
+``--fsdp``.
 
 ``check`` compares :func:`deqkern.frozen_rmsnorm_update` with a float64 reference on
 each backend that can run here, and times it.
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -35,8 +49,9 @@ from typing import Callable, Iterator
 import torch
 
 from deqkern import _backend
+from deqkern.models import distributed
 from deqkern.models.charlm import PRESETS, CharLMConfig
-from deqkern.models.train import TrainResult, train
+from deqkern.models.train import DEFAULT_SAVE_EVERY, TrainResult, train
 
 BACKENDS = ("auto", "eager", "triton")
 
@@ -95,12 +110,29 @@ def run_training(cfg: CharLMConfig, args: argparse.Namespace, backend: str) -> T
 
     steps = args.steps or cfg.steps
     log_every = args.log_every or max(1, steps // 10)
+    lead = distributed.world()[0] == 0   # rank 0 prints and writes; the others only train
     with forced_backend(backend):
         result = train(cfg, steps=steps, device=args.device, seed=args.seed, log_every=log_every,
-                       on_log=lambda log: tqdm.write(format_log(log)), progress=True)
+                       on_log=(lambda log: tqdm.write(format_log(log))) if lead else None, progress=True,
+                       save=args.save, save_every=args.save_every, resume=args.resume, fsdp=args.fsdp)
         ran = _backend.last_backend()
-    print(summarize(result, cfg, f"{backend} (ran: {ran})"))
+    if lead:
+        print(summarize(result, cfg, f"{backend} (ran: {ran})"))
+        if args.metrics:
+            write_metrics(args.metrics, result, cfg, args, ran)
     return result
+
+
+def write_metrics(path: str, result: TrainResult, cfg: CharLMConfig, args: argparse.Namespace, ran: str) -> None:
+    """The run as JSON: configuration, ranks, every step's loss (exact floats), the logs."""
+    payload = {
+        "argv": sys.argv[1:], "config": dataclasses.asdict(cfg), "world_size": distributed.world()[1],
+        "fsdp": args.fsdp, "backend": ran, "device": str(args.device), "start_step": result.start_step,
+        "losses": result.losses, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds, "logs": result.logs,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(payload, file, indent=1)
 
 
 # --------------------------------------------------------------------------- check
@@ -171,8 +203,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="replay each token's solve and adjoint solve from CUDA graphs (CUDA only)")
     ap.add_argument("--compare", action="store_true",
                     help="train twice from the same seed, eager and fused; print speed ratio and loss difference")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="global batch (default: the preset's); under torchrun split across ranks")
+    ap.add_argument("--save", default=None, metavar="PATH",
+                    help="write a checkpoint to PATH every --save-every steps and at the end (atomic)")
+    ap.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY, metavar="N",
+                    help=f"steps between checkpoints (default {DEFAULT_SAVE_EVERY})")
+    ap.add_argument("--resume", default=None, metavar="PATH",
+                    help="continue from the checkpoint at PATH (same config), up to --steps steps in all")
+    ap.add_argument("--metrics", default=None, metavar="PATH", help="write the logs and every step's loss as JSON")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     args = ap.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("batch", "save_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.fsdp and not distributed.launched():
+        ap.error("--fsdp shards the model over the ranks of a torchrun launch: "
+                 "torchrun --nproc_per_node=N -m deqkern --fsdp ...")
+    if args.compare and (distributed.launched() or args.save or args.resume):
+        ap.error("--compare trains twice in one process: not with torchrun, --save or --resume")
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps must be >= 1; got {args.steps}")
     if args.log_every is not None and args.log_every < 1:
@@ -196,10 +247,25 @@ def main(argv=None) -> int:
     cfg = PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")]()
     if args.graph:
         cfg = dataclasses.replace(cfg, graph=True)
-    print(f"deqkern reference model on {args.device}: {cfg}")
+    if args.batch is not None:
+        cfg = dataclasses.replace(cfg, batch=args.batch)
     if not args.compare:
-        run_training(cfg, args, args.backend)
+        if distributed.launched():
+            args.device = distributed.init(args.device.type)
+        try:
+            rank, world_size = distributed.world()
+            if cfg.batch % world_size:
+                raise SystemExit(f"--batch {cfg.batch} (the global batch) must divide by the number of ranks "
+                                 f"({world_size})")
+            if rank == 0:
+                ranks = (f" ({world_size} ranks, {'FSDP2' if args.fsdp else 'DDP'}, "
+                         f"{cfg.batch // world_size} rows each)" if distributed.launched() else "")
+                print(f"deqkern reference model on {args.device}{ranks}: {cfg}")
+            run_training(cfg, args, args.backend)
+        finally:
+            distributed.shutdown()
         return 0
+    print(f"deqkern reference model on {args.device}: {cfg}")
     results = {}
     for name in ("eager", "triton"):
         print(f"\n=== backend {name} ===")

@@ -37,6 +37,11 @@ except ImportError as err:  # built without the extension (DEQKERN_NO_EXT=1) or 
 else:
     _C_IMPORT_ERROR = None
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 __all__ = ["SpectralNormSchedule", "power_iteration_reference", "clamp_reference"]
 
 #: Same eps as ``torch.nn.utils.spectral_norm`` / ``F.normalize``.
@@ -112,6 +117,10 @@ def clamp_reference(weights: Sequence[torch.Tensor], sigmas: torch.Tensor, targe
         else:
             weight.copy_(weight.to(torch.float32).mul_(scale))
     return scales
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 class _TorchBackend:
@@ -243,6 +252,13 @@ class SpectralNormSchedule:
     tests' small MLP (SGD, lr 0.2, ``every=4``) the true norm reached ~1.2 ``tau`` with
     ``n_power_iter=1`` and stayed within 1% of ``tau`` with 32.
 
+    Distributed: under DDP every rank holds the same weights after the gradient
+    all-reduce and the same ``u``, ``v`` (same ``seed``), so every rank computes the same
+    sigma and applies the same clamp, bit for bit. Under FSDP2 (``fully_shard``: the
+    weights are sharded ``DTensor`` s) the power iteration runs on the all-gathered
+    matrix and each rank scales its own shard by the same factor. Build the schedule
+    after ``fully_shard``, which replaces the module's parameter objects.
+
     Args:
         params_or_module: an ``nn.Module`` (default selection: the ``.weight`` of every
             ``nn.Linear`` and ``nn.Conv1d/2d/3d``, named by module path, e.g.
@@ -313,7 +329,7 @@ class SpectralNormSchedule:
         self._targets = torch.tensor(taus, dtype=torch.float32, device=self._device)
         self.step_count = 0
         with torch.no_grad():
-            self._sigma = self._impl.power_iteration_(self._weights, self._us, self._vs, init_power_iter)
+            self._sigma = self._impl.power_iteration_(self._full_weights(), self._us, self._vs, init_power_iter)
 
     @staticmethod
     def _check_weights(selected: Sequence[Named]) -> None:
@@ -347,6 +363,17 @@ class SpectralNormSchedule:
             self._sigma = self._sigma.to(device)
             self._device = device
 
+    def _full_weights(self) -> list[torch.Tensor]:
+        """The whole matrices the power iteration needs: a sharded ``DTensor`` weight
+        (FSDP2) is all-gathered -- a collective, which every rank reaches because every
+        rank steps its optimizer (and so this schedule) the same number of times."""
+        return [w.full_tensor() if _is_dtensor(w) else w for w in self._weights]
+
+    def _local_weights(self) -> list[torch.Tensor]:
+        """What each rank rescales in place: its own shard of a ``DTensor`` weight. The
+        scale is one number per weight, so scaling every shard by it scales the matrix."""
+        return [w.to_local() if _is_dtensor(w) else w for w in self._weights]
+
     def step(self) -> bool:
         """Count one optimizer step; renormalize if it is an ``every``-th one.
 
@@ -368,8 +395,8 @@ class SpectralNormSchedule:
         """
         self._follow_device()
         with torch.no_grad():
-            self._sigma = self._impl.power_iteration_(self._weights, self._us, self._vs, self.n_power_iter)
-            return self._impl.clamp_(self._weights, self._sigma, self._targets)
+            self._sigma = self._impl.power_iteration_(self._full_weights(), self._us, self._vs, self.n_power_iter)
+            return self._impl.clamp_(self._local_weights(), self._sigma, self._targets)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Call :meth:`step` after every ``optimizer.step()``.

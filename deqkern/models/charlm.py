@@ -33,14 +33,14 @@ import functools
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from deqkern.nn import FrozenContextDEQ, MambaMemory, SlotAttentionContext
 
-__all__ = ["CharLMConfig", "CharLM", "PRESETS", "STDLIB_MODULES", "corpus", "batches"]
+__all__ = ["CharLMConfig", "CharLM", "PRESETS", "STDLIB_MODULES", "corpus", "batches", "Batches"]
 
 VOCAB = 256
 
@@ -124,19 +124,44 @@ def corpus() -> torch.Tensor:
     return torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
 
 
-def batches(cfg: CharLMConfig, seed: int) -> Iterator[torch.Tensor]:
-    """Endless random windows of :func:`corpus`: int64 ``(batch, seq_len + 1)`` on the CPU.
+class Batches:
+    """Endless random windows of :func:`corpus`: each ``next()`` is int64
+    ``(batch, seq_len + 1)`` on the CPU; column ``t + 1`` is the target of column ``t``.
 
-    Column ``t + 1`` is the target of column ``t``. Deterministic given ``seed``.
+    Deterministic given ``seed``. :meth:`state_dict` / :meth:`load_state_dict` save and
+    restore the data position (the generator's state), so a resumed run draws the same
+    batches as one that never stopped.
     """
-    text = corpus()
-    if text.numel() < cfg.seq_len + 2:
-        raise ValueError(f"seq_len={cfg.seq_len} is longer than the corpus ({text.numel()} bytes)")
-    generator = torch.Generator().manual_seed(seed)
-    window = torch.arange(cfg.seq_len + 1)
-    while True:
-        starts = torch.randint(0, text.numel() - cfg.seq_len - 1, (cfg.batch, 1), generator=generator)
-        yield text[starts + window].long()
+
+    def __init__(self, cfg: CharLMConfig, seed: int):
+        self.text = corpus()
+        if self.text.numel() < cfg.seq_len + 2:
+            raise ValueError(f"seq_len={cfg.seq_len} is longer than the corpus ({self.text.numel()} bytes)")
+        self.batch, self.seq_len = cfg.batch, cfg.seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self.window = torch.arange(cfg.seq_len + 1)
+        self.drawn = 0
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        starts = torch.randint(0, self.text.numel() - self.seq_len - 1, (self.batch, 1), generator=self.generator)
+        self.drawn += 1
+        return self.text[starts + self.window].long()
+
+    def state_dict(self) -> dict:
+        """``{"generator": uint8 tensor, "drawn": batches drawn so far}``."""
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])
+
+
+def batches(cfg: CharLMConfig, seed: int) -> Batches:
+    """The training stream of ``cfg`` drawn with ``seed`` (:class:`Batches`)."""
+    return Batches(cfg, seed)
 
 
 # --------------------------------------------------------------------------- model

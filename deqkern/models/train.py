@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from deqkern.models import checkpoint, distributed
 from deqkern.models.charlm import VOCAB, CharLM, CharLMConfig, batches
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "DEFAULT_SAVE_EVERY"]
+
+#: Steps between checkpoints when ``save`` is given (one is also written at the end).
+DEFAULT_SAVE_EVERY = 100
 
 
 @dataclass
 class TrainResult:
     """What :func:`train` measured. ``logs``: one dict per logging interval (keys in
-    :func:`train`); ``losses``: every step's training loss."""
+    :func:`train`); ``losses``: the training loss (of the global batch) of every step
+    this call ran, steps ``start_step + 1`` onwards (``start_step`` > 0 after a resume).
+    ``model``: the unwrapped model (under FSDP2 its parameters are this rank's shards)."""
 
     model: CharLM
     losses: list[float]
     logs: list[dict]
     seconds: float
+    start_step: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -42,6 +50,10 @@ def train(
     on_log: Optional[Callable[[dict], None]] = None,
     progress: bool = False,
     max_seconds: Optional[float] = None,
+    save: Optional[Union[str, os.PathLike]] = None,
+    save_every: int = DEFAULT_SAVE_EVERY,
+    resume: Optional[Union[str, os.PathLike]] = None,
+    fsdp: bool = False,
 ) -> TrainResult:
     """Train a fresh :class:`CharLM` (initialized from ``seed``) for ``steps`` steps.
 
@@ -50,6 +62,19 @@ def train(
     optimizer. Device values are read back once per logging interval, in one transfer.
     ``max_seconds``: stop at the end of the logging interval in which training has run
     this long (``TrainResult.losses`` then holds fewer than ``steps`` entries).
+
+    Checkpoints (:mod:`deqkern.models.checkpoint`): ``save``: write one to this path every
+    ``save_every`` steps and at the end (atomically, replacing the previous one).
+    ``resume``: continue from one (its configuration and dtype must match ``cfg`` and
+    ``dtype``) up to ``steps`` steps in all, bit for bit as if the run had not stopped.
+
+    Data parallel (:mod:`deqkern.models.distributed`): when a process group is
+    initialized (``torchrun``), every rank trains on its ``cfg.batch / world_size``
+    rows of the same global batch, wrapped in DDP or, with ``fsdp=True``, FSDP2; the
+    logged loss and statistics are those of the global batch (reduced over ranks at
+    each log; ``hist_inj_ratio`` and ``contraction``, statistics of a whole batch, are
+    combined from the ranks' own: the mean ratio and the largest contraction), rank 0
+    writes the checkpoints, every rank resumes from them.
 
     Each log dict (also passed to ``on_log``): ``step``, ``loss`` (mean over the
     interval), ``tokens``, ``seconds``, ``tokens_per_s``, ``mean_nstep``,
@@ -60,15 +85,31 @@ def train(
     from tqdm.auto import tqdm
 
     steps = cfg.steps if steps is None else steps
-    if steps < 1 or log_every < 1:
-        raise ValueError(f"steps and log_every must be >= 1; got steps={steps}, log_every={log_every}")
+    if steps < 1 or log_every < 1 or save_every < 1:
+        raise ValueError(f"steps, log_every and save_every must be >= 1; got steps={steps}, "
+                         f"log_every={log_every}, save_every={save_every}")
     device = torch.device(device)
+    rank, world_size = distributed.world()
+    if cfg.batch % world_size:
+        raise ValueError(f"the global batch cfg.batch={cfg.batch} must divide by the number of ranks ({world_size})")
     torch.manual_seed(seed)
     model = CharLM(cfg).to(device=device, dtype=dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    net = distributed.wrap(model, fsdp=fsdp)
+    # after wrapping: FSDP2 replaced the parameters with their shards
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = model.deq.spectral_schedule(every=cfg.spectral_every)
-    schedule.attach(optimizer)
     data = batches(cfg, seed)
+    start_step = 0
+    if resume is not None:
+        start_step = checkpoint.restore(resume, cfg=cfg, dtype=dtype, net=net, model=model, optimizer=optimizer,
+                                        schedule=schedule, data=data)
+        if start_step >= steps:
+            raise ValueError(f"steps={steps}: the checkpoint {str(resume)!r} is already at step {start_step}")
+    schedule.attach(optimizer)  # after restore (see distributed.load_full_state)
+
+    def write_checkpoint(done: int) -> None:
+        checkpoint.save(save, step=done, cfg=cfg, dtype=dtype, net=net, model=model, optimizer=optimizer,
+                        schedule=schedule, data=data)
 
     losses = torch.zeros(steps, device=device)
     sums = torch.zeros(3, device=device)          # mean_nstep, hist_inj_ratio, unconverged
@@ -77,11 +118,12 @@ def train(
     tokens_per_step = cfg.batch * cfg.seq_len
     rows_per_step = tokens_per_step * cfg.n_slots
     start = interval_start = time.perf_counter()
-    first = 0
-    bar = tqdm(range(steps), disable=not progress, unit="step", dynamic_ncols=True)
+    first = saved = start_step
+    bar = tqdm(range(start_step, steps), disable=not progress or rank != 0, unit="step", dynamic_ncols=True,
+               initial=start_step, total=steps)
     for step in bar:
-        batch = next(data).to(device, non_blocking=True)
-        logits, stats = model(batch[:, :-1])
+        batch = distributed.local_rows(next(data)).to(device, non_blocking=True)
+        logits, stats = net(batch[:, :-1])
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,9 +133,18 @@ def train(
         losses[step] = loss.detach()
         sums += torch.stack([stats["mean_nstep"], stats["hist_inj_ratio"], stats["unconverged"]])
         maxima.copy_(torch.maximum(maxima, torch.stack([stats["max_nstep"], stats["contraction"]])))
+        if save is not None and not (step + 1) % save_every:
+            write_checkpoint(step + 1)
+            saved = step + 1
         if (step + 1) % log_every and step + 1 != steps:
             continue
         count = step + 1 - first
+        # the global batch's figures: per-rank means averaged over ranks (equal rows per
+        # rank), except the count of unconverged rows, which is summed; maxima
+        distributed.all_reduce_(losses[first:step + 1], "mean")
+        distributed.all_reduce_(sums, "mean")
+        sums[2].mul_(world_size)
+        distributed.all_reduce_(maxima, "max")
         values = torch.cat([losses[first:step + 1].mean()[None], sums, maxima,
                             schedule.sigma_tensor().max()[None].to(device)]).tolist()
         now = time.perf_counter()
@@ -102,7 +153,7 @@ def train(
             "step": step + 1, "loss": loss_mean, "tokens": count * tokens_per_step,
             "seconds": now - interval_start, "tokens_per_s": count * tokens_per_step / (now - interval_start),
             "mean_nstep": nstep_sum / count, "max_nstep": int(max_nstep),
-            "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": int(unconverged),
+            "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": round(unconverged),
             "contraction": contraction, "hist_inj_ratio": ratio_sum / count, "sigma_max": sigma_max,
         }
         logs.append(log)
@@ -113,7 +164,15 @@ def train(
         maxima.zero_()
         first = step + 1
         interval_start = time.perf_counter()
-        if max_seconds is not None and interval_start - start >= max_seconds:
+        if max_seconds is not None and _any_rank(interval_start - start >= max_seconds, device):
             break
     bar.close()
-    return TrainResult(model=model, losses=losses[:first].tolist(), logs=logs, seconds=time.perf_counter() - start)
+    if save is not None and saved != first:
+        write_checkpoint(first)
+    return TrainResult(model=model, losses=losses[start_step:first].tolist(), logs=logs,
+                       seconds=time.perf_counter() - start, start_step=start_step)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank: every rank stops at the same step (clocks differ)."""
+    return bool(distributed.all_reduce_(torch.tensor([float(flag)], device=device), "max").item())
