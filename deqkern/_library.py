@@ -28,6 +28,7 @@ __all__ = ["EagerBypassOp"]
 _PLAIN = (torch.Tensor, Parameter)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 class EagerBypassOp:
@@ -36,8 +37,8 @@ class EagerBypassOp:
     fake kernel and the autograd formula as on a custom op (``register_fake``,
     ``register_autograd``); call it as ``op(*args)`` or ``op(*args, plan=plan)``.
 
-    Dispatch per call: traced (``torch.compiler.is_compiling()``, or the first argument
-    is not a plain tensor) -> the custom op ``self.op``; autograd must record (grad mode
+    Dispatch per call: traced (``torch.compiler.is_compiling()``, the first argument is
+    not a plain tensor, or a functorch transform is active) -> the custom op ``self.op``; autograd must record (grad mode
     on and a tensor argument requires grad) -> the ``autograd.Function`` (the custom op
     if no autograd formula is registered, which then raises as custom ops do);
     otherwise -> ``run`` directly.
@@ -73,16 +74,20 @@ class EagerBypassOp:
         def function_backward(ctx, *grads):
             return (*backward(ctx, *grads), None)
 
-        self.function = type(self.name.replace("::", "_"), (torch.autograd.Function,), {
+        function = type(self.name.replace("::", "_"), (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+        # Function.apply's Python wrapper only adds functorch support (vmap/grad
+        # transforms, which this old-style Function refuses anyway; __call__ sends those
+        # calls to the custom op): call the C++ apply under it.
+        self.function = super(torch.autograd.Function, function).apply
 
     def __call__(self, *args: Any, plan: Any = None) -> Any:
-        if _is_compiling() or type(args[0]) not in _PLAIN:
+        if _is_compiling() or type(args[0]) not in _PLAIN or _functorch_active():
             return self.op(*args)
         if _grad_enabled():
             for i in self.tensor_args:
                 if args[i].requires_grad:
                     if self.function is None:
                         return self.op(*args)
-                    return self.function.apply(*args, self.prepare(*args) if plan is None else plan)
+                    return self.function(*args, self.prepare(*args) if plan is None else plan)
         return self.run(*args, self.prepare(*args) if plan is None else plan)
