@@ -82,7 +82,8 @@ class EagerBypassOp:
         self.function = super(torch.autograd.Function, function).apply
 
     def __call__(self, *args: Any, plan: Any = None) -> Any:
-        if _is_compiling() or type(args[0]) not in _PLAIN or _functorch_active():
+        # A plan comes from a caller that looked it up outside torch.compile, this call.
+        if (plan is None and _is_compiling()) or type(args[0]) not in _PLAIN or _functorch_active():
             return self.op(*args)
         if _grad_enabled():
             for i in self.tensor_args:

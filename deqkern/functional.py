@@ -65,8 +65,10 @@ def _update_plan(signal, frozen, h_prev, gain, eps, damping, stop_mode) -> "Opti
         _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
         return None
     try:
-        key = (*_meta(signal), *_meta(frozen), *_meta(h_prev), *_meta(gain), eps, eps.__class__, damping,
-               damping.__class__, stop_mode, _backend.environment())
+        key = (signal.shape, signal.stride(), signal.dtype, signal.device, frozen.shape, frozen.stride(),
+               frozen.dtype, frozen.device, h_prev.shape, h_prev.stride(), h_prev.dtype, h_prev.device, gain.shape,
+               gain.stride(), gain.dtype, gain.device, eps, eps.__class__, damping, damping.__class__, stop_mode,
+               _backend.environment())
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, unhashable scalars: validation says what is wrong
         key = plan = None

@@ -200,7 +200,9 @@ class UpdatePlan:
         res = torch.empty(self.lead, dtype=torch.float32, device=self.device)
         rstd = torch.empty(self.lead, dtype=torch.float32, device=self.device)
         if self.n_rows:
-            self.forward_launch(as_rows(signal, ms, d), as_rows(frozen, mf, d), as_rows(h_prev, mp, d),
+            self.forward_launch(signal if ms == AS_IS else as_rows(signal, ms, d),
+                                frozen if mf == AS_IS else as_rows(frozen, mf, d),
+                                h_prev if mp == AS_IS else as_rows(h_prev, mp, d),
                                 gain if mg == AS_IS else gain.contiguous(), h, res, rstd)
         return h, res, rstd
 
