@@ -11,7 +11,6 @@ do; an opaque custom op behaves the same on every device.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from deqkern import _backend
 from deqkern._library import EagerBypassOp
+from deqkern._validation import raise_non_finite, validate_norm, validate_update
 from deqkern.ops import adjoint as _adjoint
 from deqkern.ops import update as _update
 from deqkern.ops.launch import compute_dtype
@@ -26,7 +26,6 @@ from deqkern.ops.launch import compute_dtype
 __all__ = ["frozen_rmsnorm_update", "update_with_stats", "rms_norm", "rmsnorm_adjoint_step",
            "TORCH_RMS_NORM_BELOW"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _is_compiling = torch.compiler.is_compiling
 
 #: Plans (validated metadata + launch configurations) per call signature. The key holds
@@ -62,7 +61,7 @@ def _update_plan(signal, frozen, h_prev, gain, eps, damping, stop_mode) -> "Opti
     raises the public error messages). Under ``torch.compile``: validation only, traced
     (None)."""
     if _is_compiling():
-        _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+        validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
         return None
     try:
         key = (signal.shape, signal.stride(), signal.dtype, signal.device, frozen.shape, frozen.stride(),
@@ -76,7 +75,7 @@ def _update_plan(signal, frozen, h_prev, gain, eps, damping, stop_mode) -> "Opti
         return plan
 
     def make():
-        _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+        validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
         backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
         if backend == "eager":
             return _update.EagerUpdate(float(eps), float(damping), stop_mode)
@@ -156,55 +155,6 @@ def _backward(ctx, grad_h, grad_residual, grad_rstd):
 
 
 _update_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- validation
-def _check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
-    return t
-
-
-def _validate_update(
-    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
-    eps: float, damping: float, stop_mode: str,
-) -> None:
-    for name, t in (("signal", signal), ("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
-        _check_tensor(name, t)
-    if signal.dim() < 1 or signal.shape[-1] < 1:
-        raise ValueError(f"signal must have shape (..., d) with d >= 1; got {tuple(signal.shape)}")
-    d = signal.shape[-1]
-    if h_prev.dtype != signal.dtype:
-        raise TypeError(f"h_prev must have signal's dtype {signal.dtype}; got {h_prev.dtype}")
-    for name, t in (("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
-        if t.device != signal.device:
-            raise ValueError(f"{name} must be on signal's device {signal.device}; got {t.device}")
-    if h_prev.shape != signal.shape:
-        raise ValueError(f"h_prev must have signal's shape {tuple(signal.shape)}; got {tuple(h_prev.shape)}")
-    if frozen.shape != signal.shape and frozen.shape != (d,):
-        raise ValueError(
-            f"frozen must have signal's shape {tuple(signal.shape)} or ({d},); got {tuple(frozen.shape)}"
-        )
-    if gain.shape != (d,):
-        raise ValueError(f"gain must have shape ({d},) (the feature width of signal); got {tuple(gain.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite float > 0; got {eps!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
-    if stop_mode not in _update.STOP_MODES:
-        raise ValueError(f"stop_mode must be one of 'abs', 'rel', 'max'; got {stop_mode!r}")
-
-
-def _raise_non_finite(residual: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
-    """Host-side check (one sync): raise if any row's residual is NaN/Inf."""
-    if bool(torch.isfinite(residual).all()):
-        return
-    bad = [name for name, t in inputs.items() if not bool(torch.isfinite(t).all())]
-    rows = int((~torch.isfinite(residual)).sum())
-    cause = f"non-finite values in {', '.join(bad)}" if bad else "overflow in the update (inputs are finite)"
-    raise ValueError(f"frozen_rmsnorm_update produced non-finite output in {rows} row(s): {cause}")
 
 
 # --------------------------------------------------------------------------- autocast
@@ -296,7 +246,7 @@ def frozen_rmsnorm_update(
         signal, frozen, h_prev, gain, eps=eps, damping=damping, stop_mode=stop_mode,
     )
     if check_finite:
-        _raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
+        raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
     return h_next, residual
 
 
@@ -313,7 +263,8 @@ class _NormPlan:
     the constant vectors and the update plan."""
 
     def __init__(self, x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float]):
-        eps, gain, frozen = _validate_norm(x, weight, eps)
+        eps = validate_norm(x, weight, eps)
+        gain, frozen = _constants(x, weight)
         backend = _backend.select(x.device, x.dtype, x.shape[-1])
         same_dtype = weight is None or weight.dtype == x.dtype  # else torch promotes to weight's dtype
         self.use_torch = same_dtype and (
@@ -347,7 +298,8 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
         which autocast leaves alone); math and the mean square in float32.
     """
     if _is_compiling():
-        eps, gain, frozen = _validate_norm(x, weight, eps)
+        eps = validate_norm(x, weight, eps)
+        gain, frozen = _constants(x, weight)
         return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
     try:
         key = (*_meta(x), None if weight is None else _meta(weight), eps, eps.__class__, _backend.environment())
@@ -363,22 +315,11 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
     return _update_op(x, plan.frozen, x, gain, plan.eps, 1.0, "abs", plan=plan.update)[0]
 
 
-def _validate_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float]) -> tuple:
-    """rms_norm's argument checks; returns eps (default resolved), gain and frozen."""
-    _check_tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must have shape (..., d) with d >= 1; got {tuple(x.shape)}")
+def _constants(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm's gain (``weight``, or ones) and frozen term (zeros) as update inputs."""
     d = x.shape[-1]
-    if eps is None:
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
-    if weight is not None:
-        _check_tensor("weight", weight)
-        if weight.shape != (d,) or weight.device != x.device:
-            raise ValueError(f"weight must have shape ({d},) on {x.device}; got {tuple(weight.shape)} on {weight.device}")
-    gain = _constant(1.0, d, x.dtype, x.device) if weight is None else weight
-    frozen = _constant(0.0, d, x.dtype, x.device)
-    _validate_update(x, frozen, x, gain, eps, 1.0, "abs")
-    return eps, gain, frozen
+    return (_constant(1.0, d, x.dtype, x.device) if weight is None else weight,
+            _constant(0.0, d, x.dtype, x.device))
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}

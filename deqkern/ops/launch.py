@@ -11,7 +11,7 @@ call signature, launched through Triton's compiled-kernel handle instead of
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from triton import knobs as _knobs

@@ -124,7 +124,10 @@ def _update_bwd_kernel(
         dg_acc += tl.sum(dy * n, axis=0)
         if REDUCE_DF:
             df_acc += tl.sum(dz, axis=0)
-    out = pid * d + cols if PARTIAL else cols
+    if PARTIAL:
+        out = pid * d + cols
+    else:
+        out = cols
     tl.store(DG_OUT + out, dg_acc.to(DG_OUT.dtype.element_ty), mask=col_ok)
     if REDUCE_DF:
         tl.store(DF_OUT + df_offset + out, df_acc.to(DF_OUT.dtype.element_ty), mask=col_ok)
