@@ -56,7 +56,11 @@ class CapturedSolve:
         out = self.packed.clone()  # the caller's own copy: a later replay must not overwrite it
         fields = {}
         for offset, nbytes, dtype, names, templates in self.groups:
-            fields.update(zip(names, _unflatten(out.narrow(0, offset, nbytes).view(dtype), templates)))
+            flat = out.narrow(0, offset, nbytes).view(dtype)
+            if len(names) == 1 and templates[0].dim() == 1:  # the flat view already is the field
+                fields[names[0]] = flat
+            else:
+                fields.update(zip(names, _unflatten(flat, templates)))
         return fields
 
 
