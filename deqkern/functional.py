@@ -1,10 +1,17 @@
-"""Public differentiable functions. Each validates its inputs once (metadata only, no
-host sync) and dispatches through :mod:`deqkern._backend` to the Triton kernels or the
-eager path in ``deqkern.ops``.
+"""Public differentiable functions. Each validates its inputs once per call signature
+(metadata only, no host sync; :mod:`deqkern._validation`) and dispatches through
+:mod:`deqkern._backend` to the Triton kernels or the eager path in ``deqkern.ops``.
+
+Host cost per call is part of the design: a call looks up its *plan* -- validated
+metadata, backend, launch configurations, made on the first call of a signature -- by
+one tuple key, and outside ``torch.compile`` runs the op's body directly (through a
+plain ``autograd.Function`` when autograd records it), the kernels launched through
+their compiled handles (:class:`deqkern.ops.launch.Launch`).
 
 The ops are ``torch.library.custom_op`` s with fake (meta) implementations and
 registered autograd, so ``torch.compile`` traces them as single opaque nodes (no graph
-break). ``torch.library.triton_op`` was tried first: its automatic fake tracing runs
+break); :class:`deqkern._library.EagerBypassOp` keeps the dispatcher out of eager
+calls. ``torch.library.triton_op`` was tried first: its automatic fake tracing runs
 the kernel body on FakeTensors, which the Triton interpreter (our CPU test path) cannot
 do; an opaque custom op behaves the same on every device.
 """
