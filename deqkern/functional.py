@@ -140,6 +140,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(signal, frozen, gain, output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.damping = damping
+    # z = signal + frozen: a full-shaped frozen of signal's dtype has signal's gradient,
+    # returned as the same tensor (as torch's add does) instead of a second copy.
+    ctx.frozen_like_signal = frozen.shape == signal.shape and frozen.dtype == signal.dtype
 
 
 def _backward(ctx, grad_h, grad_residual, grad_rstd):
@@ -148,13 +151,15 @@ def _backward(ctx, grad_h, grad_residual, grad_rstd):
     if grad_h is None:
         return None, None, None, None, None, None, None
     need_h_prev = need_h_prev and ctx.damping != 1.0
+    shared = need_frozen and ctx.frozen_like_signal
     # The eager autograd.Function hands over its forward's plan (EagerBypassOp).
     d_signal, d_frozen, d_h_prev, d_gain = _update_backward_op(
-        grad_h, signal, frozen, gain, rstd, ctx.damping, need_frozen, need_h_prev, plan=getattr(ctx, "plan", None),
+        grad_h, signal, frozen, gain, rstd, ctx.damping, need_frozen and not shared, need_h_prev,
+        plan=getattr(ctx, "plan", None),
     )
     return (
         d_signal if need_signal else None,
-        d_frozen if need_frozen else None,
+        (d_signal if shared else d_frozen) if need_frozen else None,
         d_h_prev if need_h_prev else None,
         d_gain if need_gain else None,
         None, None, None,

@@ -149,7 +149,7 @@ def test_backward_reductions_and_launch_count(n, d, broadcast, device, monkeypat
     monkeypatch.setattr(launch_module.Launch, "__call__", lambda self, *t: (launches.append(self), original(self, *t)))
     grads = torch.autograd.grad(h, inputs, grad_out)
     plan = functional._update_plan(*inputs, 1e-6, 0.7, "rel")
-    n_programs = plan.backward_launches[(True, True)][2]
+    ((_, _, n_programs),) = plan.backward_launches.values()
     assert len(launches) == (1 if n_programs == 1 else 2)
     _, _, grads_ref = reference64(inputs, grad_out, 1e-6, 0.7, "rel")
     monkeypatch.setenv("DEQKERN_BACKEND", "eager")
@@ -174,6 +174,22 @@ def _row_sums_of_abs(inputs, grad_out, damping, eps=1e-6):
     dyg = damping * grad_out.double() * g
     dz = rstd * (dyg - n * (dyg * n).mean(-1, keepdim=True))
     return {"gain": (damping * grad_out.double() * n).abs().sum(0), "frozen": dz.abs().sum(0)}
+
+
+def test_full_frozen_of_signals_dtype_shares_signals_gradient(device, monkeypatch):
+    """z = signal + frozen: like torch's add, one gradient tensor for both (one write
+    less in the backward kernel); a frozen of another dtype gets its own."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(case_seed("shared-grad"))
+    inputs = make_inputs((5,), 9, torch.float32, device, False, gen)
+    h, _ = deqkern.frozen_rmsnorm_update(*inputs, damping=0.7)
+    d_signal, d_frozen, _, _ = torch.autograd.grad(h, inputs, torch.ones_like(h))
+    assert d_frozen is d_signal
+    inputs[1] = inputs[1].detach().double().requires_grad_()
+    h, _ = deqkern.frozen_rmsnorm_update(*inputs, damping=0.7)
+    d_signal, d_frozen, _, _ = torch.autograd.grad(h, inputs, torch.ones_like(h))
+    assert d_frozen.dtype == torch.float64
+    torch.testing.assert_close(d_frozen, d_signal.double())
 
 
 def test_backward_uses_several_programs_when_rows_allow(device, monkeypatch):
