@@ -16,6 +16,8 @@ Suites (each also runs alone as ``python bench/bench_<name>.py``):
   spectral   SpectralNormSchedule vs torch's spectral_norm parametrization
   model      bench/bench_model.py, if present (once per dtype; on a CPU, the last dtype only)
   dropin     bench/bench_dropin.py, if present (likewise)
+  host       bench/host_overhead.py: host time per call of each public entry point
+             (on a CPU, the Python side with kernel launches stubbed)
 
 Results go to ``bench/results/<device-slug>/`` (``--out DIR``: ``DIR/<device-slug>/``):
 one ``<suite>.json`` + ``<suite>.md`` each, ``run.json`` (what ran, how long) and
@@ -49,9 +51,10 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-SUITES = ("update", "iteration", "solve", "train", "spectral", "model", "dropin")
+SUITES = ("update", "iteration", "solve", "train", "spectral", "model", "dropin", "host")
 #: Relative expected cost of each suite on a GPU, for sharing the time budget.
-WEIGHTS = {"update": 3.0, "iteration": 1.5, "solve": 1.5, "train": 1.5, "spectral": 0.3, "model": 2.0, "dropin": 2.0}
+WEIGHTS = {"update": 3.0, "iteration": 1.5, "solve": 1.5, "train": 1.5, "spectral": 0.3, "model": 2.0, "dropin": 2.0,
+           "host": 1.0}
 GRACE_S = 45.0
 DEFAULT_BUDGET_S = 420.0
 
@@ -95,6 +98,8 @@ def suite_calls(args: argparse.Namespace) -> list[tuple[str, str, list[list[str]
                 calls.append((label, "bench_solve", [sized + ["--phase", *phases]], False))
         elif name == "spectral":
             calls.append((name, "bench_spectral", [common_argv], False))
+        elif name == "host":
+            calls.append((name, "host_overhead", [common_argv + ["--dtype", *args.dtype]], False))
         else:
             # Under the Triton interpreter a model run checks, it does not time: one dtype
             # is enough there, and the CPU run stays within minutes.

@@ -17,8 +17,9 @@ residual and rstd; read the gain) at the device-to-device copy bandwidth measure
 same run. ``time / floor`` = 1 means the update costs no more than moving its bytes once.
 
 Every variant's h_next and residual are compared with eager's on random inputs before
-timing (FAIL rows are not timed). CUDA: device time from 20 iterations captured in one
-CUDA graph (``ms``) and Python-launched calls (``call ms``, host overhead included).
+timing (FAIL rows are not timed). CUDA: wall time per iteration (``wall ms``: back-to-back
+calls, host included, synchronized only at the ends; shown first) and device time from 20
+iterations captured in one CUDA graph (``ms``).
 CPU: only eager and the GEMM are timed; the fused op is checked, not timed.
 """
 
@@ -121,8 +122,8 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
             with torch.no_grad():
                 fn(*inputs.next())
 
-        row["call_ms"] = _time(one_iteration, device, graph=False)
-        row["ms"] = _time(one_iteration, device, graph=True) if on_gpu else row["call_ms"]
+        row["wall_ms"] = common.wall_ms(one_iteration, device)
+        row["ms"] = _time(one_iteration, device, graph=True) if on_gpu else row["wall_ms"]
 
     by = {r["variant"]: r for r in rows}
     gemm_ms = by["gemm"].get("ms", float("nan"))
@@ -137,7 +138,7 @@ def bench_size(n: int, d: int, dtype: torch.dtype, device: torch.device, copy_gb
             r["time_over_floor"] = r["ms"] / floor_ms
             r["update_ms"] = r["ms"] - gemm_ms
         for base in ("eager", "compile"):
-            for key in ("ms", "call_ms"):
+            for key in ("ms", "wall_ms"):
                 if r["variant"] != "gemm" and key in by.get(base, {}) and key in r:
                     r[f"{key}_speedup_vs_{base}"] = by[base][key] / r[key]
     return rows
@@ -157,22 +158,22 @@ def main(argv=None) -> dict:
     payload = {"environment": common.environment(device), "copy_bandwidth_gbs": copy_gbs, "damping": DAMPING,
                "stop_mode": STOP, "rows": rows, "skipped_time_budget": skipped}
 
-    headers = ["dtype", "N×d", "variant", "check", "ms", "update ms", "floor ms", "time / floor", "× eager",
-               "× compile", "call ms", "call × eager", "call × compile"]
+    headers = ["dtype", "N×d", "variant", "check", "wall ms", "wall × eager", "wall × compile", "ms", "update ms",
+               "floor ms", "time / floor", "× eager", "× compile"]
     table_rows = []
     for r in rows:
         label = r["variant"] if r.get("backend") in (None, "triton") else f"{r['variant']} ({r['backend']})"
         table_rows.append([
             r["dtype"], f"{r['n']}×{r['d']}", label, r["check"] + (" (not timed)" if "note" in r else ""),
+            r.get("wall_ms", "-"), r.get("wall_ms_speedup_vs_eager", "-"), r.get("wall_ms_speedup_vs_compile", "-"),
             r.get("ms", "-"), r.get("update_ms", "-"), r.get("floor_ms", "-"), r.get("time_over_floor", "-"),
-            r.get("ms_speedup_vs_eager", "-"), r.get("ms_speedup_vs_compile", "-"), r.get("call_ms", "-"),
-            r.get("call_ms_speedup_vs_eager", "-"), r.get("call_ms_speedup_vs_compile", "-"),
+            r.get("ms_speedup_vs_eager", "-"), r.get("ms_speedup_vs_compile", "-"),
         ])
     timing = ("device time: 20 iterations captured in one CUDA graph, median replay / 20" if device.type == "cuda"
               else "CPU wall time, median")
     table = (f"Copy bandwidth (read+write): {copy_gbs:,.0f} GB/s. One iteration = h @ W.T + update "
-             f"(damping={DAMPING}, stop_mode={STOP}, frozen (N, d)), no grad. ms: {timing}; 'call' columns: "
-             f"launched from Python (do_bench, L2 flushed). floor = measured GEMM ms + update bytes / copy "
+             f"(damping={DAMPING}, stop_mode={STOP}, frozen (N, d)), no grad. wall: back-to-back calls, host "
+             f"included, synchronized only at the ends, median of 5 rounds; ms: {timing}. floor = measured GEMM ms + update bytes / copy "
              f"bandwidth; update ms = ms - GEMM ms.\n\n" + common.markdown_table(headers, table_rows))
     if skipped:
         table += "\n\nSkipped (run time budget reached): " + ", ".join(skipped)

@@ -96,8 +96,8 @@ def sweep(sizes: Sequence[str], dtype_names: Sequence[str], dtypes: dict,
     return rows, skipped
 
 
-def fresh_compile(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)`` with Dynamo's caches cleared first.
+def fresh_compile(fn: Callable, **options) -> Callable:
+    """``torch.compile(fn, dynamic=False, **options)`` with Dynamo's caches cleared first.
 
     A new ``torch.compile`` wrapper does not get a new cache: compiled graphs hang off
     ``fn``'s code object, and past ``recompile_limit`` (8) Dynamo silently runs ``fn``
@@ -108,7 +108,7 @@ def fresh_compile(fn: Callable) -> Callable:
 
     torch._dynamo.reset()
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, **options)
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -150,6 +150,35 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: int = 200
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def wall_ms(fn: Callable[[], object], device: torch.device, *, rounds: int = 5, calls: int | None = None,
+            round_s: float = 0.05) -> float:
+    """Wall-clock milliseconds per call, as a training loop sees it: ``calls`` calls back
+    to back, host and device overlapping, synchronized only at the start and the end of
+    a round; the median of ``rounds`` rounds. ``calls`` defaults to what fills about
+    ``round_s`` seconds (3 to 1000). Unlike :func:`time_ms` (``do_bench`` flushes the L2
+    between calls, hiding up to tens of microseconds of host time per call, or a CUDA
+    graph, hiding all of it), this charges every microsecond the host spends."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    if calls is None:
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync()
+        calls = max(3, min(1000, int(round_s / max((time.perf_counter() - start) / 3, 1e-7))))
+    samples = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / calls * 1e3)
     return statistics.median(samples)
 
 
@@ -262,7 +291,7 @@ def _fmt(v: object) -> str:
 
 #: Order of the sections in SUMMARY.md (a result file ``<stem>.md`` belongs to the first
 #: suite its stem starts with); plots in the order ``bench/plot.py`` writes them.
-SUMMARY_ORDER = ("update", "iteration", "solve", "train", "spectral", "model", "dropin")
+SUMMARY_ORDER = ("update", "iteration", "solve", "train", "spectral", "model", "dropin", "host")
 PLOTS = {
     "speedup_update.png": "Update op: fused speedup vs eager and torch.compile, by problem size",
     "speedup_iteration.png": "One iteration (GEMM + update): speedup and time / floor, by problem size",

@@ -1,86 +1,279 @@
-"""Host (CPU) cost per call of the pieces of one Picard iteration, on CUDA.
+"""Host cost per call of each public entry point: ``python -m bench --suite host``.
 
-    python bench/host_overhead.py [--rows 256] [--d 512] [--dtype bf16]
+    python bench/host_overhead.py [--device cuda|cpu] [--dtype bf16 fp32] [--size 256x512] [--quick]
 
-Each piece is called many times in a row without synchronizing; the host time per call
-is what the Python side costs when the GPU keeps up (small, launch-bound problems).
+Per-call wall time (``common.wall_ms``: back-to-back calls, synchronized only at the ends)
+at a size where the kernels take a few microseconds, so the time per call *is* the
+host's: an empty torch op, empty Triton launches (``JITFunction.run`` vs a cached
+``deqkern.ops.launch.Launch``), ``F.rms_norm``, the update op forward (public function,
+custom-op dispatcher, eager reference), forward + ``autograd.grad`` of its four inputs,
+``FusedRMSNorm`` vs ``nn.RMSNorm`` forward+backward, one ``solve`` / ``solve_fused``
+iteration, and ``solve_fused(graph=True)`` per call against the bare replay of its own
+graph, the eager iterations in one CUDA graph and ``torch.compile(mode="reduce-overhead")``
+of the same fixed loop (5 and 20 iterations). Each row also counts the Python function
+calls one call makes, and the fused ones the Python frames from the public function to
+the kernel launch. A sweep of ``FusedRMSNorm`` (fused kernel forced) against
+``nn.RMSNorm`` gives the crossover for ``deqkern.functional.TORCH_RMS_NORM_BELOW``.
+
+On a CPU (``TRITON_INTERPRET=1``) the fused rows run with every kernel launch replaced
+by a no-op: their numbers are the Python side alone, labelled so; eager and torch rows
+run for real; rows that need CUDA are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deqkern.ops.commit import RowState  # noqa: E402
-from deqkern.solver import loop as _loop, solve_fused  # noqa: E402
-from deqkern.functional import _update_op, update_with_stats  # noqa: E402
-from deqkern.ops import update as _update  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: deqkern's kernels plan for the CPU
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import deqkern  # noqa: E402
+from deqkern.functional import rms_norm  # noqa: E402
+from deqkern.nn import FusedRMSNorm  # noqa: E402
+from deqkern.ops import commit as commit_module  # noqa: E402
+from deqkern.ops.launch import Launch  # noqa: E402
+from deqkern.ops.update import update_reference  # noqa: E402
+from deqkern.solver import capture as capture_module  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NORM_SIZES = ["256x512", "2048x256", "8192x512", "32768x1024", "131072x1024"]
+QUICK_NORM_SIZES = ["64x64", "256x128"]
 
 
 @triton.jit
 def _empty_kernel(X, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(X + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
 
 
-def host_us(fn, n=2000) -> float:
-    for _ in range(20):
+@contextlib.contextmanager
+def launches_stubbed(active: bool):
+    """Every deqkern kernel launch a no-op (CPU: the Python side alone, no interpreter)."""
+    if not active:
+        yield
+        return
+    saved = Launch._jit_run, commit_module._commit_kernel
+    Launch._jit_run = lambda self, tensors: None
+    commit_module._commit_kernel = _NoLaunch()
+    try:
+        yield
+    finally:
+        Launch._jit_run, commit_module._commit_kernel = saved
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def backend(mode: str):
+    saved = os.environ.get("DEQKERN_BACKEND")
+    os.environ["DEQKERN_BACKEND"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DEQKERN_BACKEND", None)
+        else:
+            os.environ["DEQKERN_BACKEND"] = saved
+
+
+def python_calls(fn) -> tuple[int, int | None]:
+    """(Python function calls in one call of ``fn``, Python frames from ``fn``'s callee
+    to the first ``Launch`` -- the public function and Launch.__call__ included)."""
+    calls, depth = [0], [None]
+    target = Launch.__call__.__code__
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+            if frame.f_code is target and depth[0] is None:
+                n, f = 0, frame
+                while f is not None and f.f_code is not fn.__code__:
+                    f, n = f.f_back, n + 1
+                depth[0] = n
+    fn()  # a first call plans (validates, compiles): count a later one
+    sys.setprofile(profile)
+    try:
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
+    finally:
+        sys.setprofile(None)
+    return calls[0], depth[0]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    dev = torch.device("cuda")
-    n, d = args.rows, args.d
-    h = torch.randn(n, d, device=dev, dtype=dtype)
-    w = torch.randn(d, d, device=dev, dtype=dtype) / d**0.5
-    frozen = torch.randn(n, d, device=dev, dtype=dtype)
-    gain = torch.ones(d, device=dev, dtype=dtype)
-    x = torch.randn(1024, device=dev)
-    state = RowState.start(n, dev)
-    rows = {}
-    with torch.no_grad():
-        rows["empty torch op (x.add_(0))"] = host_us(lambda: x.add_(0))
-        rows["empty triton launch"] = host_us(lambda: _empty_kernel[(1,)](x, 1024, BLOCK=1024))
-        rows["F.linear"] = host_us(lambda: F.linear(h, w))
-        rows["update_forward_triton (direct)"] = host_us(
-            lambda: _update.update_forward_triton(h, frozen, h, gain, 1e-6, 0.8, "rel"))
-        rows["_update_op (custom op)"] = host_us(lambda: _update_op(h, frozen, h, gain, 1e-6, 0.8, "rel"))
-        rows["update_with_stats (public)"] = host_us(lambda: update_with_stats(h, frozen, h, gain, damping=0.8))
-        h_next = h.clone()
-        rows["_commit (triton)"] = host_us(lambda: _loop.commit(h, h_next, None, state, 1e-30, "rel"))
+def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
 
-        def step(t):
-            out = update_with_stats(F.linear(t, w), frozen, t, gain, damping=0.8)
-            return out[0], out[1]
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
 
-        rows["solve_fused per iteration (20 it, no early exit)"] = host_us(
-            lambda: solve_fused(step, h, max_iter=20, tol=1e-30, on_nonconvergence="ignore"), 100) / 20
-    print(f"host time per call, {torch.cuda.get_device_name()}, {n}x{d} {dtype}")
-    for name, us in rows.items():
-        print(f"  {name:52s} {us:8.1f} us")
+    s, f, p = rand(n, d), rand(n, d), rand(n, d)
+    g = (1 + 0.1 * rand(d, dt=torch.float32)).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (s, f, p, g)]
+    grad = rand(n, d)
+    x = torch.randn(1024, device=device)
+    norm, torch_norm = FusedRMSNorm(d, device=device, dtype=dtype), torch.nn.RMSNorm(d, device=device, dtype=dtype)
+    xr = rand(n, d).requires_grad_()
+
+    def fwd_bwd(fn, inputs):
+        def run():
+            out = fn(*inputs)
+            torch.autograd.grad(out[0] if isinstance(out, tuple) else out, inputs, grad)
+        return run
+
+    update = lambda *t: deqkern.frozen_rmsnorm_update(*t, damping=0.8)  # noqa: E731
+    eager = lambda *t: update_reference(*t, 1e-6, 0.8, "rel")[:2]  # noqa: E731
+    cases = [  # (name, fn, fused: runs deqkern kernels, needs CUDA, backend mode)
+        ("empty torch op (x.add_(0))", lambda: x.add_(0), False, False, "auto"),
+        ("empty Triton launch, JITFunction.run", lambda: _empty_kernel[(1,)](x, 1024, BLOCK=1024), False, True, "auto"),
+        ("empty Triton launch, cached handle (Launch)", Launch(_empty_kernel, (1,), (1024, 1024), 4, device).__call__,
+         False, True, "auto"),
+        ("F.rms_norm forward", lambda: F.rms_norm(s, (d,), g, 1e-6), False, False, "auto"),
+        ("frozen_rmsnorm_update forward, no grad", lambda: update(s, f, p, g), True, False, "triton"),
+        ("  the same through the custom-op dispatcher",
+         lambda: torch.ops.deqkern.frozen_rmsnorm_update(s, f, p, g, 1e-6, 0.8, "rel"), True, False, "triton"),
+        ("  eager reference (update_reference)", lambda: eager(s, f, p, g), False, False, "eager"),
+        ("frozen_rmsnorm_update forward + autograd.grad (4 inputs)", fwd_bwd(update, leaves), True, False, "triton"),
+        ("  eager reference", fwd_bwd(eager, leaves), False, False, "eager"),
+        ("rms_norm forward, fused kernel forced", lambda: rms_norm(s, g, 1e-6), True, False, "triton"),
+        ("FusedRMSNorm forward + backward, fused kernel forced", fwd_bwd(norm, [xr]), True, False, "triton"),
+        ("FusedRMSNorm forward + backward, auto", fwd_bwd(norm, [xr]), True, False, "auto"),
+        ("nn.RMSNorm forward + backward", fwd_bwd(torch_norm, [xr]), False, False, "auto"),
+    ]
+    rows = []
+    for name, fn, fused, cuda_only, mode in cases:
+        if cuda_only and not on_gpu:
+            continue
+        with backend(mode), launches_stubbed(stubbed and fused):
+            calls, frames = python_calls(fn)
+            us = 1e3 * common.wall_ms(fn, device)
+        rows.append({"entry": name, "us_per_call": us, "python_calls": calls, "frames_to_launch": frames,
+                     "note": "launches stubbed (Python side only)" if stubbed and fused else ""})
+    rows += solve_rows(n, d, dtype, device, stubbed)
+    return rows
+
+
+def solve_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool) -> list[dict]:
+    import bench_solve
+
+    cell = bench_solve.Cell(n, d, dtype, device)
+    rows = []
+    kw = dict(tol=1e-30, on_nonconvergence="ignore")  # no early exit: exactly max_iter iterations
+    for name, run in (("solve_fused, per iteration (20 iterations, no graph)",
+                       lambda: deqkern.solve_fused(cell.step, cell.h0, max_iter=20, **kw)),
+                      ("solve, per iteration (20 iterations, no graph)",
+                       lambda: deqkern.solve(cell.fused, cell.h0, max_iter=20, **kw))):
+        with torch.no_grad(), backend("triton"), launches_stubbed(stubbed):
+            calls, _ = python_calls(run)
+            us = 1e3 * common.wall_ms(run, device) / 20
+        rows.append({"entry": name, "us_per_call": us, "python_calls": calls / 20, "frames_to_launch": None,
+                     "note": "launches stubbed (Python side only)" if stubbed else ""})
+    if device.type != "cuda":
+        return rows
+    for max_iter in (5, 20):
+        cell.max_iter = max_iter
+        capture_module.clear_graph_cache()
+        with torch.no_grad():
+            def graph_call():
+                return deqkern.solve_fused(cell.step, cell.h0, max_iter=max_iter, graph=True, **kw)
+
+            graph_call()
+            entry = next(reversed(capture_module._GRAPHS[cell].values()))
+            eager_replay = bench_solve.eager_graph(cell)
+            compiled = bench_solve.compiled_graph(cell)
+            for name, fn in ((f"solve_fused(graph=True), per call, max_iter {max_iter}", graph_call),
+                             ("  bare replay of its graph", entry.graph.replay),
+                             ("  the eager iterations in one CUDA graph", eager_replay),
+                             ('  torch.compile(mode="reduce-overhead") of the fixed loop', compiled)):
+                calls, _ = python_calls(fn)
+                rows.append({"entry": name, "us_per_call": 1e3 * common.wall_ms(fn, device), "python_calls": calls,
+                             "frames_to_launch": None, "note": ""})
+    capture_module.clear_graph_cache()
+    return rows
+
+
+def norm_sweep(sizes: list[str], dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """FusedRMSNorm forward+backward (fused forced, and auto) against nn.RMSNorm."""
+    rows = []
+    for size in sizes:
+        n, d = (int(v) for v in size.split("x"))
+        x = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(n, d, device=device, dtype=dtype)
+        fused, reference = FusedRMSNorm(d, device=device, dtype=dtype), torch.nn.RMSNorm(d, device=device, dtype=dtype)
+
+        def run(module):
+            return lambda: torch.autograd.grad(module(x), (x, module.weight), grad)
+
+        row = {"n": n, "d": d, "elements": n * d, "torch_ms": common.wall_ms(run(reference), device)}
+        modes = ("triton", "auto") if device.type == "cuda" else ("auto",)
+        for mode in modes:
+            with backend(mode):
+                row[f"{mode}_ms"] = common.wall_ms(run(fused), device)
+                row[f"{mode}_x_torch"] = row["torch_ms"] / row[f"{mode}_ms"]
+        rows.append(row)
+    return rows
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """The smallest size (elements) from which the forced fused kernel is at least as fast
+    as nn.RMSNorm at every larger size of the sweep (None: never, or not measured)."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["elements"], reverse=True):
+        if row.get("triton_x_torch", 0.0) < 1.0:
+            break
+        best = row["elements"]
+    return best
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    ap.add_argument("--size", default=None, help="NxD of the per-entry rows (default 256x512; --quick 64x128)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    stubbed = device.type != "cuda"
+    n, d = (int(v) for v in (args.size or ("64x128" if args.quick else "256x512")).split("x"))
+    sizes = QUICK_NORM_SIZES if args.quick else NORM_SIZES
+    results, tables = {}, []
+    for name in args.dtype:
+        dtype = DTYPES[name]
+        rows = entry_rows(n, d, dtype, device, stubbed)
+        sweep = norm_sweep(sizes, dtype, device)
+        results[name] = {"entries": rows, "norm_sweep": sweep, "crossover_elements": crossover(sweep)}
+        tables.append(f"**{name}, {n}×{d}** (µs per call, wall)\n\n" + common.markdown_table(
+            ["entry", "µs / call", "Python calls / call", "frames to launch", "note"],
+            [[r["entry"], r["us_per_call"], r["python_calls"], r["frames_to_launch"] or "-", r["note"] or "-"]
+             for r in rows]))
+        modes = ("triton", "auto") if device.type == "cuda" else ("auto",)
+        tables.append(f"**{name}: FusedRMSNorm vs nn.RMSNorm, forward + backward** (wall ms; fused kernel "
+                      f"forced = DEQKERN_BACKEND=triton; auto = what FusedRMSNorm does; crossover: "
+                      f"{results[name]['crossover_elements'] or 'none measured'} elements)\n\n" + common.markdown_table(
+                          ["N×d", "nn.RMSNorm ms", *[f"{m} ms" for m in modes], *[f"{m} × nn.RMSNorm" for m in modes]],
+                          [[f"{r['n']}×{r['d']}", r["torch_ms"], *[r[f"{m}_ms"] for m in modes],
+                            *[r[f"{m}_x_torch"] for m in modes]] for r in sweep]))
+    payload = {"environment": common.environment(device), "size": [n, d], "launches_stubbed": stubbed,
+               "results": results}
+    note = ("Wall time per call: back-to-back calls, synchronized only at the ends, median of 5 rounds. "
+            + ("CPU: fused rows with kernel launches stubbed (the Python side alone)." if stubbed else ""))
+    return common.publish(device, "host", payload, note + "\n\n" + "\n\n".join(tables), quick=args.quick)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("DEQKERN_BACKEND", "auto")
     main()

@@ -12,6 +12,12 @@ Backends:
 ``DEQKERN_BACKEND=auto|triton|eager`` (read at every call) forces the choice. ``auto``
 (the default) picks Triton whenever it can and eager otherwise; ``triton`` raises a
 ``RuntimeError`` saying why when the kernels cannot run on the given tensors.
+
+Per-call cost: :func:`select` is cached on the raw values of the environment variables
+it reads (:func:`environment`) and its arguments, so a change of the environment (a
+test's ``monkeypatch.setenv``) is seen at the next call while a repeated call costs a
+cache lookup. The ops in :mod:`deqkern.functional` key their per-signature plans on
+:func:`environment` too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["select", "last_backend", "record", "interpreter_active", "MAX_FUSED_D"]
+__all__ = ["select", "last_backend", "record", "interpreter_active", "environment", "mode", "MAX_FUSED_D"]
 
 #: Largest feature width the fused kernels take (one row lives in registers). Wider rows
 #: go to the eager path under ``auto``.
@@ -75,20 +81,48 @@ def _why_not_triton(device: torch.device, dtype: torch.dtype, d: int) -> Optiona
     return f"device type {device.type!r} is not supported by the Triton kernels"
 
 
+_ENV_NAMES = ("DEQKERN_BACKEND", "TRITON_INTERPRET")
+# os.environ.get costs about a microsecond (it encodes the key and decodes the value);
+# CPython's os.environ keeps the encoded pairs in ``_data``, which os.environ[...] = ...
+# (and so monkeypatch.setenv) updates: reading it raw is a dict lookup.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES) if hasattr(os.environ, "encodekey") else None
+
+
+def environment() -> tuple:
+    """The raw values of the environment variables the choice depends on (a cache key)."""
+    if _ENV_KEYS is not None and isinstance(_ENV_DATA, dict):
+        data = _ENV_DATA
+        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1])
+    return tuple(os.environ.get(name) for name in _ENV_NAMES)
+
+
+def mode() -> str:
+    """``DEQKERN_BACKEND``: ``"auto"`` (also when unset or empty), ``"triton"`` or ``"eager"``."""
+    value = os.environ.get("DEQKERN_BACKEND", "auto").strip().lower() or "auto"
+    if value not in ("auto", "triton", "eager"):
+        raise ValueError(f"DEQKERN_BACKEND must be one of 'auto', 'triton', 'eager'; got {value!r}")
+    return value
+
+
 def select(device: torch.device, dtype: torch.dtype, d: int) -> str:
     """Choose ``"triton"``, ``"triton-interpreter"`` or ``"eager"`` for one op call.
 
     Metadata only: this never touches tensor values and never synchronizes.
     """
-    mode = os.environ.get("DEQKERN_BACKEND", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "triton", "eager"):
-        raise ValueError(f"DEQKERN_BACKEND must be one of 'auto', 'triton', 'eager'; got {mode!r}")
-    if mode == "eager":
+    return _select(environment(), device, dtype, d)
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(env: tuple, device: torch.device, dtype: torch.dtype, d: int) -> str:
+    """:func:`select` for the environment ``env`` (the cache key; the body reads it)."""
+    mode_ = mode()
+    if mode_ == "eager":
         return "eager"
     reason = _why_not_triton(device, dtype, d)
     if reason is None:
         return "triton-interpreter" if device.type == "cpu" else "triton"
-    if mode == "triton":
+    if mode_ == "triton":
         raise RuntimeError(f"DEQKERN_BACKEND=triton but the Triton kernels cannot run: {reason}")
     return "eager"
 

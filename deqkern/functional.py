@@ -1,56 +1,101 @@
-"""Public differentiable functions. Each validates its inputs once (metadata only, no
-host sync) and dispatches through :mod:`deqkern._backend` to the Triton kernels or the
-eager path in ``deqkern.ops``.
+"""Public differentiable functions. Each validates its inputs once per call signature
+(metadata only, no host sync; :mod:`deqkern._validation`) and dispatches through
+:mod:`deqkern._backend` to the Triton kernels or the eager path in ``deqkern.ops``.
+
+Host cost per call is part of the design: a call looks up its *plan* -- validated
+metadata, backend, launch configurations, made on the first call of a signature -- by
+one tuple key, and outside ``torch.compile`` runs the op's body directly (through a
+plain ``autograd.Function`` when autograd records it), the kernels launched through
+their compiled handles (:class:`deqkern.ops.launch.Launch`).
 
 The ops are ``torch.library.custom_op`` s with fake (meta) implementations and
 registered autograd, so ``torch.compile`` traces them as single opaque nodes (no graph
-break). ``torch.library.triton_op`` was tried first: its automatic fake tracing runs
+break); :class:`deqkern._library.EagerBypassOp` keeps the dispatcher out of eager
+calls. ``torch.library.triton_op`` was tried first: its automatic fake tracing runs
 the kernel body on FakeTensors, which the Triton interpreter (our CPU test path) cannot
 do; an opaque custom op behaves the same on every device.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from deqkern import _backend
+from deqkern._library import EagerBypassOp
+from deqkern._validation import raise_non_finite, validate_norm, validate_update
 from deqkern.ops import adjoint as _adjoint
 from deqkern.ops import update as _update
 from deqkern.ops.launch import compute_dtype
 
-__all__ = ["frozen_rmsnorm_update", "update_with_stats", "rms_norm"]
+__all__ = ["frozen_rmsnorm_update", "update_with_stats", "rms_norm", "rmsnorm_adjoint_step",
+           "TORCH_RMS_NORM_BELOW"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_is_compiling = torch.compiler.is_compiling
+
+#: Plans (validated metadata + launch configurations) per call signature. The key holds
+#: every input's shape, strides, dtype and device, the scalar arguments (with their
+#: types: ``True == 1``) and the raw backend environment variables, so a test's
+#: ``monkeypatch.setenv`` is seen at the next call. Cleared when it reaches PLAN_CACHE_SIZE.
+_PLANS: dict = {}
+PLAN_CACHE_SIZE = 4096
+
+
+def _cached(key: object, make) -> object:
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = make()
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
 
 
 # --------------------------------------------------------------------------- the ops
-@torch.library.custom_op("deqkern::frozen_rmsnorm_update", mutates_args=())
-def _update_op(
-    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
-    eps: float, damping: float, stop_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _update_forward(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+def _run_update(signal, frozen, h_prev, gain, eps, damping, stop_mode, plan):
+    _backend.record(plan.backend)
+    return plan.forward(signal, frozen, h_prev, gain)
 
 
-def _pick(t: torch.Tensor, eager: Callable, triton_impl: Callable) -> Callable:
-    """The implementation of a fused op for tensors like ``t`` (``deqkern._backend``
-    decides; the choice is recorded for :func:`deqkern.last_backend`)."""
-    backend = _backend.select(t.device, t.dtype, t.shape[-1])
-    _backend.record(backend)
-    return eager if backend == "eager" else triton_impl
+def _update_plan(signal, frozen, h_prev, gain, eps, damping, stop_mode) -> "Optional[_update.UpdatePlan]":
+    """The validated plan of one update call (cached per signature; a miss validates and
+    raises the public error messages). Under ``torch.compile``: validation only, traced
+    (None)."""
+    if _is_compiling():
+        validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+        return None
+    try:
+        key = (signal.shape, signal.stride(), signal.dtype, signal.device, frozen.shape, frozen.stride(),
+               frozen.dtype, frozen.device, h_prev.shape, h_prev.stride(), h_prev.dtype, h_prev.device, gain.shape,
+               gain.stride(), gain.dtype, gain.device, eps, eps.__class__, damping, damping.__class__, stop_mode,
+               _backend.environment())
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable scalars: validation says what is wrong
+        key = plan = None
+    if plan is not None:
+        return plan
+
+    def make():
+        validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+        backend = _backend.select(signal.device, signal.dtype, signal.shape[-1])
+        if backend == "eager":
+            return _update.EagerUpdate(float(eps), float(damping), stop_mode)
+        return _update.UpdatePlan(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
+
+    return _cached(key, make)
 
 
-def _update_forward(
-    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
-    eps: float, damping: float, stop_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's body: the Triton kernel or the eager path."""
-    impl = _pick(signal, _update.update_reference, _update.update_forward_triton)
-    h, res, rstd = impl(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-    return h.contiguous(), res, rstd
+_update_op = EagerBypassOp(
+    "deqkern::frozen_rmsnorm_update",
+    "(Tensor signal, Tensor frozen, Tensor h_prev, Tensor gain, float eps, float damping, str stop_mode)"
+    " -> (Tensor, Tensor, Tensor)",
+    _run_update, _update_plan)
 
 
 @_update_op.register_fake
@@ -61,13 +106,22 @@ def _update_op_fake(signal, frozen, h_prev, gain, eps, damping, stop_mode):
     return torch.empty_like(signal, memory_format=torch.contiguous_format), res, rstd
 
 
-@torch.library.custom_op("deqkern::frozen_rmsnorm_update_backward", mutates_args=())
-def _update_backward_op(
-    grad_h: torch.Tensor, signal: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor,
-    rstd: torch.Tensor, damping: float, need_frozen: bool, need_h_prev: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _pick(signal, _update.update_backward_reference, _update.update_backward_triton)
-    return impl(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev)
+def _run_update_backward(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev, plan):
+    _backend.record(plan.backend)
+    return plan.backward(grad_h, signal, frozen, gain, rstd, need_frozen, need_h_prev)
+
+
+def _update_backward_plan(grad_h, signal, frozen, gain, rstd, damping, need_frozen, need_h_prev):
+    # The backward depends on the forward's signature less h_prev, eps and stop_mode:
+    # signal stands in for h_prev (same shape and dtype); eps and stop_mode are unused.
+    return _update_plan(signal, frozen, signal, gain, 1.0, damping, "abs")
+
+
+_update_backward_op = EagerBypassOp(
+    "deqkern::frozen_rmsnorm_update_backward",
+    "(Tensor grad_h, Tensor signal, Tensor frozen, Tensor gain, Tensor rstd, float damping, bool need_frozen,"
+    " bool need_h_prev) -> (Tensor, Tensor, Tensor, Tensor)",
+    _run_update_backward, _update_backward_plan)
 
 
 @_update_backward_op.register_fake
@@ -86,6 +140,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(signal, frozen, gain, output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.damping = damping
+    # z = signal + frozen: a full-shaped frozen of signal's dtype has signal's gradient,
+    # returned as the same tensor (as torch's add does) instead of a second copy.
+    ctx.frozen_like_signal = frozen.shape == signal.shape and frozen.dtype == signal.dtype
 
 
 def _backward(ctx, grad_h, grad_residual, grad_rstd):
@@ -94,12 +151,15 @@ def _backward(ctx, grad_h, grad_residual, grad_rstd):
     if grad_h is None:
         return None, None, None, None, None, None, None
     need_h_prev = need_h_prev and ctx.damping != 1.0
+    shared = need_frozen and ctx.frozen_like_signal
+    # The eager autograd.Function hands over its forward's plan (EagerBypassOp).
     d_signal, d_frozen, d_h_prev, d_gain = _update_backward_op(
-        grad_h, signal, frozen, gain, rstd, ctx.damping, need_frozen, need_h_prev,
+        grad_h, signal, frozen, gain, rstd, ctx.damping, need_frozen and not shared, need_h_prev,
+        plan=getattr(ctx, "plan", None),
     )
     return (
         d_signal if need_signal else None,
-        d_frozen if need_frozen else None,
+        (d_signal if shared else d_frozen) if need_frozen else None,
         d_h_prev if need_h_prev else None,
         d_gain if need_gain else None,
         None, None, None,
@@ -107,55 +167,6 @@ def _backward(ctx, grad_h, grad_residual, grad_rstd):
 
 
 _update_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- validation
-def _check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
-    return t
-
-
-def _validate_update(
-    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
-    eps: float, damping: float, stop_mode: str,
-) -> None:
-    for name, t in (("signal", signal), ("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
-        _check_tensor(name, t)
-    if signal.dim() < 1 or signal.shape[-1] < 1:
-        raise ValueError(f"signal must have shape (..., d) with d >= 1; got {tuple(signal.shape)}")
-    d = signal.shape[-1]
-    if h_prev.dtype != signal.dtype:
-        raise TypeError(f"h_prev must have signal's dtype {signal.dtype}; got {h_prev.dtype}")
-    for name, t in (("frozen", frozen), ("h_prev", h_prev), ("gain", gain)):
-        if t.device != signal.device:
-            raise ValueError(f"{name} must be on signal's device {signal.device}; got {t.device}")
-    if h_prev.shape != signal.shape:
-        raise ValueError(f"h_prev must have signal's shape {tuple(signal.shape)}; got {tuple(h_prev.shape)}")
-    if frozen.shape != signal.shape and frozen.shape != (d,):
-        raise ValueError(
-            f"frozen must have signal's shape {tuple(signal.shape)} or ({d},); got {tuple(frozen.shape)}"
-        )
-    if gain.shape != (d,):
-        raise ValueError(f"gain must have shape ({d},) (the feature width of signal); got {tuple(gain.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite float > 0; got {eps!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
-    if stop_mode not in _update.STOP_MODES:
-        raise ValueError(f"stop_mode must be one of 'abs', 'rel', 'max'; got {stop_mode!r}")
-
-
-def _raise_non_finite(residual: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
-    """Host-side check (one sync): raise if any row's residual is NaN/Inf."""
-    if bool(torch.isfinite(residual).all()):
-        return
-    bad = [name for name, t in inputs.items() if not bool(torch.isfinite(t).all())]
-    rows = int((~torch.isfinite(residual)).sum())
-    cause = f"non-finite values in {', '.join(bad)}" if bad else "overflow in the update (inputs are finite)"
-    raise ValueError(f"frozen_rmsnorm_update produced non-finite output in {rows} row(s): {cause}")
 
 
 # --------------------------------------------------------------------------- autocast
@@ -192,25 +203,8 @@ def update_with_stats(
     float32 -- float64 for float64 inputs --, not differentiable), for layers that reuse it."""
     if isinstance(signal, torch.Tensor) and isinstance(h_prev, torch.Tensor):
         signal, h_prev = _autocast_storage(signal, h_prev)
-    _validate_update(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-    return _call_update(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode)
-
-
-def _call_update(
-    signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
-    eps: float, damping: float, stop_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered custom op where it is needed -- under tracing (torch.compile,
-    export, fake tensors) or when autograd must record the call -- and otherwise (a
-    solver's no-grad loop) the op's body directly: same code, same numbers, without the
-    dispatcher's per-call host cost (tens of microseconds, most of an iteration's time on
-    small, launch-bound problems)."""
-    tensors = (signal, frozen, h_prev, gain)
-    if (torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            or any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)):
-        return _update_op(signal, frozen, h_prev, gain, eps, damping, stop_mode)
-    return _update_forward(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    plan = _update_plan(signal, frozen, h_prev, gain, eps, damping, stop_mode)
+    return _update_op(signal, frozen, h_prev, gain, float(eps), float(damping), stop_mode, plan=plan)
 
 
 def frozen_rmsnorm_update(
@@ -254,15 +248,43 @@ def frozen_rmsnorm_update(
 
     Storage float32, bfloat16 or float16 (float64 runs eager); all arithmetic and
     reductions in float32. Which implementation ran: :func:`deqkern.last_backend`.
+    Host cost: the arguments' metadata is validated once per call signature (shapes,
+    strides, dtypes, devices, scalars), and outside ``torch.compile`` the kernel runs
+    without the custom-op dispatcher (:mod:`deqkern._library`).
     """
-    if not isinstance(check_finite, bool):
+    if check_finite.__class__ is not bool:
         raise TypeError(f"check_finite must be a bool; got {type(check_finite).__name__}")
     h_next, residual, _ = update_with_stats(
         signal, frozen, h_prev, gain, eps=eps, damping=damping, stop_mode=stop_mode,
     )
     if check_finite:
-        _raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
+        raise_non_finite(residual, {"signal": signal, "frozen": frozen, "h_prev": h_prev, "gain": gain})
     return h_next, residual
+
+
+#: :func:`rms_norm` (and so ``FusedRMSNorm``) runs torch's own ``F.rms_norm`` below this
+#: many elements (``x.numel()``) under ``DEQKERN_BACKEND=auto``: there the call is bound
+#: by host time, and torch's C++ op and C++ autograd node cost less host time per call
+#: than any Python-launched kernel. Set from the measured crossover of FusedRMSNorm
+#: forward+backward against nn.RMSNorm (``python -m bench --suite host``, "norm" rows).
+TORCH_RMS_NORM_BELOW = 1 << 20
+
+
+class _NormPlan:
+    """rms_norm's per-signature choices: torch's op or the fused one, the resolved eps,
+    the constant vectors and the update plan."""
+
+    def __init__(self, x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float]):
+        eps = validate_norm(x, weight, eps)
+        gain, frozen = _constants(x, weight)
+        backend = _backend.select(x.device, x.dtype, x.shape[-1])
+        same_dtype = weight is None or weight.dtype == x.dtype  # else torch promotes to weight's dtype
+        self.use_torch = same_dtype and (
+            backend == "eager" or (_backend.mode() == "auto" and x.numel() < TORCH_RMS_NORM_BELOW))
+        # the constant ones vector only: a weight is the caller's, passed at every call
+        self.eps, self.ones, self.frozen = float(eps), gain if weight is None else None, frozen
+        self.normalized_shape = (x.shape[-1],)
+        self.update = None if self.use_torch else _update_plan(x, frozen, x, gain, eps, 1.0, "abs")
 
 
 def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float | None" = None) -> torch.Tensor:
@@ -271,6 +293,10 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
 
     ``y = weight * x / sqrt(mean(x**2, -1) + eps)``: the update with ``frozen = 0``,
     ``h_prev = x`` and ``damping = 1`` (the kernel's residual output is discarded).
+    Where the fused kernel cannot win, this *is* ``F.rms_norm``: with the eager backend,
+    and under ``DEQKERN_BACKEND=auto`` below :data:`TORCH_RMS_NORM_BELOW` elements
+    (host-bound sizes, where torch's C++ op costs less per call), when ``weight`` is
+    None or has x's dtype. ``deqkern.last_backend()`` then reports ``"eager"``.
 
     Args:
         x: ``(..., d)``, float16, bfloat16, float32 or float64. Differentiable.
@@ -283,20 +309,29 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
         ``(..., d)`` in x's dtype, also under ``torch.autocast`` (like torch's rms_norm,
         which autocast leaves alone); math and the mean square in float32.
     """
-    _check_tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must have shape (..., d) with d >= 1; got {tuple(x.shape)}")
+    if _is_compiling():
+        eps = validate_norm(x, weight, eps)
+        gain, frozen = _constants(x, weight)
+        return _update_op(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+    try:
+        key = (*_meta(x), None if weight is None else _meta(weight), eps, eps.__class__, _backend.environment())
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):
+        key = plan = None
+    if plan is None:
+        plan = _cached(key, lambda: _NormPlan(x, weight, eps))
+    if plan.use_torch:
+        _backend.record("eager")
+        return F.rms_norm(x, plan.normalized_shape, weight, plan.eps)
+    gain = plan.ones if weight is None else weight
+    return _update_op(x, plan.frozen, x, gain, plan.eps, 1.0, "abs", plan=plan.update)[0]
+
+
+def _constants(x: torch.Tensor, weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm's gain (``weight``, or ones) and frozen term (zeros) as update inputs."""
     d = x.shape[-1]
-    if eps is None:
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
-    if weight is not None:
-        _check_tensor("weight", weight)
-        if weight.shape != (d,) or weight.device != x.device:
-            raise ValueError(f"weight must have shape ({d},) on {x.device}; got {tuple(weight.shape)} on {weight.device}")
-    gain = _constant(1.0, d, x.dtype, x.device) if weight is None else weight
-    frozen = _constant(0.0, d, x.dtype, x.device)
-    _validate_update(x, frozen, x, gain, eps, 1.0, "abs")
-    return _call_update(x, frozen, x, gain, float(eps), 1.0, "abs")[0]
+    return (_constant(1.0, d, x.dtype, x.device) if weight is None else weight,
+            _constant(0.0, d, x.dtype, x.device))
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -304,8 +339,8 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 def _constant(value: float, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A read-only ``(d,)`` vector filled with ``value``, allocated once per (d, dtype,
-    device) outside tracing: two allocations fewer per call on the host's hot path."""
-    if torch.compiler.is_compiling():
+    device) outside tracing."""
+    if _is_compiling():
         return torch.full((d,), value, dtype=dtype, device=device)
     key = (value, d, dtype, device)
     vec = _CONSTANTS.get(key)
@@ -326,7 +361,19 @@ def rmsnorm_adjoint_step(
     means zero. Returns ``g_next = (1 - damping) * g_prev + u + grad_out`` (g_prev's
     dtype), ``dz = RMSNorm-VJP(g_next)`` at ``(z, rstd)`` (z's dtype) and the float32
     per-row residual of ``g_next`` against ``g_prev``. Math in ``deqkern.ops.adjoint``;
-    dispatched like :func:`frozen_rmsnorm_update`.
+    dispatched like :func:`frozen_rmsnorm_update`, its launch planned once per call
+    signature.
     """
-    impl = _pick(z, _adjoint.adjoint_step_reference, _adjoint.adjoint_step_triton)
-    return impl(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)
+    key = (None if u is None else _meta(u), *_meta(g_prev), *_meta(grad_out), *_meta(z), *_meta(rstd),
+           *_meta(gain), damping, stop_mode, _backend.environment())
+    plan = _PLANS.get(key)
+    if plan is None:
+        def make():
+            backend = _backend.select(z.device, z.dtype, z.shape[-1])
+            if backend == "eager":
+                return _adjoint.EagerAdjoint(damping, stop_mode)
+            return _adjoint.AdjointPlan(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)
+
+        plan = _cached(key, make)
+    _backend.record(plan.backend)
+    return plan(u, g_prev, grad_out, z, rstd, gain)

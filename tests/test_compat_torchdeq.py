@@ -105,7 +105,8 @@ def test_direct_call_damping_indexing_and_flat_samples():
     torch.testing.assert_close(z, torch.cos(z), atol=1e-5, rtol=0)
 
 
-def test_patched_model_runs_the_fused_norm(fused_backend_name, device):
+def test_patched_model_runs_the_fused_norm(fused_backend_name, device, monkeypatch):
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")  # at this size auto runs torch's rms_norm (TORCH_RMS_NORM_BELOW)
     gen = torch.Generator().manual_seed(case_seed("patched"))
     func = DEQFunc(gen).to(device)
     x = torch.randn(B, S, D_IN, generator=gen).to(device)

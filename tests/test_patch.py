@@ -42,7 +42,8 @@ def _model(seed_name: str) -> Model:
     return model
 
 
-def test_round_trip(fused_backend_name, device):
+def test_round_trip(fused_backend_name, device, monkeypatch):
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")  # the fused kernel at this small size (not torch's op)
     model = _model("round-trip").to(device)
     x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(case_seed("x"))).to(device)
     before = model(x)
@@ -106,3 +107,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="itself an nn.RMSNorm"):
         deqkern.patch(nn.RMSNorm(4))
     assert deqkern.unpatch(nn.Sequential(FusedRMSNorm(4))) == {}  # not created by patch: left alone
+
+
+def test_small_inputs_run_torchs_rms_norm_under_auto(device, monkeypatch):
+    """Below TORCH_RMS_NORM_BELOW elements a patched model is exactly the unpatched one
+    (torch's own rms_norm), forward and backward; at or above it the fused op runs."""
+    from deqkern import functional
+
+    monkeypatch.setenv("DEQKERN_BACKEND", "auto")
+    x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(case_seed("small-x"))).to(device)
+    reference, model = _model("small").to(device), _model("small").to(device)
+    deqkern.patch(model)
+    out, out_ref = model(x), reference(x)
+    assert deqkern.last_backend() == "eager"
+    assert torch.equal(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    wider = torch.randn(6, 7, 24, generator=torch.Generator().manual_seed(case_seed("small-x6"))).to(device)
+    monkeypatch.setattr(functional, "TORCH_RMS_NORM_BELOW", wider.numel())  # read when a signature is first seen
+    torch.testing.assert_close(model(wider), reference(wider), atol=1e-5, rtol=1e-5)
+    if functional._backend.select(wider.device, wider.dtype, 24) != "eager":
+        assert deqkern.last_backend() != "eager"

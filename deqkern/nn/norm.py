@@ -25,6 +25,13 @@ class FusedRMSNorm(nn.RMSNorm):
     dimensions, computed by :func:`deqkern.functional.rms_norm` (one fused kernel
     forward, one backward; float32 math whatever the storage dtype).
 
+    At small sizes it is torch's own op: under ``DEQKERN_BACKEND=auto``, inputs of fewer
+    than :data:`deqkern.functional.TORCH_RMS_NORM_BELOW` elements (whose weight, if any,
+    has the input's dtype) run ``F.rms_norm``, the op ``nn.RMSNorm`` runs. There the call
+    is bound by host time, and torch's C++ op with its C++ autograd node costs less of it
+    than a kernel launched from Python; the outputs are then exactly ``nn.RMSNorm``'s.
+    ``DEQKERN_BACKEND=triton`` forces the fused kernel at every size.
+
     Args (as ``torch.nn.RMSNorm``):
         normalized_shape: ``d``, or a tuple/list of the trailing dimensions. Several
             dimensions are normalized together, as torch does, by viewing them as one
@@ -58,11 +65,13 @@ class FusedRMSNorm(nn.RMSNorm):
         super().__init__(shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self.normalized_shape)
-        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
-            raise ValueError(
-                f"input must end with normalized_shape {self.normalized_shape}; got shape {tuple(x.shape)}"
-            )
+        shape = self.normalized_shape
+        k = len(shape)
+        if k == 1:  # the common case, without the reshapes (each a host-side op)
+            if x.dim() < 1 or x.shape[-1] != shape[0]:
+                raise ValueError(f"input must end with normalized_shape {shape}; got shape {tuple(x.shape)}")
+            return rms_norm(x, self.weight, self.eps)
+        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+            raise ValueError(f"input must end with normalized_shape {shape}; got shape {tuple(x.shape)}")
         weight = None if self.weight is None else self.weight.reshape(-1)
-        rows = x if k == 1 else x.flatten(-k)
-        return rms_norm(rows, weight, self.eps).view(x.shape)
+        return rms_norm(x.flatten(-k), weight, self.eps).view(x.shape)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, launch_config, rows
+from deqkern.ops.launch import STOP_MODES, Launch, as_rows, cdiv, compute_dtype, launch_config, row_mode
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
 
@@ -67,31 +67,61 @@ def _adjoint_kernel(
     tl.store(DZ + r64 * stride_dz + c, dz.to(DZ.dtype.element_ty), mask=mask)
 
 
+class AdjointPlan:
+    """The adjoint kernel's launch for one call signature (shapes, strides, dtypes,
+    device, damping, stop_mode), planned once; calling it allocates the outputs and
+    launches (same arguments and outputs as :func:`adjoint_step_triton`)."""
+
+    def __init__(self, u: torch.Tensor | None, g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
+                 rstd: torch.Tensor, gain: torch.Tensor, damping: float, stop_mode: str):
+        d = z.shape[-1]
+        self.d, self.n_rows = d, z.numel() // d
+        self.g_dtype, self.z_dtype, self.device = g_prev.dtype, z.dtype, z.device
+        self.backend = "triton-interpreter" if z.device.type == "cpu" else "triton"
+        self.modes = [row_mode(t) for t in (u if u is not None else g_prev, g_prev, grad_out, z)]
+        uu, gp, go, zz = (as_rows(t, mode, d) for t, mode in zip((u if u is not None else g_prev, g_prev, grad_out, z),
+                                                                 self.modes))
+        block_d, block_m, num_warps = launch_config(self.n_rows, d, z.device.type == "cpu")
+        self.launch = Launch(
+            _adjoint_kernel, (cdiv(self.n_rows, block_m),),
+            (self.n_rows, d, uu.stride(0), gp.stride(0), go.stride(0), zz.stride(0), d, d, float(damping), REL_EPS,
+             u is not None, STOP_MODES[stop_mode], block_m, block_d),
+            num_warps, z.device)
+
+    def __call__(self, u: torch.Tensor | None, g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
+                 rstd: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, n_rows, device, (mu, mg, mo, mz) = self.d, self.n_rows, self.device, self.modes
+        g_next = torch.empty((n_rows, d), dtype=self.g_dtype, device=device)
+        dz = torch.empty((n_rows, d), dtype=self.z_dtype, device=device)
+        res = torch.empty(n_rows, dtype=torch.float32, device=device)
+        if n_rows:
+            gp = as_rows(g_prev, mg, d)
+            self.launch(gp if u is None else as_rows(u, mu, d), gp, as_rows(grad_out, mo, d), as_rows(z, mz, d),
+                        rstd if rstd.dim() == 1 and rstd.is_contiguous() else rstd.reshape(-1).contiguous(),
+                        gain if gain.is_contiguous() else gain.contiguous(), g_next, dz, res)
+        return g_next, dz, res
+
+
 def adjoint_step_triton(
     u: torch.Tensor | None, g_prev: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor,
     rstd: torch.Tensor, gain: torch.Tensor, damping: float, stop_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the adjoint kernel on (rows, d) tensors. ``u=None`` means ``u = 0``.
+    """Launch the adjoint kernel on (rows, d) tensors (planned for this one call).
+    ``u=None`` means ``u = 0``. Returns ``g_next`` (g_prev's dtype), ``dz`` (z's dtype)
+    and the float32 residual."""
+    return AdjointPlan(u, g_prev, grad_out, z, rstd, gain, damping, stop_mode)(u, g_prev, grad_out, z, rstd, gain)
 
-    Returns ``g_next`` (g_prev's dtype), ``dz`` (z's dtype) and the float32 residual."""
-    d = z.shape[-1]
-    gp, go, zz = rows(g_prev, d), rows(grad_out, d), rows(z, d)
-    uu = rows(u, d) if u is not None else gp
-    n_rows = zz.shape[0]
-    g_next = torch.empty((n_rows, d), dtype=g_prev.dtype, device=z.device)
-    dz = torch.empty((n_rows, d), dtype=z.dtype, device=z.device)
-    res = torch.empty(n_rows, dtype=torch.float32, device=z.device)
-    if n_rows > 0:
-        block_d, block_m, num_warps = launch_config(n_rows, d, z.device.type == "cpu")
-        _adjoint_kernel[(cdiv(n_rows, block_m),)](
-            uu, gp, go, zz, rstd.reshape(-1).contiguous(), gain.contiguous(), g_next, dz, res,
-            n_rows, d,
-            uu.stride(0), gp.stride(0), go.stride(0), zz.stride(0), g_next.stride(0), dz.stride(0),
-            float(damping), REL_EPS,
-            HAS_U=u is not None, STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-    return g_next, dz, res
+
+class EagerAdjoint:
+    """The eager backend's counterpart of :class:`AdjointPlan`."""
+
+    backend = "eager"
+
+    def __init__(self, damping: float, stop_mode: str):
+        self.damping, self.stop_mode = damping, stop_mode
+
+    def __call__(self, u, g_prev, grad_out, z, rstd, gain):
+        return adjoint_step_reference(u, g_prev, grad_out, z, rstd, gain, self.damping, self.stop_mode)
 
 
 def adjoint_step_reference(

@@ -4,7 +4,6 @@ per problem, with guards on the tensors ``f`` reads (see the package docstring).
 from __future__ import annotations
 
 import collections
-import functools
 import inspect
 import warnings
 import weakref
@@ -13,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from deqkern.solver.config import Config, Step
+from deqkern.solver.guards import Guard, tensor_guards
 from deqkern.solver.loop import picard_loop, summarize
 
 __all__ = ["clear_graph_cache", "tensor_guards", "CapturedSolve", "capture", "graph_solve"]
@@ -28,79 +28,50 @@ def clear_graph_cache() -> None:
     _GRAPHS.clear()
 
 
-def tensor_guards(fn: Callable) -> tuple:
-    """Address, shape, stride and dtype of the tensors reachable from ``fn`` (see the
-    module docstring for what is covered). Host metadata only."""
-    found: list = []
-    seen: set = set()
-
-    def visit(obj: object, depth: int) -> None:
-        if id(obj) in seen or depth > 3:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found.append((obj.data_ptr(), tuple(obj.shape), obj.stride(), obj.dtype))
-        elif isinstance(obj, torch.nn.Module):
-            for t in obj.parameters():
-                visit(t, depth + 1)
-            for t in obj.buffers():
-                visit(t, depth + 1)
-            for value in vars(obj).values():
-                if isinstance(value, torch.Tensor):
-                    visit(value, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                visit(value, depth + 1)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value, depth + 1)
-        elif isinstance(obj, functools.partial):
-            visit(obj.func, depth + 1)
-            visit(obj.args, depth + 1)
-            visit(obj.keywords, depth + 1)
-        elif inspect.ismethod(obj):
-            visit(obj.__self__, depth + 1)
-            visit(obj.__func__, depth + 1)
-        elif inspect.isfunction(obj):
-            for cell in obj.__closure__ or ():
-                try:
-                    visit(cell.cell_contents, depth + 1)
-                except ValueError:  # empty cell
-                    pass
-            for name in obj.__code__.co_names:
-                if name in obj.__globals__:
-                    visit(obj.__globals__[name], depth + 1)
-            visit(obj.__defaults__ or (), depth + 1)
-            visit(obj.__kwdefaults__ or {}, depth + 1)
-
-    visit(fn, 0)
-    return tuple(found)
-
-
 class CapturedSolve:
-    """One captured ``max_iter`` loop. Inputs: ``static_in``. Outputs: one byte buffer
-    holding the final iterate and every info tensor, so a replay costs three launches
-    (copy in, replay, clone out) plus views."""
+    """One captured ``max_iter`` loop. Inputs: ``static_in`` (and ``static_extra``).
+    Outputs: one byte buffer holding the final iterate and every info tensor, so a
+    replay costs three launches (copy in, replay, clone out) plus the views of the clone:
+    one call per dtype of the fields (``torch._C._nn.unflatten_dense_tensors`` makes a
+    group's views in C++), not three per field."""
 
     def __init__(self, graph: "torch.cuda.CUDAGraph", static_in: torch.Tensor, packed: torch.Tensor,
-                 layout: list, guards: tuple, static_extra: tuple = ()):
+                 layout: list, guards: list, static_extra: tuple = ()):
         self.graph, self.static_in, self.packed, self.layout, self.guards = graph, static_in, packed, layout, guards
         self.static_extra = static_extra
+        self.groups = []  # (byte offset, bytes, dtype, names, shape templates on the meta device)
+        for name, offset, nbytes, dtype, shape in layout:
+            if self.groups and self.groups[-1][2] == dtype:
+                group = self.groups[-1]
+                self.groups[-1] = (group[0], group[1] + nbytes, dtype, group[3] + (name,),
+                                   group[4] + [torch.empty(shape, dtype=dtype, device="meta")])
+            else:
+                self.groups.append((offset, nbytes, dtype, (name,), [torch.empty(shape, dtype=dtype, device="meta")]))
 
     def run(self, h0: torch.Tensor, extra: tuple = ()) -> dict[str, torch.Tensor]:
         self.static_in.copy_(h0)
         for static, value in zip(self.static_extra, extra):
             static.copy_(value)
         self.graph.replay()
-        out = self.packed.clone()
-        return {name: out.narrow(0, offset, nbytes).view(dtype).view(shape)
-                for name, offset, nbytes, dtype, shape in self.layout}
+        out = self.packed.clone()  # the caller's own copy: a later replay must not overwrite it
+        fields = {}
+        for offset, nbytes, dtype, names, templates in self.groups:
+            flat = out.narrow(0, offset, nbytes).view(dtype)
+            if len(names) == 1 and templates[0].dim() == 1:  # the flat view already is the field
+                fields[names[0]] = flat
+            else:
+                fields.update(zip(names, _unflatten(flat, templates)))
+        return fields
+
+
+_unflatten = torch._C._nn.unflatten_dense_tensors
 
 
 def pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
     """Copy ``fields`` into one uint8 buffer (widest dtypes first, so every field is
-    aligned) and return it with its layout."""
-    order = sorted(fields, key=lambda name: -fields[name].element_size())
+    aligned; each dtype's fields together, one view group each) and return it with its
+    layout."""
+    order = sorted(fields, key=lambda name: (-fields[name].element_size(), str(fields[name].dtype)))
     layout, offset = [], 0
     for name in order:
         t = fields[name]
@@ -114,8 +85,9 @@ def pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
 
 
 def capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extra: tuple, loop_kwargs: dict,
-             tol: float, stop_mode: str, guards: tuple) -> CapturedSolve:
-    """Capture ``picard_loop(build(static_in, static_extra), static_in)`` and its info.
+             tol: float, stop_mode: str, guards: list) -> CapturedSolve:
+    """Capture ``picard_loop(build(static_in, static_extra), static_in)`` and its info
+    (``guards``: a :class:`~deqkern.solver.guards.Guard` per root ``f`` reads from).
     ``extra``: further per-call inputs (the adjoint's ``h*``), copied into static buffers
     too; ``build`` makes the step from the static tensors (once for the warm-up, once
     inside the capture)."""
@@ -165,11 +137,11 @@ def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tup
             f"graph=True caches the captured solve per f and needs f (or the object it is bound to) to be "
             f"weak-referenceable; got {type(owner).__name__}"
         ) from err
-    key = (tag, method, tuple(h0.shape), h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
+    key = (tag, method, h0.shape, h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
            loop_kwargs["stop_mode"])
-    guards = tuple(tensor_guards(fn) for fn in (owner_fn, *guarded))
+    roots = (owner_fn, *guarded)
     entry = per_owner.get(key)
-    if entry is not None and entry.guards != guards:
+    if entry is not None and not _guards_hold(entry, roots):
         warnings.warn(
             "deqkern.solve(graph=True): tensors that f reads moved since the graph was captured; recapturing. "
             "Keep them at fixed addresses (update in place, copy_ per-call inputs into persistent buffers) "
@@ -179,10 +151,24 @@ def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tup
         del per_owner[key]
         entry = None
     if entry is None:
-        entry = capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], loop_kwargs["stop_mode"], guards)
+        entry = capture(build, h0, extra, loop_kwargs, loop_kwargs["tol"], loop_kwargs["stop_mode"],
+                        [Guard(root) for root in roots])
         per_owner[key] = entry
         while len(per_owner) > GRAPHS_PER_F:
             per_owner.popitem(last=False)
     per_owner.move_to_end(key)
     return entry.run(h0, extra)
 
+
+def _guards_hold(entry: CapturedSolve, roots: tuple) -> bool:
+    """True when the tensors each root reaches are where they were at capture: the
+    guard's recorded links re-read (cheap), or, where one changed, a new walk compared
+    with the captured guards (the guard is then renewed)."""
+    for i, (guard, root) in enumerate(zip(entry.guards, roots)):
+        if guard.holds(root):
+            continue
+        renewed = Guard(root)
+        if renewed.value != guard.value:
+            return False
+        entry.guards[i] = renewed
+    return True
