@@ -14,7 +14,7 @@ from deqkern.nn import FrozenContextDEQ, MambaMemory, SlotAttentionContext
 from deqkern.ops.adjoint import adjoint_step_reference, adjoint_step_triton
 from deqkern.ops.commit import RowState, commit_reference, commit_triton
 from deqkern.ops.residual import row_residual
-from deqkern.ops.update import update_forward_triton, update_reference
+from deqkern.ops.update import UpdatePlan, update_reference
 from numerics import case_seed
 
 STOP_MODES = ("abs", "rel", "max")
@@ -163,7 +163,7 @@ def test_update_kernel_residual_of_huge_previous_iterate(stop_mode, device):
     frozen = torch.zeros(d, device=device)
     h_prev = torch.full((2, d), 1e20, device=device)
     gain = torch.ones(d, device=device)
-    _, res_t, _ = update_forward_triton(signal, frozen, h_prev, gain, 1e-6, 1.0, stop_mode)
+    _, res_t, _ = UpdatePlan(signal, frozen, h_prev, gain, 1e-6, 1.0, stop_mode).forward(signal, frozen, h_prev, gain)
     _, res_e, _ = update_reference(signal, frozen, h_prev, gain, 1e-6, 1.0, stop_mode)
     expected = {"abs": 1e20 * math.sqrt(d), "rel": 1e20 * math.sqrt(d) / math.sqrt(d), "max": 1e20}[stop_mode]
     for res in (res_t, res_e):
