@@ -1,0 +1,445 @@
+"""The whole Picard solve of the frozen-context cell in one launch (forward and adjoint):
+Triton kernels, their launchers, and the eager twins (fallback and test oracle).
+
+The cell, per row of ``h`` ``(R, d)`` -- exactly one step of the loop path (a GEMM, then
+:mod:`deqkern.ops.update`, then :mod:`deqkern.ops.commit`)::
+
+    z      = h @ W.T + frozen         h, W in the storage dtype, float32 accumulation
+    rstd   = 1 / sqrt(mean(z**2) + eps)
+    h_next = (1 - damping) * h + damping * gain * z * rstd      (stored in the storage dtype)
+    residual = row_residual(h_next (float32, before rounding) - h, h_next)   (deqkern.ops.residual)
+
+with the solver's bookkeeping (:mod:`deqkern.ops.commit`): a row is active while
+``tol <= residual <= FLT_MAX`` (its residual starts at ``FLT_MAX``); an active row commits
+``h_next`` and its statistics (:class:`~deqkern.ops.commit.RowState`); a converged or
+non-finite row keeps its iterate. The adjoint solve of the implicit backward iterates,
+from ``g = v``, ``g <- v + J^T g`` with ``J^T g = (1 - damping) g + VJP_z(g) @ W`` and
+``VJP_z(g) = rstd * (dyg - n * mean(dyg * n))``, ``dyg = damping * gain * g``,
+``n = z * rstd`` at ``h*``; ``g`` is float32, ``dz = VJP_z(g)`` is rounded to W's dtype
+before its GEMM (as :class:`deqkern.nn.cell_adjoint`), and its stop test is always the
+relative residual (independent of the loss's scale).
+
+Kernel design (one program per block of ``BLOCK_M`` rows; no grid-wide synchronization,
+since a row's next iterate depends only on that row):
+
+- Phase A, the GEMM: for each ``BLOCK_N``-column tile, ``tl.dot`` over ``BLOCK_K`` tiles of
+  the block's iterate (read from the iterate buffer, which the block's own rows keep in L1/L2)
+  and of ``W`` (read from L2: every program streams all of it each iteration), plus
+  ``frozen``, written in float32 to a scratch ``Z`` ``(R, d)``. ``tl.dot`` needs tiles of at
+  least 16: ``BLOCK_M, BLOCK_N, BLOCK_K >= 16``, edges masked.
+- Phase B, the row-wise part: ``SUB_M`` whole rows at a time (``BLOCK_D >= d`` columns,
+  since RMSNorm and the residual reduce over the row; ``row_residual_tl`` is the one
+  residual helper every kernel uses): rstd, the update, the residual, the commit.
+- ``tl.debug_barrier()`` (a CTA barrier, which also orders the program's global-memory
+  accesses) between the phases: each phase reads what other threads of the program wrote
+  in the previous one (``Z`` after A; the iterate and the row state after B).
+- A program loops while one of its rows is active and ``k < max_iter``: early exit per
+  block of rows, the iteration count read by no one on the host, so a launch is
+  capturable in a CUDA graph. The iterate lives in the output buffer itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
+from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, frozen_rows, next_power_of_2, rows, sm_count
+from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
+
+__all__ = ["solve_triton", "solve_reference", "adjoint_triton", "adjoint_reference", "persistent_config"]
+
+_REL = STOP_MODES["rel"]
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def _product(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row_ok, d,
+             HAS_F: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase A: ``OUT[rows] = A[rows] @ B (+ F[rows])`` in float32, ``B[k, n]`` at
+    ``W + n * stride_wn + k * stride_wk`` (``W.T`` or ``W``); OUT is ``(R, d)`` contiguous.
+    DOT_F32: upcast the operands first (same products, exact in float32, same float32
+    sums): Triton's interpreter multiplies bfloat16's raw bits in tl.dot."""
+    r64 = rows.to(tl.int64)[:, None]
+    for n0 in range(0, d, BLOCK_N):
+        cn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = cn < d
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            ck = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ck < d
+            a = tl.load(A + r64 * stride_a + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(W + cn[None, :] * stride_wn + ck[:, None] * stride_wk,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        mask = row_ok[:, None] & n_ok[None, :]
+        if HAS_F:
+            acc += tl.load(F + r64 * stride_f + cn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + r64 * d + cn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M: tl.constexpr):
+    start = tl.zeros([SUB_M], dtype=tl.float32) + flt_max
+    tl.store(RES + r, start, mask=ok)
+    tl.store(PREV + r, start, mask=ok)
+    tl.store(LOWEST + r, tl.full([SUB_M], float("inf"), tl.float32), mask=ok)
+    tl.store(NSTEP + r, tl.zeros([SUB_M], dtype=tl.int32), mask=ok)
+
+
+@triton.jit
+def _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res):
+    """The bookkeeping of deqkern.ops.commit for the active rows ``r``."""
+    lowest = tl.load(LOWEST + r, mask=active, other=0.0)
+    nstep = tl.load(NSTEP + r, mask=active, other=0)
+    tl.store(RES + r, res, mask=active)
+    tl.store(PREV + r, res_old, mask=active)
+    tl.store(LOWEST + r, tl.where(res < lowest, res, lowest), mask=active)
+    tl.store(NSTEP + r, nstep + 1, mask=active)
+
+
+@triton.jit
+def _vjp(g, z, rstd, gain, damping, d):
+    """RMSNorm's VJP of the cell at ``z``: ``rstd * (dyg - n * mean(dyg * n))``."""
+    n = z * rstd[:, None]
+    dyg = damping * g * gain[None, :]
+    proj = tl.sum(dyg * n, axis=1) / d
+    return rstd[:, None] * (dyg - n * proj[:, None])
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _solve_kernel(
+    H0, W, F, GAIN, H, Z, RES, PREV, LOWEST, NSTEP, RSTD,
+    n_rows, d, stride_h0, stride_w, stride_f,
+    eps, damping, tol, max_iter, flt_max, rel_eps,
+    STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUB_M: tl.constexpr,
+):
+    """The forward solve of BLOCK_M rows (module docstring). H (R, d) holds the iterate,
+    Z (R, d) float32 is scratch; RES, PREV, LOWEST, NSTEP: the RowState.
+    WITH_RSTD: after the last commit, one more phase A at the returned iterate gives its
+    rstd (RSTD); without it the program stops right after its last commit."""
+    first = tl.program_id(0) * BLOCK_M
+    block = first + tl.arange(0, BLOCK_M)
+    block_ok = block < n_rows
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    c = cols[None, :]
+
+    for s in range(0, BLOCK_M, SUB_M):
+        r = first + s + tl.arange(0, SUB_M)
+        ok = r < n_rows
+        r64 = r.to(tl.int64)[:, None]
+        m = ok[:, None] & col_ok[None, :]
+        tl.store(H + r64 * d + c, tl.load(H0 + r64 * stride_h0 + c, mask=m, other=0.0), mask=m)
+        _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M)
+    tl.debug_barrier()
+
+    k = tl.full((), 0, tl.int32)
+    pending = tl.full((), 1, tl.int32)
+    while pending > 0:
+        _product(H, d, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
+                 True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        n_active = tl.full((), 0, tl.int32)
+        n_commit = tl.full((), 0, tl.int32)
+        for s in range(0, BLOCK_M, SUB_M):
+            r = first + s + tl.arange(0, SUB_M)
+            ok = r < n_rows
+            r64 = r.to(tl.int64)[:, None]
+            z = tl.load(Z + r64 * d + c, mask=ok[:, None] & col_ok[None, :], other=0.0)
+            rstd = tl.rsqrt(tl.sum(z * z, axis=1) / d + eps)
+            if WITH_RSTD:
+                tl.store(RSTD + r, rstd, mask=ok)
+            res_old = tl.load(RES + r, mask=ok, other=0.0)
+            # (a vector compare: the interpreter mistypes a vector-and-scalar boolean &)
+            active = ok & (res_old >= tol) & (res_old <= flt_max) & (tl.zeros_like(r) + k < max_iter)
+            am = active[:, None] & col_ok[None, :]
+            h = tl.load(H + r64 * d + c, mask=am, other=0.0).to(tl.float32)
+            gain = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)  # here: not live across phase A
+            h_next = tl.where(am, (1.0 - damping) * h + damping * (z * rstd[:, None] * gain[None, :]), 0.0)
+            res = row_residual_tl(h_next - h, h_next, rel_eps, STOP_MODE)
+            tl.store(H + r64 * d + c, h_next.to(H.dtype.element_ty), mask=am)
+            _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res)
+            n_commit += tl.sum(active.to(tl.int32), axis=0)
+            n_active += tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        tl.debug_barrier()
+        k += 1
+        if WITH_RSTD:
+            pending = n_commit
+        else:
+            pending = tl.where(k < max_iter, n_active, 0)
+
+
+@triton.jit
+def _adjoint_kernel(
+    HS, W, F, GAIN, V, G, DZ, Z, U, RSTD, RES, PREV, LOWEST, NSTEP, DGAIN_PART,
+    n_rows, d, stride_hs, stride_w, stride_f, stride_v,
+    eps, damping, tol, max_iter, flt_max, rel_eps,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, SUB_M: tl.constexpr,
+):
+    """The adjoint solve of BLOCK_M rows (module docstring). First z* = h* W^T + frozen
+    (Z, float32) and rstd* (RSTD) at h* = HS; then, from G = V, phase A forms
+    U = DZ @ W (float32 scratch) and phase B the new G, its relative residual, the commit
+    and DZ = VJP(G) (W's dtype). Finally this program's part of
+    d_gain = damping * sum_rows G * n (DGAIN_PART[pid], float32)."""
+    pid = tl.program_id(0)
+    first = pid * BLOCK_M
+    block = first + tl.arange(0, BLOCK_M)
+    block_ok = block < n_rows
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    c = cols[None, :]
+
+    _product(HS, stride_hs, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
+             True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    for s in range(0, BLOCK_M, SUB_M):
+        r = first + s + tl.arange(0, SUB_M)
+        ok = r < n_rows
+        r64 = r.to(tl.int64)[:, None]
+        m = ok[:, None] & col_ok[None, :]
+        z = tl.load(Z + r64 * d + c, mask=m, other=0.0)
+        rstd = tl.rsqrt(tl.sum(z * z, axis=1) / d + eps)
+        tl.store(RSTD + r, rstd, mask=ok)
+        v = tl.load(V + r64 * stride_v + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(G + r64 * d + c, v, mask=m)
+        gain = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(DZ + r64 * d + c, _vjp(v, z, rstd, gain, damping, d).to(DZ.dtype.element_ty), mask=m)
+        _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M)
+    tl.debug_barrier()
+
+    k = tl.full((), 0, tl.int32)
+    pending = tl.full((), 1, tl.int32)
+    while pending > 0:
+        _product(DZ, d, W, 1, stride_w, F, 0, U, block, block_ok, d,
+                 False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        n_active = tl.full((), 0, tl.int32)
+        for s in range(0, BLOCK_M, SUB_M):
+            r = first + s + tl.arange(0, SUB_M)
+            ok = r < n_rows
+            r64 = r.to(tl.int64)[:, None]
+            res_old = tl.load(RES + r, mask=ok, other=0.0)
+            active = ok & (res_old >= tol) & (res_old <= flt_max)
+            am = active[:, None] & col_ok[None, :]
+            g = tl.load(G + r64 * d + c, mask=am, other=0.0)
+            v = tl.load(V + r64 * stride_v + c, mask=am, other=0.0).to(tl.float32)
+            u = tl.load(U + r64 * d + c, mask=am, other=0.0)
+            g_next = v + (1.0 - damping) * g + u
+            res = row_residual_tl(g_next - g, g_next, rel_eps, 1)
+            z = tl.load(Z + r64 * d + c, mask=am, other=0.0)
+            rstd = tl.load(RSTD + r, mask=active, other=0.0)
+            gain = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(G + r64 * d + c, g_next, mask=am)
+            tl.store(DZ + r64 * d + c, _vjp(g_next, z, rstd, gain, damping, d).to(DZ.dtype.element_ty), mask=am)
+            _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res)
+            n_active += tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        tl.debug_barrier()
+        k += 1
+        pending = tl.where(k < max_iter, n_active, 0)
+
+    d_gain = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, BLOCK_M, SUB_M):
+        r = first + s + tl.arange(0, SUB_M)
+        ok = r < n_rows
+        r64 = r.to(tl.int64)[:, None]
+        m = ok[:, None] & col_ok[None, :]
+        g = tl.load(G + r64 * d + c, mask=m, other=0.0)
+        z = tl.load(Z + r64 * d + c, mask=m, other=0.0)
+        rstd = tl.load(RSTD + r, mask=ok, other=0.0)
+        d_gain += tl.sum(g * z * rstd[:, None], axis=0)
+    tl.store(DGAIN_PART + pid * d + cols, damping * d_gain, mask=col_ok)
+
+
+# --------------------------------------------------------------------------- launchers
+#: Elements of a phase-B tile per warp on a GPU: 8 per thread and tensor (phase B holds about
+#: eight such tensors; more spilled registers in sm_90 builds).
+_GPU_SUB_TILE_PER_WARP = 256
+#: Under the interpreter every program and op costs milliseconds: whole blocks per tile.
+_INTERPRETER_SUB_TILE = 16384
+
+
+@functools.lru_cache(maxsize=1024)
+def persistent_config(n_rows: int, d: int, element_size: int, interpreted: bool, n_sm: int) -> dict:
+    """Launch parameters of both kernels (see the module docstring for the tiles).
+
+    ``BLOCK_M`` trades the number of programs against W traffic: every program streams
+    all of W from L2 once per iteration, so fewer, taller blocks read less, but fewer
+    than one block per SM leaves SMs idle. Aim at one block per SM, between 16 (tl.dot's
+    minimum; at R=256 that is 16 programs) and 128 (a 128x128 float32 accumulator is
+    64 registers a thread at 8 warps)."""
+    if interpreted:
+        block_m = 16
+        block_n = block_k = min(64, max(16, next_power_of_2(d)))
+        num_warps, num_stages, sub_tile = 4, 1, _INTERPRETER_SUB_TILE
+    else:
+        block_m = min(128, max(16, next_power_of_2(cdiv(n_rows, n_sm))))
+        block_n = min(128, max(16, next_power_of_2(d)))
+        block_k = min(64 if element_size <= 2 else 32, max(16, next_power_of_2(d)))
+        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+        num_stages = 3
+        sub_tile = _GPU_SUB_TILE_PER_WARP * num_warps
+    block_d = next_power_of_2(d)
+    sub_m = max(1, min(block_m, sub_tile // block_d))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SUB_M=sub_m,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _config(n_rows: int, d: int, t: torch.Tensor) -> dict:
+    cpu = t.device.type == "cpu"
+    return persistent_config(n_rows, d, t.element_size(), cpu, 1 if cpu else sm_count(t.device.index or 0))
+
+
+def _dot_args(t: torch.Tensor) -> dict:
+    """tl.dot's precision as F.linear's on ``t``'s dtype: TF32 for float32 only where torch
+    allows it; bfloat16 upcast under the interpreter (see ``_product``)."""
+    tf32 = t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return dict(PRECISION="tf32" if tf32 else "ieee", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+
+
+def solve_triton(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
+    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool,
+) -> tuple[torch.Tensor, RowState, Optional[torch.Tensor]]:
+    """Launch the forward solve. ``weight`` ``(d, d)`` and ``h0`` ``(..., d)`` in the storage
+    dtype, ``frozen`` ``(..., d)`` (h0's shape) or ``(d,)``, ``gain`` ``(d,)``.
+
+    Returns ``h_star`` ``(R, d)`` (storage dtype), its :class:`RowState` and, with
+    ``with_rstd``, the float32 ``rstd`` ``(R,)`` of ``h_star``'s ``z`` (else None)."""
+    d = weight.shape[0]
+    h_in = rows(h0, d)
+    f, stride_f = frozen_rows(frozen, d)
+    n_rows = h_in.shape[0]
+    device = h0.device
+    h = torch.empty((n_rows, d), dtype=h0.dtype, device=device)
+    state = RowState(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)),
+                     nstep=torch.empty(n_rows, dtype=torch.int32, device=device))
+    rstd = torch.empty(n_rows if with_rstd else 0, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return h, state, rstd if with_rstd else None
+    z = torch.empty((n_rows, d), dtype=torch.float32, device=device)
+    cfg = _config(n_rows, d, h0)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    _solve_kernel[(cdiv(n_rows, cfg["BLOCK_M"]),)](
+        h_in, w, f, gain.contiguous(), h, z, state.residual, state.prev, state.lowest, state.nstep, rstd,
+        n_rows, d, h_in.stride(0), w.stride(0), stride_f,
+        float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
+        STOP_MODE=STOP_MODES[stop_mode], WITH_RSTD=with_rstd, **_dot_args(h0), **cfg,
+    )
+    return h, state, rstd if with_rstd else None
+
+
+def adjoint_triton(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
+    eps: float, damping: float, max_iter: int, tol: float,
+) -> tuple[torch.Tensor, RowState, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the adjoint solve at ``h_star`` ``(..., d)`` for the incoming gradient ``v``
+    (same shape, float32). Returns ``g`` ``(R, d)`` float32, its :class:`RowState`,
+    ``dz = VJP_z(g)`` ``(R, d)`` in W's dtype, ``rstd`` ``(R,)`` at ``h_star`` and
+    ``d_gain = damping * sum_rows g * n`` ``(d,)`` float32."""
+    d = weight.shape[0]
+    hs, vv = rows(h_star, d), rows(v, d)
+    f, stride_f = frozen_rows(frozen, d)
+    n_rows = hs.shape[0]
+    device = h_star.device
+
+    def buffer(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    g, dz, rstd = buffer(n_rows, d), buffer(n_rows, d, dtype=weight.dtype), buffer(n_rows)
+    state = RowState(buffer(n_rows), buffer(n_rows), buffer(n_rows), buffer(n_rows, dtype=torch.int32))
+    if n_rows == 0:
+        return g, state, dz, rstd, torch.zeros(d, dtype=torch.float32, device=device)
+    cfg = _config(n_rows, d, h_star)
+    n_programs = cdiv(n_rows, cfg["BLOCK_M"])
+    d_gain_part = buffer(n_programs, d)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    _adjoint_kernel[(n_programs,)](
+        hs, w, f, gain.contiguous(), vv, g, dz, buffer(n_rows, d), buffer(n_rows, d), rstd,
+        state.residual, state.prev, state.lowest, state.nstep, d_gain_part,
+        n_rows, d, hs.stride(0), w.stride(0), stride_f, vv.stride(0),
+        float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
+        **_dot_args(weight), **cfg,
+    )
+    d_gain = d_gain_part[0] if n_programs == 1 else d_gain_part.sum(0)
+    return g, state, dz, rstd, d_gain
+
+
+# --------------------------------------------------------------------------- eager twins
+def _z(h: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return F.linear(h.to(w.dtype), w) + f
+
+
+def _rstd(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _any_active(state: RowState, tol: float) -> bool:
+    """Early exit of the eager twins: on the CPU only (elsewhere a read-back would sync
+    the host each iteration; the remaining iterations change nothing: all rows frozen)."""
+    if state.residual.device.type != "cpu":
+        return True
+    return bool(((state.residual >= tol) & (state.residual <= FLT_MAX)).any())
+
+
+def solve_reference(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
+    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool,
+) -> tuple[torch.Tensor, RowState, Optional[torch.Tensor]]:
+    """:func:`solve_triton` in torch ops (float32 math, float64 for float64 tensors):
+    the fallback and the oracle. ``rstd`` is float64 for float64 inputs."""
+    d = weight.shape[0]
+    ct = compute_dtype(h0)
+    w, f, g = weight.to(ct), frozen.to(ct).reshape(-1, d), gain.to(ct)
+    h = rows(h0, d)
+    state = RowState.start(h.shape[0], h.device)
+    for _ in range(max_iter):
+        z = _z(h, w, f)
+        h_prev = h.to(ct)
+        h_next = (1.0 - damping) * h_prev + damping * (z * _rstd(z, eps) * g)
+        h = commit_reference(h, h_next.to(h.dtype), row_residual(h_next, h_prev, stop_mode), state, tol, stop_mode)
+        if not _any_active(state, tol):
+            break
+    return h, state, _rstd(_z(h, w, f), eps).squeeze(-1) if with_rstd else None
+
+
+def adjoint_reference(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
+    eps: float, damping: float, max_iter: int, tol: float,
+) -> tuple[torch.Tensor, RowState, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`adjoint_triton` in torch ops (float64 for float64 tensors)."""
+    d = weight.shape[0]
+    ct = compute_dtype(h_star)
+    w = weight.to(ct)
+    z = _z(rows(h_star, d), w, frozen.to(ct).reshape(-1, d))
+    rstd = _rstd(z, eps)
+    n = z * rstd
+    gain_c = gain.to(ct)
+
+    def vjp(g: torch.Tensor) -> torch.Tensor:
+        dyg = damping * g * gain_c
+        return (rstd * (dyg - n * (dyg * n).mean(-1, keepdim=True))).to(weight.dtype)
+
+    vv = v.reshape(-1, d).to(ct)
+    g, dz = vv, vjp(vv)
+    state = RowState.start(g.shape[0], g.device)
+    for _ in range(max_iter):
+        g_next = vv + (1.0 - damping) * g + dz.to(ct) @ w
+        g = commit_reference(g, g_next, row_residual(g_next, g, "rel"), state, tol, "rel")
+        dz = vjp(g)
+        if not _any_active(state, tol):
+            break
+    return g.clone(), state, dz, rstd.squeeze(-1), damping * (g * n).sum(0)
