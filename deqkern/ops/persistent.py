@@ -317,14 +317,15 @@ def solve_triton(
     """Launch the forward solve. ``weight`` ``(d, d)`` and ``h0`` ``(..., d)`` in the storage
     dtype, ``frozen`` ``(..., d)`` (h0's shape) or ``(d,)``, ``gain`` ``(d,)``.
 
-    Returns ``h_star`` ``(R, d)`` (storage dtype), its :class:`RowState` and, with
-    ``with_rstd``, the float32 ``rstd`` ``(R,)`` of ``h_star``'s ``z`` (else None)."""
+    Returns ``h_star`` (h0's shape and dtype, a new tensor), its :class:`RowState` (flat
+    ``(R,)``) and, with ``with_rstd``, the float32 ``rstd`` ``(R,)`` of ``h_star``'s ``z``
+    (else None)."""
     d = weight.shape[0]
     h_in = rows(h0, d)
     f, stride_f = frozen_rows(frozen, d)
     n_rows = h_in.shape[0]
     device = h0.device
-    h = torch.empty((n_rows, d), dtype=h0.dtype, device=device)
+    h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
     state = RowState(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)),
                      nstep=torch.empty(n_rows, dtype=torch.int32, device=device))
     rstd = torch.empty(n_rows if with_rstd else 0, dtype=torch.float32, device=device)
@@ -413,7 +414,8 @@ def solve_reference(
         h = commit_reference(h, h_next.to(h.dtype), row_residual(h_next, h_prev, stop_mode), state, tol, stop_mode)
         if not _any_active(state, tol):
             break
-    return h, state, _rstd(_z(h, w, f), eps).squeeze(-1) if with_rstd else None
+    rstd = _rstd(_z(h, w, f), eps).squeeze(-1) if with_rstd else None
+    return h.reshape(h0.shape).clone(), state, rstd  # a new tensor, not a view (autograd wraps it)
 
 
 def adjoint_reference(

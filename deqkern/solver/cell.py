@@ -132,7 +132,7 @@ def _on_device(t: torch.Tensor):
 
 def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False):
     """The forward solve by the persistent kernel, or its eager twin where Triton cannot
-    run (``deqkern._backend``); returns ``(h (R, d), RowState, rstd or None)``."""
+    run (``deqkern._backend``); returns ``(h (h0's shape), RowState, rstd or None)``."""
     args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, with_rstd)
     if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
         _backend.record("eager")
@@ -147,9 +147,11 @@ def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol
     float64); returns ``(g (R, d), RowState, dz (R, d), d_gain (d,))``."""
     v = grad.to(compute_dtype(grad))
     if _backend.select(h_star.device, h_star.dtype, h_star.shape[-1]) == "eager":
+        _backend.record("eager")
         g, state, dz, _, d_gain = persistent.adjoint_reference(weight, frozen, gain, h_star, v, eps, damping,
                                                                max_iter, tol)
     else:
+        _backend.record(BACKEND)
         with _on_device(h_star):
             g, state, dz, _, d_gain = persistent.adjoint_triton(weight, frozen, gain, h_star, v, eps, damping,
                                                                 max_iter, tol)
@@ -223,8 +225,8 @@ def _solve_op(
     weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float, damping: float,
     max_iter: int, tol: float, stop_mode: str, b_max_iter: int, b_tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h (R, d), residual, prev, lowest, nstep)``; ``b_max_iter``, ``b_tol`` are for the
-    registered backward."""
+    """``(h (h0's shape), residual, prev, lowest, nstep)``; ``b_max_iter``, ``b_tol`` are for
+    the registered backward."""
     s = _Settings(eps, damping, max_iter, tol, stop_mode, "ift", b_max_iter, b_tol, "ignore")
     h, state, _ = _run_solve(weight, frozen, gain, h0, s)
     return h, state.residual, state.prev, state.lowest, state.nstep
@@ -232,10 +234,9 @@ def _solve_op(
 
 @_solve_op.register_fake
 def _solve_op_fake(weight, frozen, gain, h0, eps, damping, max_iter, tol, stop_mode, b_max_iter, b_tol):
-    d = h0.shape[-1]
     n_rows = math.prod(h0.shape[:-1])
     stats = [h0.new_empty((n_rows,), dtype=torch.float32) for _ in range(3)]
-    return h0.new_empty((n_rows, d)), *stats, h0.new_empty((n_rows,), dtype=torch.int32)
+    return torch.empty_like(h0, memory_format=torch.contiguous_format), *stats, h0.new_empty((n_rows,), dtype=torch.int32)
 
 
 @torch.library.custom_op("deqkern::solve_cell_adjoint", mutates_args=())
@@ -281,7 +282,7 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
     else:
         with torch.no_grad():
             h, state, _ = _run_solve(weight, frozen, gain, h0, s)
-    h_star = h.view(h0.shape)
+    h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
     info, check = _info(h_star, state, s.tol, s.stop_mode, s.on_nonconvergence)
     if check is not None:
         enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
