@@ -10,10 +10,12 @@ numerics.py rule, row-wise) plus a few units of the storage dtype."""
 import pytest
 import torch
 
-from deqkern.ops import persistent
+from deqkern.functional import update_with_stats
+from deqkern.ops import persistent, persistent_adjoint
 from deqkern.ops.commit import FLT_MAX
 from deqkern.solver import solve_fused
-from deqkern.functional import update_with_stats
+from deqkern.solver.cell import _read_check
+from deqkern.solver.loop import check_vector, host_check
 from numerics import case_seed
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -42,7 +44,7 @@ def make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cpu"):
 
 
 def fixed_point64(w, frozen, gain, h0):
-    h, state, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 400, 1e-14, "rel", False)
+    h, state, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 400, 1e-14, "rel", False)
     assert bool((state.residual < 1e-14).all())
     return h
 
@@ -67,8 +69,8 @@ def test_forward_parity(dtype, n_rows, d, stop_mode, with_rstd, device):
     gen = torch.Generator().manual_seed(case_seed("fwd", dtype, n_rows, d, stop_mode))
     f64, cast = make_cell(n_rows, d, dtype, gen, device=device)
     tol, max_iter = TOL[dtype], 25
-    h, state, rstd = persistent.solve_triton(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
-    h_e, state_e, rstd_e = persistent.solve_reference(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
+    h, state, rstd, _ = persistent.solve_triton(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
+    h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
 
     assert h.dtype == dtype and h.shape == (n_rows, d)
     converged = state.residual < tol
@@ -100,10 +102,10 @@ def test_adjoint_parity(dtype, n_rows, d, device):
     h_star = fixed_point64(*f64).to(dtype)
     v = torch.randn(n_rows, d, generator=gen).to(device) * torch.logspace(-3, 3, n_rows)[:, None].to(device)
     args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
-    g, state, dz, rstd, d_gain = persistent.adjoint_triton(*args)
-    g_e, state_e, dz_e, rstd_e, d_gain_e = persistent.adjoint_reference(*args)
-    g64, state64, _, _, _ = persistent.adjoint_reference(w64, frozen64, gain64, h_star.double(), v.double(), EPS,
-                                                         DAMPING, 400, 1e-14)
+    g, state, dz, rstd, d_gain, _ = persistent_adjoint.adjoint_triton(*args)
+    g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
+    g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
+                                                                    v.double(), EPS, DAMPING, 400, 1e-14)
     assert bool((state64.residual < 1e-14).all())
 
     assert g.dtype == torch.float32 and dz.dtype == dtype
@@ -123,6 +125,10 @@ def test_adjoint_parity(dtype, n_rows, d, device):
     torch.testing.assert_close(d_gain.double(), d_gain64, rtol=1e-4, atol=1e-4 * float(d_gain64.abs().max()))
 
 
+def counts(check):
+    return check.unconverged, check.first_bad_iter, check.bad_rows
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 def test_nonfinite_row_and_max_iter(device):
     """A NaN row freezes at step 1 with a NaN residual, rows that cannot converge stop at
@@ -131,21 +137,33 @@ def test_nonfinite_row_and_max_iter(device):
     _, (w, frozen, gain, h0) = make_cell(21, 12, torch.float32, gen, device=device)
     frozen[4, 3] = float("nan")
     max_iter = 6
-    h, state, _ = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
-    h_e, state_e, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
+    h, state, _, parts = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
+    h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
     assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
     others = torch.arange(21, device=device) != 4
     assert bool((state.nstep[others] == max_iter).all()) and bool((state.residual[others] >= 1e-6).all())
     assert bool(((state.residual[others] > 0) & (state.residual[others] < FLT_MAX)).all())
     torch.testing.assert_close(h[others], h_e[others], rtol=1e-5, atol=1e-6)
     assert torch.equal(state.nstep, state_e.nstep)
+    # the kernel's per-block parts of the host check read as the solver's check_vector
+    check, iterations = _read_check(parts)
+    expected = host_check(check_vector(state, 1e-6))
+    assert counts(check) == counts(expected) == (21, 1, 1)
+    assert iterations == max_iter and check.max_residual != check.max_residual  # NaN, as amax
 
     v = torch.randn(21, 12, generator=gen).to(device)
     v[7, 0] = float("inf")
     frozen[4, 3] = 0.0
-    g, b_state, _, _, _ = persistent.adjoint_triton(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
-    assert b_state.nstep[7] == 1 and torch.isnan(b_state.residual[7])
-    assert bool((b_state.nstep[torch.arange(21, device=device) != 7] == 4).all())
+    out = persistent_adjoint.adjoint_triton(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
+    assert out.state.nstep[7] == 1 and torch.isnan(out.state.residual[7])
+    assert bool((out.state.nstep[torch.arange(21, device=device) != 7] == 4).all())
+    assert counts(_read_check(out.check)[0]) == counts(host_check(check_vector(out.state, 1e-9))) == (21, 1, 1)
+
+    frozen[4, 3] = 1.0  # all finite, the rows converge: the parts agree with check_vector again
+    solved = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-4, "abs", False)
+    check, iterations = _read_check(solved.check)
+    assert check == host_check(check_vector(solved.state, 1e-4)) and check.unconverged == 0
+    assert iterations == int(solved.state.nstep.max())
 
 
 def test_matches_the_loop_path(device):
@@ -154,7 +172,7 @@ def test_matches_the_loop_path(device):
     gen = torch.Generator().manual_seed(case_seed("loop"))
     _, (w, frozen, gain, h0) = make_cell(40, 24, torch.float32, gen, device=device)
     tol, max_iter = 1e-5, 30
-    h, state, rstd = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, tol, "rel", False)
+    h, state, rstd, _ = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, tol, "rel", False)
 
     def step(x):
         return update_with_stats(x @ w.T, frozen, x, gain, eps=EPS, damping=DAMPING, stop_mode="rel")[:2]
@@ -174,16 +192,16 @@ def test_gpu_sizes_match_eager(dtype, n_rows, d):
     gen = torch.Generator().manual_seed(case_seed("gpu", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cuda")
     tol = TOL[dtype]
-    h, state, _ = persistent.solve_triton(*cast, EPS, DAMPING, 40, tol, "rel", False)
-    h_e, state_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, "rel", False)
+    h, state, _, _ = persistent.solve_triton(*cast, EPS, DAMPING, 40, tol, "rel", False)
+    h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, "rel", False)
     assert bool((state.residual < tol).all())
     assert int((state.nstep - state_e.nstep).abs().max()) <= 1
     assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
     v = torch.randn(n_rows, d, device="cuda")
-    g, b_state, _, _, _ = persistent.adjoint_triton(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
-    g_e, b_state_e, _, _, _ = persistent.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
-    assert bool((b_state.residual < tol).all())
-    assert float(row_err(g, g_e.double()).max()) < 20 * tol
+    out = persistent_adjoint.adjoint_triton(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    assert bool((out.state.residual < tol).all())
+    assert float(row_err(out.g, ref.g.double()).max()) < 20 * tol
 
 
 @cuda_only
@@ -192,7 +210,7 @@ def test_captured_in_a_cuda_graph():
     gen = torch.Generator().manual_seed(case_seed("graph"))
     _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
     args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
-    h_ref, state_ref, _ = persistent.solve_triton(*args)
+    h_ref, state_ref, _, _ = persistent.solve_triton(*args)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -200,7 +218,7 @@ def test_captured_in_a_cuda_graph():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        h, state, _ = persistent.solve_triton(*args)
+        h, state, _, _ = persistent.solve_triton(*args)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)

@@ -161,6 +161,23 @@ def test_policies_and_nonfinite():
     assert int(info["nonfinite_iter"]) == 1 and not bool(info["converged"][3])
 
 
+def test_info_is_computed_on_first_use(monkeypatch):
+    """info's statistics cost ~40 small device ops: none run until info is read; then it
+    is a plain dict with solve's keys, including the b_* ones after backward."""
+    calls = []
+    summarize = cell_mod.summarize
+    monkeypatch.setattr(cell_mod, "summarize", lambda *args: calls.append(1) or summarize(*args))
+    params, h0, cotangent = problem((6,), 8, torch.float32, "lazy")
+    h, info = deqkern.solve_cell(*params, h0, tol=1e-5, max_iter=40, on_nonconvergence="ignore")
+    grads(params, h, cotangent)
+    assert calls == [] and isinstance(info, dict)
+    merged = {**info, "extra": 1}
+    assert calls == [1, 1] and set(merged) == INFO_KEYS | {f"b_{k}" for k in INFO_KEYS} | {"extra"}
+    assert isinstance(info["iterations"], torch.Tensor) and int(info["iterations"]) == int(info["nstep"].max())
+    info["inj_rms"] = 0.0
+    assert calls == [1, 1] and len(info) == 2 * len(INFO_KEYS) + 1
+
+
 def test_empty_batch():
     params, _, _ = problem((3,), 5, torch.float32, "empty")
     w, _, gain = params

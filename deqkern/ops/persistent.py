@@ -1,5 +1,6 @@
-"""The whole Picard solve of the frozen-context cell in one launch (forward and adjoint):
-Triton kernels, their launchers, and the eager twins (fallback and test oracle).
+"""The whole Picard solve of the frozen-context cell in one launch: the forward kernel, its
+launcher and eager twin (fallback and test oracle), and the device and host helpers it
+shares with the adjoint solve (:mod:`deqkern.ops.persistent_adjoint`).
 
 The cell, per row of ``h`` ``(R, d)`` -- exactly one step of the loop path (a GEMM, then
 :mod:`deqkern.ops.update`, then :mod:`deqkern.ops.commit`)::
@@ -12,15 +13,10 @@ The cell, per row of ``h`` ``(R, d)`` -- exactly one step of the loop path (a GE
 with the solver's bookkeeping (:mod:`deqkern.ops.commit`): a row is active while
 ``tol <= residual <= FLT_MAX`` (its residual starts at ``FLT_MAX``); an active row commits
 ``h_next`` and its statistics (:class:`~deqkern.ops.commit.RowState`); a converged or
-non-finite row keeps its iterate. The adjoint solve of the implicit backward iterates,
-from ``g = v``, ``g <- v + J^T g`` with ``J^T g = (1 - damping) g + VJP_z(g) @ W`` and
-``VJP_z(g) = rstd * (dyg - n * mean(dyg * n))``, ``dyg = damping * gain * g``,
-``n = z * rstd`` at ``h*``; ``g`` is float32, ``dz = VJP_z(g)`` is rounded to W's dtype
-before its GEMM (as :class:`deqkern.nn.cell_adjoint`), and its stop test is always the
-relative residual (independent of the loss's scale).
+non-finite row keeps its iterate.
 
-Kernel design (one program per block of ``BLOCK_M`` rows; no grid-wide synchronization,
-since a row's next iterate depends only on that row):
+Kernel design, both solves (one program per block of ``BLOCK_M`` rows; no grid-wide
+synchronization, since a row's next iterate depends only on that row):
 
 - Phase A, the GEMM: for each ``BLOCK_N``-column tile, ``tl.dot`` over ``BLOCK_K`` tiles of
   the block's iterate (read from the iterate buffer, which the block's own rows keep in L1/L2)
@@ -36,12 +32,14 @@ since a row's next iterate depends only on that row):
 - A program loops while one of its rows is active and ``k < max_iter``: early exit per
   block of rows, the iteration count read by no one on the host, so a launch is
   capturable in a CUDA graph. The iterate lives in the output buffer itself.
+- At the end each program writes its part of the solver's host check (``block_check_tl``),
+  so the policies need one small read-back and no reduction launches.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +50,14 @@ from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
 from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, frozen_rows, next_power_of_2, rows, sm_count
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
-__all__ = ["solve_triton", "solve_reference", "adjoint_triton", "adjoint_reference", "persistent_config"]
-
-_REL = STOP_MODES["rel"]
+__all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args",
+           "new_row_state", "product_tl", "init_state_tl", "commit_state_tl", "block_check_tl", "cell_z", "cell_rstd",
+           "any_active"]
 
 
 # --------------------------------------------------------------------------- device helpers
 @triton.jit
-def _product(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row_ok, d,
+def product_tl(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row_ok, d,
              HAS_F: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase A: ``OUT[rows] = A[rows] @ B (+ F[rows])`` in float32, ``B[k, n]`` at
@@ -88,7 +86,7 @@ def _product(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row_o
 
 
 @triton.jit
-def _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M: tl.constexpr):
+def init_state_tl(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M: tl.constexpr):
     start = tl.zeros([SUB_M], dtype=tl.float32) + flt_max
     tl.store(RES + r, start, mask=ok)
     tl.store(PREV + r, start, mask=ok)
@@ -97,7 +95,7 @@ def _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M: tl.constexpr):
 
 
 @triton.jit
-def _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res):
+def commit_state_tl(RES, PREV, LOWEST, NSTEP, r, active, res_old, res):
     """The bookkeeping of deqkern.ops.commit for the active rows ``r``."""
     lowest = tl.load(LOWEST + r, mask=active, other=0.0)
     nstep = tl.load(NSTEP + r, mask=active, other=0)
@@ -108,18 +106,30 @@ def _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res):
 
 
 @triton.jit
-def _vjp(g, z, rstd, gain, damping, d):
-    """RMSNorm's VJP of the cell at ``z``: ``rstd * (dyg - n * mean(dyg * n))``."""
-    n = z * rstd[:, None]
-    dyg = damping * g * gain[None, :]
-    proj = tl.sum(dyg * n, axis=1) / d
-    return rstd[:, None] * (dyg - n * proj[:, None])
+def block_check_tl(RES, NSTEP, CHECK, pid, first, n_rows, tol, flt_max, BLOCK_M: tl.constexpr):
+    """This program's part of the solver's host check (``check_vector`` of
+    deqkern.solver.loop) over its rows: ``CHECK[pid] = (unconverged rows, first non-finite
+    step or 0, non-finite rows, largest finite residual, largest nstep)``, float32 (exact:
+    counts and steps are far below 2**24). Read after the launch's barrier-ordered stores."""
+    r = first + tl.arange(0, BLOCK_M)
+    ok = r < n_rows
+    res = tl.load(RES + r, mask=ok, other=0.0)
+    nstep = tl.load(NSTEP + r, mask=ok, other=0)
+    bad = ok & ~(tl.abs(res) <= flt_max)
+    n_bad = tl.sum(bad.to(tl.int32), axis=0)
+    first_bad = tl.min(tl.where(bad, nstep, 2147483647), axis=0)
+    out = CHECK + pid * 5
+    tl.store(out, tl.sum((ok & ~(res < tol)).to(tl.int32), axis=0).to(tl.float32))
+    tl.store(out + 1, tl.where(n_bad > 0, first_bad, 0).to(tl.float32))
+    tl.store(out + 2, n_bad.to(tl.float32))
+    tl.store(out + 3, tl.max(tl.where(ok & ~bad, res, 0.0), axis=0))
+    tl.store(out + 4, tl.max(tl.where(ok, nstep, 0), axis=0).to(tl.float32))
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _solve_kernel(
-    H0, W, F, GAIN, H, Z, RES, PREV, LOWEST, NSTEP, RSTD,
+    H0, W, F, GAIN, H, Z, RES, PREV, LOWEST, NSTEP, RSTD, CHECK,
     n_rows, d, stride_h0, stride_w, stride_f,
     eps, damping, tol, max_iter, flt_max, rel_eps,
     STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
@@ -127,7 +137,8 @@ def _solve_kernel(
     SUB_M: tl.constexpr,
 ):
     """The forward solve of BLOCK_M rows (module docstring). H (R, d) holds the iterate,
-    Z (R, d) float32 is scratch; RES, PREV, LOWEST, NSTEP: the RowState.
+    Z (R, d) float32 is scratch; RES, PREV, LOWEST, NSTEP: the RowState; CHECK: the
+    program's part of the host check (``block_check_tl``).
     WITH_RSTD: after the last commit, one more phase A at the returned iterate gives its
     rstd (RSTD); without it the program stops right after its last commit."""
     first = tl.program_id(0) * BLOCK_M
@@ -143,13 +154,13 @@ def _solve_kernel(
         r64 = r.to(tl.int64)[:, None]
         m = ok[:, None] & col_ok[None, :]
         tl.store(H + r64 * d + c, tl.load(H0 + r64 * stride_h0 + c, mask=m, other=0.0), mask=m)
-        _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M)
+        init_state_tl(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M)
     tl.debug_barrier()
 
     k = tl.full((), 0, tl.int32)
     pending = tl.full((), 1, tl.int32)
     while pending > 0:
-        _product(H, d, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
+        product_tl(H, d, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
                  True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
@@ -171,7 +182,7 @@ def _solve_kernel(
             h_next = tl.where(am, (1.0 - damping) * h + damping * (z * rstd[:, None] * gain[None, :]), 0.0)
             res = row_residual_tl(h_next - h, h_next, rel_eps, STOP_MODE)
             tl.store(H + r64 * d + c, h_next.to(H.dtype.element_ty), mask=am)
-            _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res)
+            commit_state_tl(RES, PREV, LOWEST, NSTEP, r, active, res_old, res)
             n_commit += tl.sum(active.to(tl.int32), axis=0)
             n_active += tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
         tl.debug_barrier()
@@ -180,88 +191,7 @@ def _solve_kernel(
             pending = n_commit
         else:
             pending = tl.where(k < max_iter, n_active, 0)
-
-
-@triton.jit
-def _adjoint_kernel(
-    HS, W, F, GAIN, V, G, DZ, Z, U, RSTD, RES, PREV, LOWEST, NSTEP, DGAIN_PART,
-    n_rows, d, stride_hs, stride_w, stride_f, stride_v,
-    eps, damping, tol, max_iter, flt_max, rel_eps,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SUB_M: tl.constexpr,
-):
-    """The adjoint solve of BLOCK_M rows (module docstring). First z* = h* W^T + frozen
-    (Z, float32) and rstd* (RSTD) at h* = HS; then, from G = V, phase A forms
-    U = DZ @ W (float32 scratch) and phase B the new G, its relative residual, the commit
-    and DZ = VJP(G) (W's dtype). Finally this program's part of
-    d_gain = damping * sum_rows G * n (DGAIN_PART[pid], float32)."""
-    pid = tl.program_id(0)
-    first = pid * BLOCK_M
-    block = first + tl.arange(0, BLOCK_M)
-    block_ok = block < n_rows
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < d
-    c = cols[None, :]
-
-    _product(HS, stride_hs, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
-             True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    for s in range(0, BLOCK_M, SUB_M):
-        r = first + s + tl.arange(0, SUB_M)
-        ok = r < n_rows
-        r64 = r.to(tl.int64)[:, None]
-        m = ok[:, None] & col_ok[None, :]
-        z = tl.load(Z + r64 * d + c, mask=m, other=0.0)
-        rstd = tl.rsqrt(tl.sum(z * z, axis=1) / d + eps)
-        tl.store(RSTD + r, rstd, mask=ok)
-        v = tl.load(V + r64 * stride_v + c, mask=m, other=0.0).to(tl.float32)
-        tl.store(G + r64 * d + c, v, mask=m)
-        gain = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(DZ + r64 * d + c, _vjp(v, z, rstd, gain, damping, d).to(DZ.dtype.element_ty), mask=m)
-        _init_state(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M)
-    tl.debug_barrier()
-
-    k = tl.full((), 0, tl.int32)
-    pending = tl.full((), 1, tl.int32)
-    while pending > 0:
-        _product(DZ, d, W, 1, stride_w, F, 0, U, block, block_ok, d,
-                 False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        n_active = tl.full((), 0, tl.int32)
-        for s in range(0, BLOCK_M, SUB_M):
-            r = first + s + tl.arange(0, SUB_M)
-            ok = r < n_rows
-            r64 = r.to(tl.int64)[:, None]
-            res_old = tl.load(RES + r, mask=ok, other=0.0)
-            active = ok & (res_old >= tol) & (res_old <= flt_max)
-            am = active[:, None] & col_ok[None, :]
-            g = tl.load(G + r64 * d + c, mask=am, other=0.0)
-            v = tl.load(V + r64 * stride_v + c, mask=am, other=0.0).to(tl.float32)
-            u = tl.load(U + r64 * d + c, mask=am, other=0.0)
-            g_next = v + (1.0 - damping) * g + u
-            res = row_residual_tl(g_next - g, g_next, rel_eps, 1)
-            z = tl.load(Z + r64 * d + c, mask=am, other=0.0)
-            rstd = tl.load(RSTD + r, mask=active, other=0.0)
-            gain = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(G + r64 * d + c, g_next, mask=am)
-            tl.store(DZ + r64 * d + c, _vjp(g_next, z, rstd, gain, damping, d).to(DZ.dtype.element_ty), mask=am)
-            _commit_state(RES, PREV, LOWEST, NSTEP, r, active, res_old, res)
-            n_active += tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
-        tl.debug_barrier()
-        k += 1
-        pending = tl.where(k < max_iter, n_active, 0)
-
-    d_gain = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, BLOCK_M, SUB_M):
-        r = first + s + tl.arange(0, SUB_M)
-        ok = r < n_rows
-        r64 = r.to(tl.int64)[:, None]
-        m = ok[:, None] & col_ok[None, :]
-        g = tl.load(G + r64 * d + c, mask=m, other=0.0)
-        z = tl.load(Z + r64 * d + c, mask=m, other=0.0)
-        rstd = tl.load(RSTD + r, mask=ok, other=0.0)
-        d_gain += tl.sum(g * z * rstd[:, None], axis=0)
-    tl.store(DGAIN_PART + pid * d + cols, damping * d_gain, mask=col_ok)
+    block_check_tl(RES, NSTEP, CHECK, tl.program_id(0), first, n_rows, tol, flt_max, BLOCK_M)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -298,97 +228,71 @@ def persistent_config(n_rows: int, d: int, element_size: int, interpreted: bool,
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def _config(n_rows: int, d: int, t: torch.Tensor) -> dict:
+def config_for(n_rows: int, d: int, t: torch.Tensor) -> dict:
     cpu = t.device.type == "cpu"
     return persistent_config(n_rows, d, t.element_size(), cpu, 1 if cpu else sm_count(t.device.index or 0))
 
 
-def _dot_args(t: torch.Tensor) -> dict:
+def dot_args(t: torch.Tensor) -> dict:
     """tl.dot's precision as F.linear's on ``t``'s dtype: TF32 for float32 only where torch
-    allows it; bfloat16 upcast under the interpreter (see ``_product``)."""
+    allows it; bfloat16 upcast under the interpreter (see ``product_tl``)."""
     tf32 = t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return dict(PRECISION="tf32" if tf32 else "ieee", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+
+
+class Solved(NamedTuple):
+    """The forward solve's outputs."""
+
+    h: torch.Tensor  #: h_star, h0's shape and dtype (a new tensor)
+    state: RowState  #: flat (R,) per-row bookkeeping
+    rstd: Optional[torch.Tensor]  #: (R,) rstd of h_star's z (``with_rstd``), else None
+    check: Optional[torch.Tensor]  #: (programs, 5) float32 parts of the host check (kernels only)
+
+
+def new_row_state(n_rows: int, device: torch.device) -> RowState:
+    return RowState(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)),
+                    nstep=torch.empty(n_rows, dtype=torch.int32, device=device))
 
 
 def solve_triton(
     weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
     damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool,
-) -> tuple[torch.Tensor, RowState, Optional[torch.Tensor]]:
+) -> Solved:
     """Launch the forward solve. ``weight`` ``(d, d)`` and ``h0`` ``(..., d)`` in the storage
-    dtype, ``frozen`` ``(..., d)`` (h0's shape) or ``(d,)``, ``gain`` ``(d,)``.
-
-    Returns ``h_star`` (h0's shape and dtype, a new tensor), its :class:`RowState` (flat
-    ``(R,)``) and, with ``with_rstd``, the float32 ``rstd`` ``(R,)`` of ``h_star``'s ``z``
-    (else None)."""
+    dtype, ``frozen`` ``(..., d)`` (h0's shape) or ``(d,)``, ``gain`` ``(d,)``, any float dtype."""
     d = weight.shape[0]
     h_in = rows(h0, d)
     f, stride_f = frozen_rows(frozen, d)
     n_rows = h_in.shape[0]
     device = h0.device
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
-    state = RowState(*(torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3)),
-                     nstep=torch.empty(n_rows, dtype=torch.int32, device=device))
+    state = new_row_state(n_rows, device)
     rstd = torch.empty(n_rows if with_rstd else 0, dtype=torch.float32, device=device)
-    if n_rows == 0:
-        return h, state, rstd if with_rstd else None
-    z = torch.empty((n_rows, d), dtype=torch.float32, device=device)
-    cfg = _config(n_rows, d, h0)
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    _solve_kernel[(cdiv(n_rows, cfg["BLOCK_M"]),)](
-        h_in, w, f, gain.contiguous(), h, z, state.residual, state.prev, state.lowest, state.nstep, rstd,
-        n_rows, d, h_in.stride(0), w.stride(0), stride_f,
-        float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
-        STOP_MODE=STOP_MODES[stop_mode], WITH_RSTD=with_rstd, **_dot_args(h0), **cfg,
-    )
-    return h, state, rstd if with_rstd else None
-
-
-def adjoint_triton(
-    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
-    eps: float, damping: float, max_iter: int, tol: float,
-) -> tuple[torch.Tensor, RowState, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the adjoint solve at ``h_star`` ``(..., d)`` for the incoming gradient ``v``
-    (same shape, float32). Returns ``g`` ``(R, d)`` float32, its :class:`RowState`,
-    ``dz = VJP_z(g)`` ``(R, d)`` in W's dtype, ``rstd`` ``(R,)`` at ``h_star`` and
-    ``d_gain = damping * sum_rows g * n`` ``(d,)`` float32."""
-    d = weight.shape[0]
-    hs, vv = rows(h_star, d), rows(v, d)
-    f, stride_f = frozen_rows(frozen, d)
-    n_rows = hs.shape[0]
-    device = h_star.device
-
-    def buffer(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    g, dz, rstd = buffer(n_rows, d), buffer(n_rows, d, dtype=weight.dtype), buffer(n_rows)
-    state = RowState(buffer(n_rows), buffer(n_rows), buffer(n_rows), buffer(n_rows, dtype=torch.int32))
-    if n_rows == 0:
-        return g, state, dz, rstd, torch.zeros(d, dtype=torch.float32, device=device)
-    cfg = _config(n_rows, d, h_star)
+    cfg = config_for(n_rows, d, h0)
     n_programs = cdiv(n_rows, cfg["BLOCK_M"])
-    d_gain_part = buffer(n_programs, d)
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    _adjoint_kernel[(n_programs,)](
-        hs, w, f, gain.contiguous(), vv, g, dz, buffer(n_rows, d), buffer(n_rows, d), rstd,
-        state.residual, state.prev, state.lowest, state.nstep, d_gain_part,
-        n_rows, d, hs.stride(0), w.stride(0), stride_f, vv.stride(0),
-        float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
-        **_dot_args(weight), **cfg,
-    )
-    d_gain = d_gain_part[0] if n_programs == 1 else d_gain_part.sum(0)
-    return g, state, dz, rstd, d_gain
+    check = torch.empty((n_programs, 5), dtype=torch.float32, device=device)
+    if n_rows > 0:
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
+        _solve_kernel[(n_programs,)](
+            h_in, w, f, gain.contiguous(), h, torch.empty((n_rows, d), dtype=torch.float32, device=device),
+            state.residual, state.prev, state.lowest, state.nstep, rstd, check,
+            n_rows, d, h_in.stride(0), w.stride(0), stride_f,
+            float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
+            STOP_MODE=STOP_MODES[stop_mode], WITH_RSTD=with_rstd, **dot_args(h0), **cfg,
+        )
+    return Solved(h, state, rstd if with_rstd else None, check)
 
 
 # --------------------------------------------------------------------------- eager twins
-def _z(h: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def cell_z(h: torch.Tensor, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return F.linear(h.to(w.dtype), w) + f
 
 
-def _rstd(z: torch.Tensor, eps: float) -> torch.Tensor:
+def cell_rstd(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _any_active(state: RowState, tol: float) -> bool:
+def any_active(state: RowState, tol: float) -> bool:
     """Early exit of the eager twins: on the CPU only (elsewhere a read-back would sync
     the host each iteration; the remaining iterations change nothing: all rows frozen)."""
     if state.residual.device.type != "cpu":
@@ -399,49 +303,20 @@ def _any_active(state: RowState, tol: float) -> bool:
 def solve_reference(
     weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
     damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool,
-) -> tuple[torch.Tensor, RowState, Optional[torch.Tensor]]:
+) -> Solved:
     """:func:`solve_triton` in torch ops (float32 math, float64 for float64 tensors):
-    the fallback and the oracle. ``rstd`` is float64 for float64 inputs."""
+    the fallback and the oracle (``rstd`` float64 for float64 inputs; ``check`` None)."""
     d = weight.shape[0]
     ct = compute_dtype(h0)
     w, f, g = weight.to(ct), frozen.to(ct).reshape(-1, d), gain.to(ct)
     h = rows(h0, d)
     state = RowState.start(h.shape[0], h.device)
     for _ in range(max_iter):
-        z = _z(h, w, f)
+        z = cell_z(h, w, f)
         h_prev = h.to(ct)
-        h_next = (1.0 - damping) * h_prev + damping * (z * _rstd(z, eps) * g)
+        h_next = (1.0 - damping) * h_prev + damping * (z * cell_rstd(z, eps) * g)
         h = commit_reference(h, h_next.to(h.dtype), row_residual(h_next, h_prev, stop_mode), state, tol, stop_mode)
-        if not _any_active(state, tol):
+        if not any_active(state, tol):
             break
-    rstd = _rstd(_z(h, w, f), eps).squeeze(-1) if with_rstd else None
-    return h.reshape(h0.shape).clone(), state, rstd  # a new tensor, not a view (autograd wraps it)
-
-
-def adjoint_reference(
-    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
-    eps: float, damping: float, max_iter: int, tol: float,
-) -> tuple[torch.Tensor, RowState, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`adjoint_triton` in torch ops (float64 for float64 tensors)."""
-    d = weight.shape[0]
-    ct = compute_dtype(h_star)
-    w = weight.to(ct)
-    z = _z(rows(h_star, d), w, frozen.to(ct).reshape(-1, d))
-    rstd = _rstd(z, eps)
-    n = z * rstd
-    gain_c = gain.to(ct)
-
-    def vjp(g: torch.Tensor) -> torch.Tensor:
-        dyg = damping * g * gain_c
-        return (rstd * (dyg - n * (dyg * n).mean(-1, keepdim=True))).to(weight.dtype)
-
-    vv = v.reshape(-1, d).to(ct)
-    g, dz = vv, vjp(vv)
-    state = RowState.start(g.shape[0], g.device)
-    for _ in range(max_iter):
-        g_next = vv + (1.0 - damping) * g + dz.to(ct) @ w
-        g = commit_reference(g, g_next, row_residual(g_next, g, "rel"), state, tol, "rel")
-        dz = vjp(g)
-        if not _any_active(state, tol):
-            break
-    return g.clone(), state, dz, rstd.squeeze(-1), damping * (g * n).sum(0)
+    rstd = cell_rstd(cell_z(h, w, f), eps).squeeze(-1) if with_rstd else None
+    return Solved(h.reshape(h0.shape).clone(), state, rstd, None)  # a new tensor, not a view: autograd wraps it

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from deqkern import _backend
 from deqkern.functional import update_with_stats
-from deqkern.ops import persistent
+from deqkern.ops import persistent, persistent_adjoint
 from deqkern.ops.commit import RowState
 from deqkern.ops.launch import STOP_MODES, compute_dtype
 from deqkern.solver.adjoint import Equilibrium
@@ -130,9 +130,9 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False):
+def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) -> persistent.Solved:
     """The forward solve by the persistent kernel, or its eager twin where Triton cannot
-    run (``deqkern._backend``); returns ``(h (h0's shape), RowState, rstd or None)``."""
+    run (``deqkern._backend``)."""
     args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, with_rstd)
     if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
         _backend.record("eager")
@@ -142,20 +142,15 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False):
         return persistent.solve_triton(*args)
 
 
-def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol):
-    """The adjoint solve at ``h_star`` for ``grad`` (iterated in float32, float64 for
-    float64); returns ``(g (R, d), RowState, dz (R, d), d_gain (d,))``."""
-    v = grad.to(compute_dtype(grad))
+def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol) -> persistent_adjoint.Adjoint:
+    """The adjoint solve at ``h_star`` for ``grad`` (iterated in float32, float64 for float64)."""
+    args = (weight, frozen, gain, h_star, grad.to(compute_dtype(grad)), eps, damping, max_iter, tol)
     if _backend.select(h_star.device, h_star.dtype, h_star.shape[-1]) == "eager":
         _backend.record("eager")
-        g, state, dz, _, d_gain = persistent.adjoint_reference(weight, frozen, gain, h_star, v, eps, damping,
-                                                               max_iter, tol)
-    else:
-        _backend.record(BACKEND)
-        with _on_device(h_star):
-            g, state, dz, _, d_gain = persistent.adjoint_triton(weight, frozen, gain, h_star, v, eps, damping,
-                                                                max_iter, tol)
-    return g, state, dz, d_gain
+        return persistent_adjoint.adjoint_reference(*args)
+    _backend.record(BACKEND)
+    with _on_device(h_star):
+        return persistent_adjoint.adjoint_triton(*args)
 
 
 def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
@@ -172,18 +167,87 @@ def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
     return d_weight, d_frozen, d_gain.to(gain.dtype) if needs[2] else None
 
 
-def _info(h: torch.Tensor, state: RowState, tol: float, stop_mode: str, policy: str) -> tuple[dict, Optional[Check]]:
-    """``info`` as :func:`deqkern.solve`'s, and the host check (the one sync) unless
-    ``policy == "ignore"``, where ``iterations`` stays a device tensor."""
-    vector = check_vector(state, tol)
-    info = summarize(h, state, vector, tol, stop_mode)
-    most = state.nstep.amax() if state.nstep.numel() else torch.zeros((), dtype=torch.int32, device=h.device)
-    if policy == "ignore":
-        info["iterations"] = most
-        return info, None
-    host = torch.cat([vector, most.to(torch.float64).reshape(1)]).cpu()
-    info["iterations"] = int(host[4])
-    return info, host_check(host[:4])
+# --------------------------------------------------------------------------- info and policies
+def _most(state: RowState) -> torch.Tensor:
+    nstep = state.nstep
+    return nstep.amax() if nstep.numel() else torch.zeros((), dtype=torch.int32, device=nstep.device)
+
+
+def _summary(h, state: RowState, tol: float, stop_mode: str, iterations) -> dict:
+    """:func:`deqkern.solve`'s info tensors (``summarize``), ``iterations`` the largest
+    ``nstep`` (the host int when a check read it, else a device tensor)."""
+    info = summarize(h, state, check_vector(state, tol), tol, stop_mode)
+    info["iterations"] = _most(state) if iterations is None else iterations
+    return info
+
+
+class Info(dict):
+    """The ``info`` of :func:`solve_cell`: :func:`deqkern.solve`'s keys, computed on first
+    use. ``summarize`` is about forty small device ops -- on a small solve several times
+    the kernel's own host time -- so a caller who never reads ``info`` (token-by-token
+    generation) does not pay for it. Any read or write fills it first; it then is a plain
+    dict. Until then it holds the solve's ``h*`` and ``RowState`` (and the adjoint's ``g``)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self):
+        super().__init__()
+        self._pending: list = []
+
+    def defer(self, prefix: str, h, state: RowState, tol: float, stop_mode: str, iterations) -> None:
+        self._pending.append((prefix, h, state, tol, stop_mode, iterations))
+
+    def _fill(self) -> None:
+        while self._pending:
+            prefix, *args = self._pending.pop(0)
+            for name, value in _summary(*args).items():
+                dict.__setitem__(self, prefix + name, value)
+
+
+def _filled(name: str):
+    method = getattr(dict, name)
+
+    def wrapper(self, *args, **kwargs):
+        self._fill()
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__ = name
+    return wrapper
+
+
+for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__repr__",
+              "__eq__", "__ne__", "__or__", "__ior__", "__reversed__", "__reduce_ex__", "get", "keys", "values",
+              "items", "pop", "popitem", "setdefault", "update", "copy", "clear"):
+    setattr(Info, _name, _filled(_name))
+
+
+def _read_check(parts: torch.Tensor) -> tuple[Check, int]:
+    """The host check from the kernels' per-program parts (``_block_check``): the one sync."""
+    p = parts.cpu().numpy()
+    if len(p) == 0:
+        return Check(0, 0, 0, 0.0), 0
+    bad_rows = int(p[:, 2].sum())
+    first_bad = int(p[:, 1][p[:, 1] > 0].min()) if bad_rows else 0
+    max_residual = math.nan if bad_rows else float(p[:, 3].max())
+    return Check(int(p[:, 0].sum()), first_bad, bad_rows, max_residual), int(p[:, 4].max())
+
+
+def _report(info: dict, prefix: str, h, state: RowState, parts: Optional[torch.Tensor], tol: float,
+            stop_mode: str, policy: str) -> Optional[Check]:
+    """Add the solve's statistics to ``info`` (deferred in an :class:`Info`) and return the
+    host check for ``enforce`` -- the one sync -- unless ``policy == "ignore"``."""
+    check = iterations = None
+    if policy != "ignore":
+        if parts is not None:
+            check, iterations = _read_check(parts)
+        else:
+            vector = torch.cat([check_vector(state, tol), _most(state).to(torch.float64).reshape(1)]).cpu()
+            check, iterations = host_check(vector[:4]), int(vector[4])
+    if isinstance(info, Info):
+        info.defer(prefix, h, state, tol, stop_mode, iterations)
+    else:
+        info.update({prefix + name: value for name, value in _summary(h, state, tol, stop_mode, iterations).items()})
+    return check
 
 
 # --------------------------------------------------------------------------- autograd (eager)
@@ -209,14 +273,13 @@ class _Implicit(torch.autograd.Function):
     def backward(ctx, grad):
         weight, frozen, gain, h_star = ctx.saved_tensors
         s, info = ctx.problem.settings, ctx.problem.info
-        g, state, dz, d_gain = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter,
-                                            s.b_tol)
-        stats, check = _info(g.view(grad.shape), state, s.b_tol, "rel", s.on_nonconvergence)
-        info.update({f"b_{name}": value for name, value in stats.items()})
+        out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
+        check = _report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
+                        s.on_nonconvergence)
         if check is not None:
-            enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", g.shape[0], s.b_max_iter,
+            enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
                     s.b_tol, "rel", info)
-        return (*_param_grads(dz, d_gain, h_star, frozen, gain, ctx.needs_input_grad), None, None)
+        return (*_param_grads(out.dz, out.d_gain, h_star, frozen, gain, ctx.needs_input_grad), None, None)
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile)
@@ -228,7 +291,7 @@ def _solve_op(
     """``(h (h0's shape), residual, prev, lowest, nstep)``; ``b_max_iter``, ``b_tol`` are for
     the registered backward."""
     s = _Settings(eps, damping, max_iter, tol, stop_mode, "ift", b_max_iter, b_tol, "ignore")
-    h, state, _ = _run_solve(weight, frozen, gain, h0, s)
+    h, state, _, _ = _run_solve(weight, frozen, gain, h0, s)
     return h, state.residual, state.prev, state.lowest, state.nstep
 
 
@@ -245,8 +308,8 @@ def _adjoint_op(
     eps: float, damping: float, max_iter: int, tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dz (R, d) in W's dtype, d_gain (d,))`` of the adjoint solve."""
-    _, _, dz, d_gain = _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol)
-    return dz, d_gain
+    out = _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol)
+    return out.dz, out.d_gain
 
 
 @_adjoint_op.register_fake
@@ -278,12 +341,13 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
         with torch.set_grad_enabled(needs_grad and s.backward == "ift"):
             h, *stats = _solve_op(weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode,
                                   s.b_max_iter, s.b_tol)
-        state = RowState(*stats)
+        state, parts, info = RowState(*stats), None, {}
     else:
         with torch.no_grad():
-            h, state, _ = _run_solve(weight, frozen, gain, h0, s)
+            h, state, _, parts = _run_solve(weight, frozen, gain, h0, s)
+        info = Info()
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
-    info, check = _info(h_star, state, s.tol, s.stop_mode, s.on_nonconvergence)
+    check = _report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
     if check is not None:
         enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
     if not needs_grad or (compiling and s.backward == "ift"):
