@@ -195,6 +195,9 @@ class Info(dict):
         self._pending: list = []
 
     def defer(self, prefix: str, h, state: RowState, tol: float, stop_mode: str, iterations) -> None:
+        """Statistics of one solve, keys prefixed by ``prefix``; a later solve with the
+        same prefix (a second backward) replaces a pending one."""
+        self._pending = [p for p in self._pending if p[0] != prefix]
         self._pending.append((prefix, h, state, tol, stop_mode, iterations))
 
     def _fill(self) -> None:
