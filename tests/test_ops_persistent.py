@@ -14,7 +14,7 @@ from deqkern.functional import update_with_stats
 from deqkern.ops import persistent, persistent_adjoint
 from deqkern.ops.commit import FLT_MAX
 from deqkern.solver import solve_fused
-from deqkern.solver.cell import _read_check
+from deqkern.solver.report import read_check
 from deqkern.solver.loop import check_vector, host_check
 from numerics import case_seed
 
@@ -146,7 +146,7 @@ def test_nonfinite_row_and_max_iter(device):
     torch.testing.assert_close(h[others], h_e[others], rtol=1e-5, atol=1e-6)
     assert torch.equal(state.nstep, state_e.nstep)
     # the kernel's per-block parts of the host check read as the solver's check_vector
-    check, iterations = _read_check(parts)
+    check, iterations = read_check(parts)
     expected = host_check(check_vector(state, 1e-6))
     assert counts(check) == counts(expected) == (21, 1, 1)
     assert iterations == max_iter and check.max_residual != check.max_residual  # NaN, as amax
@@ -157,11 +157,11 @@ def test_nonfinite_row_and_max_iter(device):
     out = persistent_adjoint.adjoint_triton(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
     assert out.state.nstep[7] == 1 and torch.isnan(out.state.residual[7])
     assert bool((out.state.nstep[torch.arange(21, device=device) != 7] == 4).all())
-    assert counts(_read_check(out.check)[0]) == counts(host_check(check_vector(out.state, 1e-9))) == (21, 1, 1)
+    assert counts(read_check(out.check)[0]) == counts(host_check(check_vector(out.state, 1e-9))) == (21, 1, 1)
 
     frozen[4, 3] = 1.0  # all finite, the rows converge: the parts agree with check_vector again
     solved = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-4, "abs", False)
-    check, iterations = _read_check(solved.check)
+    check, iterations = read_check(solved.check)
     assert check == host_check(check_vector(solved.state, 1e-4)) and check.unconverged == 0
     assert iterations == int(solved.state.nstep.max())
 

@@ -12,6 +12,7 @@ import deqkern
 from deqkern.functional import update_with_stats
 from deqkern.solver import ConvergenceError, ConvergenceWarning, NonFiniteError
 from deqkern.solver import cell as cell_mod
+from deqkern.solver import report as report_mod
 from numerics import case_seed
 from test_ops_persistent import make_cell
 
@@ -165,8 +166,8 @@ def test_info_is_computed_on_first_use(monkeypatch):
     """info's statistics cost ~40 small device ops: none run until info is read; then it
     is a plain dict with solve's keys, including the b_* ones after backward."""
     calls = []
-    summarize = cell_mod.summarize
-    monkeypatch.setattr(cell_mod, "summarize", lambda *args: calls.append(1) or summarize(*args))
+    summarize = report_mod.summarize
+    monkeypatch.setattr(report_mod, "summarize", lambda *args: calls.append(1) or summarize(*args))
     params, h0, cotangent = problem((6,), 8, torch.float32, "lazy")
     h, info = deqkern.solve_cell(*params, h0, tol=1e-5, max_iter=40, on_nonconvergence="ignore")
     grads(params, h, cotangent)

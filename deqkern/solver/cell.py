@@ -38,7 +38,8 @@ from deqkern.ops.launch import STOP_MODES, compute_dtype
 from deqkern.solver.adjoint import Equilibrium
 from deqkern.solver.api import solve_fused
 from deqkern.solver.config import BACKWARD_MODES, FLOAT_DTYPES, POLICIES, one_of, positive_float, positive_int
-from deqkern.solver.loop import Check, check_vector, enforce, host_check, summarize
+from deqkern.solver.loop import enforce
+from deqkern.solver.report import Info, report
 
 __all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_D", "BACKEND"]
 
@@ -73,7 +74,7 @@ class _Settings:
     on_nonconvergence: str
 
 
-def _check(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta: tuple, eps, damping, max_iter, tol,
+def _validate(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta: tuple, eps, damping, max_iter, tol,
            stop_mode, backward, b_max_iter, b_tol, on_nonconvergence) -> _Settings:
     """All checks, on metadata ``(shape, dtype, device)`` only; cached per signature."""
     shape, dtype, device = h0_meta
@@ -102,7 +103,7 @@ def _check(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta: tu
                      on_nonconvergence)
 
 
-_check_cached = functools.lru_cache(maxsize=256)(_check)
+_validate_cached = functools.lru_cache(maxsize=256)(_validate)
 
 
 def _meta(name: str, t: object) -> tuple:
@@ -167,92 +168,6 @@ def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
     return d_weight, d_frozen, d_gain.to(gain.dtype) if needs[2] else None
 
 
-# --------------------------------------------------------------------------- info and policies
-def _most(state: RowState) -> torch.Tensor:
-    nstep = state.nstep
-    return nstep.amax() if nstep.numel() else torch.zeros((), dtype=torch.int32, device=nstep.device)
-
-
-def _summary(h, state: RowState, tol: float, stop_mode: str, iterations) -> dict:
-    """:func:`deqkern.solve`'s info tensors (``summarize``), ``iterations`` the largest
-    ``nstep`` (the host int when a check read it, else a device tensor)."""
-    info = summarize(h, state, check_vector(state, tol), tol, stop_mode)
-    info["iterations"] = _most(state) if iterations is None else iterations
-    return info
-
-
-class Info(dict):
-    """The ``info`` of :func:`solve_cell`: :func:`deqkern.solve`'s keys, computed on first
-    use. ``summarize`` is about forty small device ops -- on a small solve several times
-    the kernel's own host time -- so a caller who never reads ``info`` (token-by-token
-    generation) does not pay for it. Any read or write fills it first; it then is a plain
-    dict. Until then it holds the solve's ``h*`` and ``RowState`` (and the adjoint's ``g``)."""
-
-    __slots__ = ("_pending",)
-
-    def __init__(self):
-        super().__init__()
-        self._pending: list = []
-
-    def defer(self, prefix: str, h, state: RowState, tol: float, stop_mode: str, iterations) -> None:
-        """Statistics of one solve, keys prefixed by ``prefix``; a later solve with the
-        same prefix (a second backward) replaces a pending one."""
-        self._pending = [p for p in self._pending if p[0] != prefix]
-        self._pending.append((prefix, h, state, tol, stop_mode, iterations))
-
-    def _fill(self) -> None:
-        while self._pending:
-            prefix, *args = self._pending.pop(0)
-            for name, value in _summary(*args).items():
-                dict.__setitem__(self, prefix + name, value)
-
-
-def _filled(name: str):
-    method = getattr(dict, name)
-
-    def wrapper(self, *args, **kwargs):
-        self._fill()
-        return method(self, *args, **kwargs)
-
-    wrapper.__name__ = name
-    return wrapper
-
-
-for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__repr__",
-              "__eq__", "__ne__", "__or__", "__ior__", "__reversed__", "__reduce_ex__", "get", "keys", "values",
-              "items", "pop", "popitem", "setdefault", "update", "copy", "clear"):
-    setattr(Info, _name, _filled(_name))
-
-
-def _read_check(parts: torch.Tensor) -> tuple[Check, int]:
-    """The host check from the kernels' per-program parts (``_block_check``): the one sync."""
-    p = parts.cpu().numpy()
-    if len(p) == 0:
-        return Check(0, 0, 0, 0.0), 0
-    bad_rows = int(p[:, 2].sum())
-    first_bad = int(p[:, 1][p[:, 1] > 0].min()) if bad_rows else 0
-    max_residual = math.nan if bad_rows else float(p[:, 3].max())
-    return Check(int(p[:, 0].sum()), first_bad, bad_rows, max_residual), int(p[:, 4].max())
-
-
-def _report(info: dict, prefix: str, h, state: RowState, parts: Optional[torch.Tensor], tol: float,
-            stop_mode: str, policy: str) -> Optional[Check]:
-    """Add the solve's statistics to ``info`` (deferred in an :class:`Info`) and return the
-    host check for ``enforce`` -- the one sync -- unless ``policy == "ignore"``."""
-    check = iterations = None
-    if policy != "ignore":
-        if parts is not None:
-            check, iterations = _read_check(parts)
-        else:
-            vector = torch.cat([check_vector(state, tol), _most(state).to(torch.float64).reshape(1)]).cpu()
-            check, iterations = host_check(vector[:4]), int(vector[4])
-    if isinstance(info, Info):
-        info.defer(prefix, h, state, tol, stop_mode, iterations)
-    else:
-        info.update({prefix + name: value for name, value in _summary(h, state, tol, stop_mode, iterations).items()})
-    return check
-
-
 # --------------------------------------------------------------------------- autograd (eager)
 @dataclass
 class _Backward:
@@ -277,7 +192,7 @@ class _Implicit(torch.autograd.Function):
         weight, frozen, gain, h_star = ctx.saved_tensors
         s, info = ctx.problem.settings, ctx.problem.info
         out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
-        check = _report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
+        check = report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
                         s.on_nonconvergence)
         if check is not None:
             enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
@@ -339,6 +254,8 @@ _solve_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 # --------------------------------------------------------------------------- the two paths
 def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
+    """The persistent path: the kernel (through the custom op under tracing), info and the
+    policy, then the requested gradient."""
     compiling = torch.compiler.is_compiling()
     if compiling:
         with torch.set_grad_enabled(needs_grad and s.backward == "ift"):
@@ -350,7 +267,7 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
             h, state, _, parts = _run_solve(weight, frozen, gain, h0, s)
         info = Info()
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
-    check = _report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
+    check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
     if check is not None:
         enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
     if not needs_grad or (compiling and s.backward == "ift"):
@@ -414,7 +331,8 @@ def solve_cell(
     Returns:
         ``h_star`` ``(..., d)`` in h0's dtype (the autocast dtype under
         ``torch.autocast``), differentiable per ``backward``; ``info``: the keys of
-        :func:`deqkern.solve` (``b_*`` ones after ``backward()``). With
+        :func:`deqkern.solve` (``b_*`` ones after ``backward()``), computed on first
+        use on the persistent path (:class:`Info`). With
         ``on_nonconvergence="ignore"`` nothing syncs the host: ``iterations`` (the
         largest ``nstep``) is then a device tensor, and a NaN/Inf is reported through
         ``info`` (``nonfinite_iter``) instead of raising; under ``torch.compile`` the
@@ -432,11 +350,11 @@ def solve_cell(
     metas = (_meta("h0", h0), _meta("weight", weight), _meta("frozen", frozen), _meta("gain", gain))
     scalars = (eps, damping, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, on_nonconvergence)
     try:
-        check = _check if torch.compiler.is_compiling() else _check_cached
+        validate = _validate if torch.compiler.is_compiling() else _validate_cached
         hash(scalars)
     except TypeError:  # an unhashable argument: validated (and rejected) without the cache
-        check = _check
-    s = check(*metas, *scalars)
+        validate = _validate
+    s = validate(*metas, *scalars)
     d = h0.shape[-1]
     if s.backward == "unrolled" or not use_persistent(h0.numel() // d, d):
         return _loop(weight, frozen, gain, h0, s)
