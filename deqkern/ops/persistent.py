@@ -50,7 +50,7 @@ from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
 from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, frozen_rows, next_power_of_2, rows, sm_count
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
-__all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args",
+__all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args", "FP32_DOT",
            "new_row_state", "product_tl", "init_state_tl", "commit_state_tl", "block_check_tl", "cell_z", "cell_rstd",
            "any_active"]
 
@@ -233,11 +233,20 @@ def config_for(n_rows: int, d: int, t: torch.Tensor) -> dict:
     return persistent_config(n_rows, d, t.element_size(), cpu, 1 if cpu else sm_count(t.device.index or 0))
 
 
+#: tl.dot's precision for float32 storage where torch does not allow TF32 matmuls:
+#: "tf32x3" (three TF32 tensor-core products per term, about 2**-21 relative error per
+#: product against float32's 2**-24) rather than "ieee" (exact float32 on the FMA units:
+#: an estimated ~30 us per iteration per SM at d=512, the tensor cores idle). To measure.
+FP32_DOT = "tf32x3"
+
+
 def dot_args(t: torch.Tensor) -> dict:
-    """tl.dot's precision as F.linear's on ``t``'s dtype: TF32 for float32 only where torch
-    allows it; bfloat16 upcast under the interpreter (see ``product_tl``)."""
-    tf32 = t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return dict(PRECISION="tf32" if tf32 else "ieee", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+    """tl.dot's arguments for storage like ``t``: 16-bit products are exact in float32 (the
+    precision argument, Triton's default "tf32", only concerns float32 operands); float32
+    uses TF32 where torch allows it for matmuls, else :data:`FP32_DOT`; bfloat16 is upcast
+    under the interpreter (see ``product_tl``)."""
+    exact = t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dict(PRECISION=FP32_DOT if exact else "tf32", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
 
 
 class Solved(NamedTuple):
