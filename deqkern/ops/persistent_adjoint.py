@@ -139,7 +139,7 @@ def adjoint_triton(
     eps: float, damping: float, max_iter: int, tol: float,
 ) -> Adjoint:
     """Launch the adjoint solve at ``h_star`` ``(..., d)`` for the incoming gradient ``v``
-    (same shape, float32); ``tol`` and ``max_iter`` are the adjoint's."""
+    (same shape, any float dtype, read into float32); ``tol`` and ``max_iter`` are the adjoint's."""
     d = weight.shape[0]
     hs, vv = rows(h_star, d), rows(v, d)
     f, stride_f = frozen_rows(frozen, d)

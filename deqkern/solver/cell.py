@@ -127,8 +127,11 @@ def _autocast(weight: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, tor
 
 # --------------------------------------------------------------------------- running the kernels
 def _on_device(t: torch.Tensor):
-    """Launch on ``t``'s GPU even when it is not the current one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on ``t``'s GPU even when it is not the current one (the switch only then:
+    it costs microseconds)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) -> persistent.Solved:
@@ -144,8 +147,9 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) 
 
 
 def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol) -> persistent_adjoint.Adjoint:
-    """The adjoint solve at ``h_star`` for ``grad`` (iterated in float32, float64 for float64)."""
-    args = (weight, frozen, gain, h_star, grad.to(compute_dtype(grad)), eps, damping, max_iter, tol)
+    """The adjoint solve at ``h_star`` for ``grad`` (any float dtype: the kernel reads it into
+    float32; iterated in float32, float64 for float64)."""
+    args = (weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol)
     if _backend.select(h_star.device, h_star.dtype, h_star.shape[-1]) == "eager":
         _backend.record("eager")
         return persistent_adjoint.adjoint_reference(*args)
