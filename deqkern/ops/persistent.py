@@ -58,8 +58,8 @@ __all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "co
 # --------------------------------------------------------------------------- device helpers
 @triton.jit
 def product_tl(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row_ok, d,
-             HAS_F: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               HAS_F: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase A: ``OUT[rows] = A[rows] @ B (+ F[rows])`` in float32, ``B[k, n]`` at
     ``W + n * stride_wn + k * stride_wk`` (``W.T`` or ``W``); OUT is ``(R, d)`` contiguous.
     DOT_F32: upcast the operands first (same products, exact in float32, same float32
@@ -87,6 +87,7 @@ def product_tl(A, stride_a, W, stride_wn, stride_wk, F, stride_f, OUT, rows, row
 
 @triton.jit
 def init_state_tl(RES, PREV, LOWEST, NSTEP, r, ok, flt_max, SUB_M: tl.constexpr):
+    """RowState.start for rows ``r``: residual and prev FLT_MAX, lowest inf, nstep 0."""
     start = tl.zeros([SUB_M], dtype=tl.float32) + flt_max
     tl.store(RES + r, start, mask=ok)
     tl.store(PREV + r, start, mask=ok)
@@ -161,7 +162,7 @@ def _solve_kernel(
     pending = tl.full((), 1, tl.int32)
     while pending > 0:
         product_tl(H, d, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
-                 True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+                   True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
         n_commit = tl.full((), 0, tl.int32)

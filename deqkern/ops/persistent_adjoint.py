@@ -61,7 +61,7 @@ def _adjoint_kernel(
     c = cols[None, :]
 
     product_tl(HS, stride_hs, W, stride_w, 1, F, stride_f, Z, block, block_ok, d,
-             True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+               True, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     for s in range(0, BLOCK_M, SUB_M):
         r = first + s + tl.arange(0, SUB_M)
@@ -82,7 +82,7 @@ def _adjoint_kernel(
     pending = tl.full((), 1, tl.int32)
     while pending > 0:
         product_tl(DZ, d, W, 1, stride_w, F, 0, U, block, block_ok, d,
-                 False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+                   False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
         for s in range(0, BLOCK_M, SUB_M):
