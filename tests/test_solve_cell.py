@@ -226,11 +226,10 @@ def test_compiles_with_no_graph_break(backward, fused_backend_name):
 def test_custom_ops_pass_opcheck():
     params, h0, cotangent = problem((5,), 4, torch.float32, "opcheck")
     w, frozen, gain = params
-    torch.library.opcheck(cell_mod._solve_op, (w, frozen, gain, h0, 1e-6, 0.85, 20, 1e-5, "rel", 20, 1e-5),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(cell_mod._solve_op, (w, frozen, gain, h0, 1e-6, 0.85, 20, 1e-5, "rel", 20, 1e-5))
     h = h0.detach().clone()
     torch.library.opcheck(cell_mod._adjoint_op, (w.detach(), frozen.detach(), gain.detach(), h, cotangent, 1e-6, 0.85,
-                                                 20, 1e-5), test_utils=("test_schema", "test_faketensor"))
+                                                 20, 1e-5))
 
 
 _W, _F, _G, _H = torch.randn(4, 4), torch.randn(3, 4), torch.ones(4), torch.zeros(3, 4)
