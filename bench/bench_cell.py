@@ -137,19 +137,23 @@ def eager_adjoint(p: Problem, h_star: torch.Tensor, iterations: Optional[int] = 
 
 
 def captured(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` (fixed work, static inputs) recorded once in a CUDA graph; returns a replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """A replay of ``fn`` (fixed work, static inputs) recorded in a CUDA graph at its first
+    call (so that a failing capture is reported as its variant's error)."""
+    recorded: list = []
 
     def replay():
-        graph.replay()
-        return out
+        if not recorded:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn()
+            recorded.extend((graph, out))
+        recorded[0].replay()
+        return recorded[1]
 
     return replay
 
@@ -195,6 +199,15 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     rows: list[dict] = []
     base = {"dtype": name, "n": n, "d": d}
 
+    def guarded(phase: str, variant: str, body: Callable[[], None]) -> None:
+        """One failing variant (a capture, a compile) must not cost the rest of the run."""
+        try:
+            body()
+        except Exception as err:  # noqa: BLE001  (reported in the table)
+            rows.append({**base, "phase": phase, "variant": variant, "iterations": None, "note": "",
+                         "check": f"ERROR ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"})
+            print(f"  {name} {n}x{d} {phase:8s} {variant:14s} {rows[-1]['check']}", flush=True)
+
     def record(phase: str, variant: str, status: str, fn: Optional[Callable], iterations=None, note: str = ""):
         row = {**base, "phase": phase, "variant": variant, "check": status, "iterations": iterations, "note": note}
         if status == "ok" and fn is not None and (on_gpu or variant in CPU_TIMED):
@@ -210,27 +223,29 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     _, kb_ref = eager_adjoint(p, h_ref)
 
     # ---------------- forward
-    def forward(variant: str, run: Callable[[], tuple[torch.Tensor, object]], note: str = ""):
+    def forward(variant: str, run: Callable[[], tuple[torch.Tensor, object]]):
         """``run() -> (h*, iterations or info)``; info is read only here, after the check
         call: solve_cell's info is computed on first use, which a timed call must not do."""
-        with torch.no_grad():
-            h, iterations = run()
-        if isinstance(iterations, dict):
-            iterations = iterations["iterations"]
-        note = note or (f"backend {deqkern.last_backend()}" if variant == "cell-auto" else "")
-
-        def timed():
+        def body():
             with torch.no_grad():
-                run()
+                h, iterations = run()
+            if isinstance(iterations, dict):
+                iterations = iterations["iterations"]
+            note = f"backend {deqkern.last_backend()}" if variant == "cell-auto" else ""
 
-        record("forward", variant, common.check_close("h*", h, h_ref, 5 * p.tol), timed,
-               int(iterations) if iterations is not None else None, note)
+            def timed():
+                with torch.no_grad():
+                    run()
+
+            record("forward", variant, common.check_close("h*", h, h_ref, 5 * p.tol), timed,
+                   int(iterations) if iterations is not None else None, note)
+
+        guarded("forward", variant, body)
 
     forward("eager-item", lambda: eager_forward(p))
     if on_gpu:
         static_h0 = p.h0.clone()
-        with torch.no_grad():
-            replay = captured(lambda: fixed_forward(p, static_h0, k_ref))
+        replay = captured(lambda: fixed_forward(p, static_h0, k_ref))
 
         def graph_forward() -> tuple[torch.Tensor, int]:
             static_h0.copy_(p.h0)
@@ -249,12 +264,15 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     forward("cell-auto", lambda: p.solve_cell())
 
     # ---------------- adjoint (backward)
-    def adjoint(variant: str, grads_fn: Callable[[], list[torch.Tensor]], iterations=None, note: str = ""):
-        status = "ok"
-        for label, got, ref in zip(("dW", "dfrozen", "dgain"), grads_fn(), grads_ref):
-            if status == "ok":
-                status = common.check_close(label, got, ref, max(10 * p.tol, 1e-3))
-        record("adjoint", variant, status, grads_fn, iterations, note)
+    def adjoint(variant: str, grads_fn: Callable[[], list[torch.Tensor]], iterations=None):
+        def body():
+            status = "ok"
+            for label, got, ref in zip(("dW", "dfrozen", "dgain"), grads_fn(), grads_ref):
+                if status == "ok":
+                    status = common.check_close(label, got, ref, max(10 * p.tol, 1e-3))
+            record("adjoint", variant, status, grads_fn, iterations)
+
+        guarded("adjoint", variant, body)
 
     adjoint("eager-item", lambda: eager_adjoint(p, h_ref)[0], kb_ref)
     if on_gpu:
@@ -265,8 +283,15 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
             adjoint("compile-ro", lambda: compiled_b(h_ref), kb_ref)
 
     def through(solve: Callable[[], tuple[torch.Tensor, dict]]) -> Callable[[], list[torch.Tensor]]:
-        h, _ = solve()
-        return lambda: list(torch.autograd.grad(h, p.params, p.v, retain_graph=True))
+        """The backward alone: one forward (at the first call), then repeated backwards."""
+        solved: list = []
+
+        def grads() -> list[torch.Tensor]:
+            if not solved:
+                solved.append(solve()[0])
+            return list(torch.autograd.grad(solved[0], p.params, p.v, retain_graph=True))
+
+        return grads
 
     adjoint("loop", through(lambda: p.solve_fused(False)))
     if on_gpu:
