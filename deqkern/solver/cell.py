@@ -134,10 +134,10 @@ def _on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) -> persistent.Solved:
+def _run_solve(weight, frozen, gain, h0, s: _Settings) -> persistent.Solved:
     """The forward solve by the persistent kernel, or its eager twin where Triton cannot
-    run (``deqkern._backend``)."""
-    args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, with_rstd)
+    run (``deqkern._backend``). Without ``rstd``: that costs one more GEMM pass."""
+    args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, False)
     if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
         _backend.record("eager")
         return persistent.solve_reference(*args)
