@@ -2,13 +2,13 @@
 
 from deqkern._backend import last_backend
 from deqkern.functional import frozen_rmsnorm_update
-from deqkern.solver import ConvergenceError, ConvergenceWarning, NonFiniteError, solve, solve_fused
+from deqkern.solver import ConvergenceError, ConvergenceWarning, NonFiniteError, solve, solve_cell, solve_fused
 from deqkern.spectral import SpectralNormSchedule
 from deqkern import nn  # noqa: E402  (after the functions it uses)
 from deqkern.patching import patch, unpatch
 
 __all__ = [
-    "frozen_rmsnorm_update", "last_backend", "solve", "solve_fused", "SpectralNormSchedule",
+    "frozen_rmsnorm_update", "last_backend", "solve", "solve_cell", "solve_fused", "SpectralNormSchedule",
     "ConvergenceError", "ConvergenceWarning", "NonFiniteError", "nn", "patch", "unpatch",
 ]
 __version__ = "0.1.0"

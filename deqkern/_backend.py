@@ -135,7 +135,9 @@ def record(backend: str) -> None:
 def last_backend() -> Optional[str]:
     """The backend that ran the most recent fused op call in this process.
 
-    One of ``"triton"``, ``"triton-interpreter"``, ``"eager"``, or ``None`` before the
-    first call. Under ``torch.compile`` it reflects the last eager execution of the op.
+    One of ``"triton"``, ``"triton-interpreter"``, ``"eager"``, ``"triton-persistent"``
+    (:func:`deqkern.solve_cell`'s one-launch solve, on a GPU or the interpreter), or
+    ``None`` before the first call. Under ``torch.compile`` it reflects the last eager
+    execution of the op.
     """
     return _last

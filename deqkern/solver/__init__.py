@@ -99,12 +99,14 @@ checks, policies, ``info``), ``capture`` (CUDA graphs and their guards), ``adjoi
 
 from deqkern.solver.api import solve, solve_fused
 from deqkern.solver.capture import clear_graph_cache
+from deqkern.solver.cell import solve_cell
 from deqkern.solver.config import DEFAULT_CHECK_EVERY
 from deqkern.solver.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
 __all__ = [
     "solve",
     "solve_fused",
+    "solve_cell",
     "ConvergenceError",
     "NonFiniteError",
     "ConvergenceWarning",

@@ -1,0 +1,366 @@
+""":func:`solve_cell`: the fixed point of the frozen-context cell as one differentiable function.
+
+``h = (1 - damping) * h + damping * gain * RMSNorm(h @ weight.T + frozen)``, row by row.
+Small problems run the whole solve in one persistent kernel (:mod:`deqkern.ops.persistent`:
+one launch forward, one for the adjoint, no host sync inside either); large ones the GEMM +
+fused-update loop of :func:`deqkern.solve_fused` (:func:`use_persistent` decides).
+
+Gradients. ``"ift"``: the persistent adjoint solve gives ``g`` and ``dz = VJP_z(g)`` at
+``h*``; then ``d_frozen = dz``, ``d_weight = dz.T @ h*``, ``d_gain = damping * sum g * n``
+(no recorded application of the cell, no autograd graph). ``"onestep"``: the gradient of
+one cell application at ``h*.detach()``. ``"unrolled"`` runs the loop path (autograd
+records every iteration of the loop; a single kernel launch has nothing to record).
+
+``torch.compile``: the solve and the adjoint are ``torch.library`` custom ops with fake
+implementations, so a function calling :func:`solve_cell` with
+``on_nonconvergence="ignore"`` traces with no graph break (the other policies read one
+result on the host: one break). Outside tracing the kernels are called directly (the
+dispatcher costs tens of microseconds a call, a large part of a small solve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from deqkern import _backend
+from deqkern.functional import update_with_stats
+from deqkern.ops import persistent, persistent_adjoint
+from deqkern.ops.commit import RowState
+from deqkern.ops.launch import STOP_MODES, compute_dtype
+from deqkern.solver.adjoint import Equilibrium
+from deqkern.solver.api import solve_fused
+from deqkern.solver.config import BACKWARD_MODES, FLOAT_DTYPES, POLICIES, one_of, positive_float, positive_int
+from deqkern.solver.loop import enforce
+from deqkern.solver.report import Info, report
+
+__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_D", "BACKEND"]
+
+#: Largest ``rows * d`` solved by the persistent kernel. Each of its programs streams all
+#: of W from L2 every iteration and at most one block of rows per SM runs at a time, so
+#: past some size the loop's full-GPU GEMM wins. Set from bench/bench_cell.py on the H200.
+PERSISTENT_MAX_ELEMENTS = 2**22
+#: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
+PERSISTENT_MAX_D = 2048
+#: What :func:`deqkern.last_backend` reports after the persistent kernel ran.
+BACKEND = "triton-persistent"
+_WHAT = "deqkern.solve_cell"
+
+
+def use_persistent(n_rows: int, d: int) -> bool:
+    """The size heuristic: the persistent kernel for ``n_rows x d`` problems up to
+    :data:`PERSISTENT_MAX_ELEMENTS` with ``d <= PERSISTENT_MAX_D``, else the loop path."""
+    return d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
+
+
+# --------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class _Settings:
+    eps: float
+    damping: float
+    max_iter: int
+    tol: float
+    stop_mode: str
+    backward: str
+    b_max_iter: int
+    b_tol: float
+    on_nonconvergence: str
+
+
+def _validate(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta: tuple, eps, damping, max_iter, tol,
+           stop_mode, backward, b_max_iter, b_tol, on_nonconvergence) -> _Settings:
+    """All checks, on metadata ``(shape, dtype, device)`` only; cached per signature."""
+    shape, dtype, device = h0_meta
+    if len(shape) < 1 or shape[-1] < 1:
+        raise ValueError(f"h0 must have shape (..., d) with d >= 1; got {shape}")
+    d = shape[-1]
+    expected = {"weight": ((d, d),), "frozen": (shape, (d,)), "gain": ((d,),)}
+    for name, (t_shape, t_dtype, t_device) in (("weight", weight_meta), ("frozen", frozen_meta), ("gain", gain_meta)):
+        if t_shape not in expected[name]:
+            want = " or ".join(str(s) for s in expected[name])
+            raise ValueError(f"{name} must have shape {want} (h0 is {shape}); got {t_shape}")
+        if t_device != device:
+            raise ValueError(f"{name} must be on h0's device {device}; got {t_device}")
+    if weight_meta[1] != dtype:
+        raise TypeError(f"weight must have h0's dtype {dtype} (the storage dtype of the solve); got {weight_meta[1]}")
+    positive_float("eps", eps)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
+    max_iter, tol = positive_int("max_iter", max_iter), positive_float("tol", tol)
+    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
+    one_of("backward", backward, BACKWARD_MODES)
+    one_of("on_nonconvergence", on_nonconvergence, POLICIES)
+    b_max_iter = max_iter if b_max_iter is None else positive_int("b_max_iter", b_max_iter)
+    b_tol = tol if b_tol is None else positive_float("b_tol", b_tol)
+    return _Settings(float(eps), float(damping), max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
+                     on_nonconvergence)
+
+
+_validate_cached = functools.lru_cache(maxsize=256)(_validate)
+
+
+def _meta(name: str, t: object) -> tuple:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    return tuple(t.shape), t.dtype, t.device
+
+
+def _autocast(weight: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torch.autocast`` the iterate and W are stored in the autocast dtype (as
+    :func:`deqkern.solve` stores its iterate; W's gradient flows back through the cast).
+    ``frozen`` and ``gain`` keep their dtype: the kernels read any float dtype."""
+    device_type = h0.device.type
+    if not torch.is_autocast_enabled(device_type) or h0.dtype == torch.float64:
+        return weight, h0
+    dtype = torch.get_autocast_dtype(device_type)
+    return weight.to(dtype), h0.to(dtype)
+
+
+# --------------------------------------------------------------------------- running the kernels
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU even when it is not the current one (the switch only then:
+    it costs microseconds)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _run_solve(weight, frozen, gain, h0, s: _Settings) -> persistent.Solved:
+    """The forward solve by the persistent kernel, or its eager twin where Triton cannot
+    run (``deqkern._backend``). Without ``rstd``: that costs one more GEMM pass."""
+    args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, False)
+    if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
+        _backend.record("eager")
+        return persistent.solve_reference(*args)
+    _backend.record(BACKEND)
+    with _on_device(h0):
+        return persistent.solve_triton(*args)
+
+
+def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol) -> persistent_adjoint.Adjoint:
+    """The adjoint solve at ``h_star`` for ``grad`` (any float dtype: the kernel reads it into
+    float32; iterated in float32, float64 for float64)."""
+    args = (weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol)
+    if _backend.select(h_star.device, h_star.dtype, h_star.shape[-1]) == "eager":
+        _backend.record("eager")
+        return persistent_adjoint.adjoint_reference(*args)
+    _backend.record(BACKEND)
+    with _on_device(h_star):
+        return persistent_adjoint.adjoint_triton(*args)
+
+
+def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
+    """``d_weight = dz.T @ h*``, ``d_frozen = dz`` (summed over rows when broadcast),
+    ``d_gain``, each in its parameter's dtype; None where not needed."""
+    d = dz.shape[-1]
+    d_weight = dz.t().mm(h_star.reshape(-1, d)) if needs[0] else None
+    if not needs[1]:
+        d_frozen = None
+    elif frozen.dim() == 1:
+        d_frozen = dz.sum(0, dtype=compute_dtype(dz)).to(frozen.dtype)
+    else:
+        d_frozen = dz.reshape(frozen.shape).to(frozen.dtype)
+    return d_weight, d_frozen, d_gain.to(gain.dtype) if needs[2] else None
+
+
+# --------------------------------------------------------------------------- autograd (eager)
+@dataclass
+class _Backward:
+    settings: _Settings
+    info: dict
+
+
+class _Implicit(torch.autograd.Function):
+    """Returns ``h*`` (boxed in a list: a new output, not a view of an input) with the
+    implicit gradient to ``weight``, ``frozen`` and ``gain``; the backward fills the
+    ``b_*`` keys of ``info`` and applies the non-convergence policy."""
+
+    @staticmethod
+    def forward(ctx, weight, frozen, gain, box: list, problem: _Backward):
+        ctx.save_for_backward(weight, frozen, gain, box[0])
+        ctx.problem = problem
+        return box[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, frozen, gain, h_star = ctx.saved_tensors
+        s, info = ctx.problem.settings, ctx.problem.info
+        out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
+        check = report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
+                        s.on_nonconvergence)
+        if check is not None:
+            enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
+                    s.b_tol, "rel", info)
+        return (*_param_grads(out.dz, out.d_gain, h_star, frozen, gain, ctx.needs_input_grad), None, None)
+
+
+# --------------------------------------------------------------------------- custom ops (torch.compile)
+@torch.library.custom_op("deqkern::solve_cell", mutates_args=())
+def _solve_op(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float, damping: float,
+    max_iter: int, tol: float, stop_mode: str, b_max_iter: int, b_tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h (h0's shape), residual, prev, lowest, nstep)``; ``b_max_iter``, ``b_tol`` are for
+    the registered backward."""
+    s = _Settings(eps, damping, max_iter, tol, stop_mode, "ift", b_max_iter, b_tol, "ignore")
+    h, state, _, _ = _run_solve(weight, frozen, gain, h0, s)
+    return h, state.residual, state.prev, state.lowest, state.nstep
+
+
+@_solve_op.register_fake
+def _solve_op_fake(weight, frozen, gain, h0, eps, damping, max_iter, tol, stop_mode, b_max_iter, b_tol):
+    n_rows = math.prod(h0.shape[:-1])
+    stats = [h0.new_empty((n_rows,), dtype=torch.float32) for _ in range(3)]
+    return torch.empty_like(h0, memory_format=torch.contiguous_format), *stats, h0.new_empty((n_rows,), dtype=torch.int32)
+
+
+@torch.library.custom_op("deqkern::solve_cell_adjoint", mutates_args=())
+def _adjoint_op(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, grad: torch.Tensor,
+    eps: float, damping: float, max_iter: int, tol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dz (R, d) in W's dtype, d_gain (d,))`` of the adjoint solve."""
+    out = _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol)
+    return out.dz, out.d_gain
+
+
+@_adjoint_op.register_fake
+def _adjoint_op_fake(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol):
+    d = weight.shape[0]
+    return weight.new_empty((math.prod(h_star.shape[:-1]), d)), weight.new_empty((d,), dtype=compute_dtype(h_star))
+
+
+def _op_setup(ctx, inputs, output):
+    weight, frozen, gain, _, eps, damping, _, _, _, b_max_iter, b_tol = inputs
+    ctx.save_for_backward(weight, frozen, gain, output[0])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.adjoint_args = (eps, damping, b_max_iter, b_tol)
+
+
+def _op_backward(ctx, grad_h, *_):
+    weight, frozen, gain, h_star = ctx.saved_tensors
+    dz, d_gain = _adjoint_op(weight, frozen, gain, h_star, grad_h, *ctx.adjoint_args)
+    return (*_param_grads(dz, d_gain, h_star, frozen, gain, ctx.needs_input_grad), *(None,) * 8)
+
+
+_solve_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# --------------------------------------------------------------------------- the two paths
+def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
+    """The persistent path: the kernel (through the custom op under tracing), info and the
+    policy, then the requested gradient."""
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        with torch.set_grad_enabled(needs_grad and s.backward == "ift"):
+            h, *stats = _solve_op(weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode,
+                                  s.b_max_iter, s.b_tol)
+        state, parts, info = RowState(*stats), None, {}
+    else:
+        with torch.no_grad():
+            h, state, _, parts = _run_solve(weight, frozen, gain, h0, s)
+        info = Info()
+    h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
+    check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
+    if check is not None:
+        enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
+    if not needs_grad or (compiling and s.backward == "ift"):
+        return h_star, info
+    if s.backward == "onestep":
+        f_out, _, _ = update_with_stats(F.linear(h_star, weight), frozen, h_star, gain, eps=s.eps, damping=s.damping,
+                                        stop_mode=s.stop_mode)
+        return Equilibrium.apply(f_out, [h_star], None), info
+    return _Implicit.apply(weight, frozen, gain, [h_star], _Backward(s, info)), info
+
+
+def _loop(weight, frozen, gain, h0, s: _Settings):
+    """Today's GEMM + fused-update loop (:func:`deqkern.solve_fused`), with the layer's fused adjoint."""
+    from deqkern.nn.deq import cell_adjoint  # here: deqkern.nn imports deqkern.solver
+
+    def step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h_next, residual, _ = update_with_stats(F.linear(h, weight), frozen, h, gain, eps=s.eps, damping=s.damping,
+                                                stop_mode=s.stop_mode)
+        return h_next, residual
+
+    adjoint = None
+    if s.backward == "ift":
+        adjoint = cell_adjoint(weight, gain, frozen, damping=s.damping, eps=s.eps, stop_mode=s.stop_mode)
+    return solve_fused(step, h0, adjoint=adjoint, max_iter=s.max_iter, tol=s.tol, stop_mode=s.stop_mode,
+                       backward=s.backward, b_max_iter=s.b_max_iter, b_tol=s.b_tol,
+                       on_nonconvergence=s.on_nonconvergence)
+
+
+# --------------------------------------------------------------------------- public API
+def solve_cell(
+    weight: torch.Tensor,
+    frozen: torch.Tensor,
+    gain: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    damping: float = 0.85,
+    eps: float = 1e-6,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    backward: str = "ift",
+    b_max_iter: Optional[int] = None,
+    b_tol: Optional[float] = None,
+    on_nonconvergence: str = "warn",
+) -> tuple[torch.Tensor, dict]:
+    """Solve ``h = (1 - damping) h + damping * gain * RMSNorm(h @ weight.T + frozen)`` per row.
+
+    Args:
+        weight: ``(d, d)``, h0's dtype (the storage dtype). Differentiable.
+        frozen: ``(..., d)`` (h0's shape) or ``(d,)`` (broadcast), any float dtype: the
+            h-independent term (injection + contexts + bias). Differentiable.
+        gain: ``(d,)``, any float dtype: RMSNorm's weight. Differentiable.
+        h0: ``(..., d)`` starting iterate; float16, bfloat16, float32 (float32
+            accumulation) or float64. Receives no gradient.
+        damping: in ``(0, 1]``. eps: RMSNorm's epsilon, > 0.
+        max_iter, tol, stop_mode, backward, b_max_iter, b_tol, on_nonconvergence: as
+            :func:`deqkern.solve`, except that the adjoint's stop test is always the
+            relative residual (independent of the loss's scale), and ``"unrolled"``
+            runs the loop path.
+
+    Returns:
+        ``h_star`` ``(..., d)`` in h0's dtype (the autocast dtype under
+        ``torch.autocast``), differentiable per ``backward``; ``info``: the keys of
+        :func:`deqkern.solve` (``b_*`` ones after ``backward()``), computed on first
+        use on the persistent path (:class:`Info`). With
+        ``on_nonconvergence="ignore"`` nothing syncs the host: ``iterations`` (the
+        largest ``nstep``) is then a device tensor, and a NaN/Inf is reported through
+        ``info`` (``nonfinite_iter``) instead of raising; under ``torch.compile`` the
+        ``b_*`` keys are not filled and the backward applies no policy.
+
+    Raises:
+        NonFiniteError, ConvergenceError (``"raise"``), ConvergenceWarning (``"warn"``),
+        ValueError / TypeError for bad arguments, as :func:`deqkern.solve`.
+
+    :func:`deqkern.last_backend` reports ``"triton-persistent"`` when the persistent
+    kernel ran (``"eager"`` for its torch twin: float64, or no Triton).
+    """
+    if isinstance(weight, torch.Tensor) and isinstance(h0, torch.Tensor):
+        weight, h0 = _autocast(weight, h0)
+    metas = (_meta("h0", h0), _meta("weight", weight), _meta("frozen", frozen), _meta("gain", gain))
+    scalars = (eps, damping, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, on_nonconvergence)
+    try:
+        validate = _validate if torch.compiler.is_compiling() else _validate_cached
+        hash(scalars)
+    except TypeError:  # an unhashable argument: validated (and rejected) without the cache
+        validate = _validate
+    s = validate(*metas, *scalars)
+    d = h0.shape[-1]
+    if s.backward == "unrolled" or not use_persistent(h0.numel() // d, d):
+        return _loop(weight, frozen, gain, h0, s)
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or frozen.requires_grad or gain.requires_grad)
+    return _persistent(weight, frozen, gain, h0, s, needs_grad)

@@ -1,0 +1,224 @@
+"""The persistent whole-solve kernels (forward and adjoint) against their eager twins, a
+float64 fixed point, and the loop path (GEMM + fused update + commit kernel).
+
+Rows converge at different iterations (frozen scaled per row changes each row's
+contraction); R is not a multiple of the kernels' 16-row blocks; d includes 1, 3 and odd
+non-powers of two. Tolerances: a solve stops within ``tol`` of its fixed point, so the
+iterates are compared per row in norm, against twice the eager twin's own error (the
+numerics.py rule, row-wise) plus a few units of the storage dtype."""
+
+import pytest
+import torch
+
+from deqkern.functional import update_with_stats
+from deqkern.ops import persistent, persistent_adjoint
+from deqkern.ops.commit import FLT_MAX
+from deqkern.solver import solve_fused
+from deqkern.solver.report import read_check
+from deqkern.solver.loop import check_vector, host_check
+from numerics import case_seed
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+EPS, DAMPING = 1e-6, 0.8
+#: Tolerances each storage dtype can reach (16-bit rounding noise is ~1e-3 relative).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+UNIT = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+#: float32 rounding noise of a residual near convergence (a few ulps of |h| ~ 1), far below TOL.
+NOISE = 4 * 2.0**-23
+
+
+def make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cpu"):
+    """weight (||W||_2 = sigma), frozen scaled per row from 1 to 4 (a different
+    contraction per row), gain, h0, in ``dtype``; and the same values in float64 (the
+    problem the kernels solve, so the float64 reference carries no input rounding)."""
+    w = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    w = sigma * w / torch.linalg.matrix_norm(w, 2)
+    scale = torch.linspace(1.0, 4.0, n_rows, dtype=torch.float64)[:, None]
+    frozen = torch.randn(n_rows, d, generator=gen, dtype=torch.float64) * scale
+    gain = 1 + 0.2 * torch.randn(d, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(n_rows, d, generator=gen, dtype=torch.float64)
+    cast = [t.to(device=device, dtype=dtype) for t in (w, frozen, gain, h0)]
+    return [t.double() for t in cast], cast
+
+
+def fixed_point64(w, frozen, gain, h0):
+    h, state, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 400, 1e-14, "rel", False)
+    assert bool((state.residual < 1e-14).all())
+    return h
+
+
+def row_err(h, ref):
+    return (h.double().cpu() - ref.cpu()).norm(dim=-1) / ref.cpu().norm(dim=-1)
+
+
+def assert_rows_close(out, eager, ref, dtype, what, units=8):
+    """Row-wise: ||out - ref|| <= 2 ||eager - ref|| + units * unit(dtype) * ||ref||."""
+    err, bound = row_err(out, ref), 2 * row_err(eager, ref) + units * UNIT[dtype]
+    worst = int((err - bound).argmax())
+    assert bool((err <= bound).all()), f"{what} ({dtype}): row {worst} error {err[worst]:.3e} > {bound[worst]:.3e}"
+
+
+CASES = [(21, 20, "rel", True), (5, 3, "abs", False), (19, 33, "max", True), (3, 1, "rel", False)]
+
+
+@pytest.mark.parametrize("n_rows,d,stop_mode,with_rstd", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_parity(dtype, n_rows, d, stop_mode, with_rstd, device):
+    gen = torch.Generator().manual_seed(case_seed("fwd", dtype, n_rows, d, stop_mode))
+    f64, cast = make_cell(n_rows, d, dtype, gen, device=device)
+    tol, max_iter = TOL[dtype], 25
+    h, state, rstd, _ = persistent.solve_triton(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
+    h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
+
+    assert h.dtype == dtype and h.shape == (n_rows, d)
+    converged = state.residual < tol
+    assert bool(converged.all()), f"rows {torch.nonzero(~converged).flatten().tolist()} did not converge"
+    if n_rows > 5:
+        assert len(set(state.nstep.tolist())) >= 2, "rows should converge at different iterations"
+    assert bool((state.lowest <= state.residual).all()) and bool((state.prev > state.residual).all())
+    # the eager twin makes the same decisions (16-bit: the interpreter truncates stores, torch
+    # rounds to nearest, so a row may take one step more or less)
+    slack = 0 if dtype == torch.float32 else 1
+    assert int((state.nstep - state_e.nstep).abs().max()) <= slack
+    if dtype == torch.float32:
+        torch.testing.assert_close(state.residual, state_e.residual, rtol=1e-3, atol=NOISE)
+        torch.testing.assert_close(h, h_e, rtol=1e-5, atol=1e-6)
+    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
+    if with_rstd:  # rstd of the returned iterate's z, against float64 at that iterate
+        z64 = h.double() @ f64[0].T + f64[1]
+        torch.testing.assert_close(rstd.double(), torch.rsqrt(z64.pow(2).mean(-1) + EPS), rtol=1e-5, atol=0)
+    else:
+        assert rstd is None
+
+
+@pytest.mark.parametrize("n_rows,d", [(21, 20), (5, 3), (19, 33)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adjoint_parity(dtype, n_rows, d, device):
+    gen = torch.Generator().manual_seed(case_seed("adj", dtype, n_rows, d))
+    f64, cast = make_cell(n_rows, d, dtype, gen, device=device)
+    w64, frozen64, gain64, _ = f64
+    h_star = fixed_point64(*f64).to(dtype)
+    v = torch.randn(n_rows, d, generator=gen).to(device) * torch.logspace(-3, 3, n_rows)[:, None].to(device)
+    args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
+    g, state, dz, rstd, d_gain, _ = persistent_adjoint.adjoint_triton(*args)
+    g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
+    g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
+                                                                    v.double(), EPS, DAMPING, 400, 1e-14)
+    assert bool((state64.residual < 1e-14).all())
+
+    assert g.dtype == torch.float32 and dz.dtype == dtype
+    assert bool((state.residual < TOL[dtype]).all())
+    slack = 0 if dtype == torch.float32 else 1
+    assert int((state.nstep - state_e.nstep).abs().max()) <= slack
+    assert_rows_close(g, g_e, g64, dtype, "g")
+    # dz, rstd and d_gain are functions of the returned g (and h*): check them at it in float64
+    z64 = h_star.double() @ w64.T + frozen64
+    rstd64 = torch.rsqrt(z64.pow(2).mean(-1, keepdim=True) + EPS)
+    n64 = z64 * rstd64
+    dyg = DAMPING * g.double() * gain64
+    dz64 = rstd64 * (dyg - n64 * (dyg * n64).mean(-1, keepdim=True))
+    torch.testing.assert_close(rstd.double(), rstd64.squeeze(-1), rtol=1e-5, atol=0)
+    assert_rows_close(dz, dz64, dz64, dtype, "dz", units=2)
+    d_gain64 = DAMPING * (g.double() * n64).sum(0)
+    torch.testing.assert_close(d_gain.double(), d_gain64, rtol=1e-4, atol=1e-4 * float(d_gain64.abs().max()))
+
+
+def counts(check):
+    return check.unconverged, check.first_bad_iter, check.bad_rows
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_nonfinite_row_and_max_iter(device):
+    """A NaN row freezes at step 1 with a NaN residual, rows that cannot converge stop at
+    max_iter, the others are unaffected; same for the adjoint with a NaN row in v."""
+    gen = torch.Generator().manual_seed(case_seed("nan"))
+    _, (w, frozen, gain, h0) = make_cell(21, 12, torch.float32, gen, device=device)
+    frozen[4, 3] = float("nan")
+    max_iter = 6
+    h, state, _, parts = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
+    h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
+    assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
+    others = torch.arange(21, device=device) != 4
+    assert bool((state.nstep[others] == max_iter).all()) and bool((state.residual[others] >= 1e-6).all())
+    assert bool(((state.residual[others] > 0) & (state.residual[others] < FLT_MAX)).all())
+    torch.testing.assert_close(h[others], h_e[others], rtol=1e-5, atol=1e-6)
+    assert torch.equal(state.nstep, state_e.nstep)
+    # the kernel's per-block parts of the host check read as the solver's check_vector
+    check, iterations = read_check(parts)
+    expected = host_check(check_vector(state, 1e-6))
+    assert counts(check) == counts(expected) == (21, 1, 1)
+    assert iterations == max_iter and check.max_residual != check.max_residual  # NaN, as amax
+
+    v = torch.randn(21, 12, generator=gen).to(device)
+    v[7, 0] = float("inf")
+    frozen[4, 3] = 0.0
+    out = persistent_adjoint.adjoint_triton(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
+    assert out.state.nstep[7] == 1 and torch.isnan(out.state.residual[7])
+    assert bool((out.state.nstep[torch.arange(21, device=device) != 7] == 4).all())
+    assert counts(read_check(out.check)[0]) == counts(host_check(check_vector(out.state, 1e-9))) == (21, 1, 1)
+
+    frozen[4, 3] = 1.0  # all finite, the rows converge: the parts agree with check_vector again
+    solved = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-4, "abs", False)
+    check, iterations = read_check(solved.check)
+    assert check == host_check(check_vector(solved.state, 1e-4)) and check.unconverged == 0
+    assert iterations == int(solved.state.nstep.max())
+
+
+def test_matches_the_loop_path(device):
+    """float32: the loop path (F.linear + fused update + commit, deqkern.solve_fused) takes
+    the same steps per row and lands on the same iterate."""
+    gen = torch.Generator().manual_seed(case_seed("loop"))
+    _, (w, frozen, gain, h0) = make_cell(40, 24, torch.float32, gen, device=device)
+    tol, max_iter = 1e-5, 30
+    h, state, rstd, _ = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, tol, "rel", False)
+
+    def step(x):
+        return update_with_stats(x @ w.T, frozen, x, gain, eps=EPS, damping=DAMPING, stop_mode="rel")[:2]
+
+    h_loop, info = solve_fused(step, h0, max_iter=max_iter, tol=tol, stop_mode="rel", backward="onestep")
+    assert torch.equal(state.nstep, info["nstep"])
+    torch.testing.assert_close(h, h_loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.residual, info["residual"], rtol=1e-3, atol=NOISE)
+    assert rstd is None
+
+
+@cuda_only
+@pytest.mark.parametrize("n_rows,d", [(1000, 777), (4100, 2048), (300, 512)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_sizes_match_eager(dtype, n_rows, d):
+    """Multi-tile GEMMs, several phase-B sub-blocks, 16..128-row blocks."""
+    gen = torch.Generator().manual_seed(case_seed("gpu", dtype, n_rows, d))
+    f64, cast = make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cuda")
+    tol = TOL[dtype]
+    h, state, _, _ = persistent.solve_triton(*cast, EPS, DAMPING, 40, tol, "rel", False)
+    h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, "rel", False)
+    assert bool((state.residual < tol).all())
+    assert int((state.nstep - state_e.nstep).abs().max()) <= 1
+    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
+    v = torch.randn(n_rows, d, device="cuda")
+    out = persistent_adjoint.adjoint_triton(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    assert bool((out.state.residual < tol).all())
+    assert float(row_err(out.g, ref.g.double()).max()) < 20 * tol
+
+
+@cuda_only
+def test_captured_in_a_cuda_graph():
+    """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
+    gen = torch.Generator().manual_seed(case_seed("graph"))
+    _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
+    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
+    h_ref, state_ref, _, _ = persistent.solve_triton(*args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        persistent.solve_triton(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, state, _, _ = persistent.solve_triton(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)
