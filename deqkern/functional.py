@@ -252,7 +252,7 @@ def frozen_rmsnorm_update(
     strides, dtypes, devices, scalars), and outside ``torch.compile`` the kernel runs
     without the custom-op dispatcher (:mod:`deqkern._library`).
     """
-    if check_finite.__class__ is not bool:
+    if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool; got {type(check_finite).__name__}")
     h_next, residual, _ = update_with_stats(
         signal, frozen, h_prev, gain, eps=eps, damping=damping, stop_mode=stop_mode,

@@ -121,7 +121,7 @@ def test_graph_solve_recaptures_only_when_guarded_tensors_move(monkeypatch):
     layer = nn.Linear(5, 5)
     cfg = Config(max_iter=3, tol=1e-4, stop_mode="rel", backward="ift", b_max_iter=3, b_tol=1e-4, check_every=4,
                  graph=True, on_nonconvergence="ignore")
-    kwargs = dict(max_iter=3, tol=1e-4)
+    kwargs = dict(max_iter=3, tol=1e-4, stop_mode="rel")
     h0 = torch.randn(6, 5)
 
     def solve():

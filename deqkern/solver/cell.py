@@ -294,7 +294,7 @@ def _loop(weight, frozen, gain, h0, s: _Settings):
 
     adjoint = None
     if s.backward == "ift":
-        adjoint = cell_adjoint(weight, gain, frozen, damping=s.damping, eps=s.eps, stop_mode=s.stop_mode)
+        adjoint = cell_adjoint(weight, gain, frozen, damping=s.damping, eps=s.eps)
     return solve_fused(step, h0, adjoint=adjoint, max_iter=s.max_iter, tol=s.tol, stop_mode=s.stop_mode,
                        backward=s.backward, b_max_iter=s.b_max_iter, b_tol=s.b_tol,
                        on_nonconvergence=s.on_nonconvergence)
