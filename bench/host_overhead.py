@@ -69,7 +69,9 @@ def main(argv=None) -> None:
         rows["_update_op (custom op)"] = host_us(lambda: _update_op(h, frozen, h, gain, 1e-6, 0.8, "rel"))
         rows["update_with_stats (public)"] = host_us(lambda: update_with_stats(h, frozen, h, gain, damping=0.8))
         h_next = h.clone()
-        rows["_commit (triton)"] = host_us(lambda: _loop.commit(h, h_next, None, state, 1e-30, "rel"))
+        for in_place, label in ((True, "in place"), (False, "new tensor")):
+            rows[f"_commit (triton, {label})"] = host_us(
+                lambda: _loop.commit(h, h_next, None, state, 1e-30, "rel", in_place))
 
         def step(t):
             out = update_with_stats(F.linear(t, w), frozen, t, gain, damping=0.8)

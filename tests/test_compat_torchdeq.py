@@ -105,14 +105,14 @@ def test_direct_call_damping_indexing_and_flat_samples():
     torch.testing.assert_close(z, torch.cos(z), atol=1e-5, rtol=0)
 
 
-def test_patched_model_runs_the_fused_norm(fused_backend_name, device):
+def test_patched_model_runs_the_fused_norm(fused, device):
     gen = torch.Generator().manual_seed(case_seed("patched"))
     func = DEQFunc(gen).to(device)
     x = torch.randn(B, S, D_IN, generator=gen).to(device)
     z_ref, _, grads_ref = _run("fixed_point_iter", func, x)
     deqkern.patch(func)
     z, _, grads = _run("deqkern", func, x)
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() == fused
     torch.testing.assert_close(z[-1], z_ref[-1], atol=1e-5, rtol=1e-5)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)

@@ -110,7 +110,9 @@ def solve(
         tol: a row has converged when its residual (float32) is below ``tol``.
         stop_mode: ``"abs"``, ``"rel"`` or ``"max"`` (see the module docstring).
         method: ``"picard"``, ``"anderson"`` or ``"broyden"`` (module docstring).
-        m: Anderson's and Broyden's history per row (default :data:`DEFAULT_M`).
+        m: Anderson's history per row (default :data:`DEFAULT_M`); Broyden's (default:
+            every step; with fewer the oldest pair is overwritten, as torchdeq's
+            ``LBFGS_thres``, which can make it diverge).
         lam: Anderson's regularization, relative to the mean squared residual in the
             history (default :data:`DEFAULT_LAM`).
         beta: Anderson's mixing (torchdeq's ``tau``): 1 (default) takes the mix of

@@ -10,8 +10,9 @@ updated after every step from the secant pair ``dx = x_k - x_{k-1}``,
 This is torchdeq's ``broyden_solver`` without line search (``ls=False``, its default)
 with these differences:
 
-- The ``m`` most recent pairs are kept (a ring, torchdeq's ``LBFGS_thres``; torchdeq's
-  default keeps ``max_iter`` pairs, which the torchdeq adapter reproduces).
+- ``m`` (torchdeq's ``LBFGS_thres``): pairs kept; by default (None) every step's, as
+  torchdeq. With fewer, the oldest pair is overwritten (a ring, as torchdeq does), which
+  makes ``B`` inconsistent and can make the iteration diverge once the ring wraps.
 - Pairs and products are float32 for float16/bfloat16 iterates (float64 for float64).
 - Non-finite entries of a new pair (``v . dg = 0``) are zeroed; torchdeq zeroes NaN ones.
 - No "lack of progress" exit (torchdeq stops every row after 30 steps once the worst
@@ -37,7 +38,7 @@ class Broyden:
     compute dtype, and the previous point and residual."""
 
     def __init__(self, method: Method, h0: torch.Tensor, max_iter: int):
-        self.m = min(method.m, max_iter)
+        self.m = max_iter if method.m is None else min(method.m, max_iter)
         shape = (h0.shape[:-1].numel(), self.m, h0.shape[-1])
         self.u = torch.zeros(shape, dtype=compute_dtype(h0), device=h0.device)
         self.v = torch.zeros_like(self.u)

@@ -17,7 +17,7 @@ __all__ = ["Config", "Method", "PICARD", "validate", "validate_iterate", "valida
 
 #: Iterations between host checks when ``check_every`` is None (see the module docstring).
 DEFAULT_CHECK_EVERY = 4
-#: Anderson's and Broyden's history (pairs kept per row) when ``m`` is None.
+#: Anderson's history (pairs kept per row) when ``m`` is None (Broyden's: every step).
 DEFAULT_M = 5
 #: Anderson's Tikhonov regularization, relative to the mean squared residual in the history.
 DEFAULT_LAM = 1e-4
@@ -37,11 +37,11 @@ AdjointFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor],
 @dataclass(frozen=True)
 class Method:
     """A fixed-point method and its parameters (hashable: part of the graph cache key).
-    ``m``: history per row (Anderson, Broyden); ``lam``: Anderson's relative
-    regularization; ``beta``: Anderson's mixing (1: undamped)."""
+    ``m``: history per row (Anderson; Broyden, where None keeps every step); ``lam``:
+    Anderson's relative regularization; ``beta``: Anderson's mixing (1: undamped)."""
 
     name: str
-    m: int = DEFAULT_M
+    m: Optional[int] = DEFAULT_M
     lam: float = DEFAULT_LAM
     beta: float = 1.0
 
@@ -97,15 +97,18 @@ def methods(method: object, b_method: object, m: object, lam: object, beta: obje
     for name, value, users in (("m", m, ("anderson", "broyden")), ("lam", lam, ("anderson",)),
                                ("beta", beta, ("anderson",))):
         if value is not None and not used & set(users):
-            hint = " (a damped Picard step is f_damped = lambda h: beta * f(h) + (1 - beta) * h)" if name == "beta" else ""
+            hint = (" (a damped Picard step is f_damped = lambda h: beta * f(h) + (1 - beta) * h)"
+                    if name == "beta" else "")
             raise ValueError(f"{name} applies to method {' or '.join(map(repr, users))}; got method={method!r}, "
                              f"b_method={b_method!r}{hint}")
-    m = DEFAULT_M if m is None else positive_int("m", m)
+    m = None if m is None else positive_int("m", m)
     lam = DEFAULT_LAM if lam is None else positive_float("lam", lam)
     beta = 1.0 if beta is None else positive_float("beta", beta)
 
     def build(name: str) -> Method:
-        return Method(name, m, lam, beta) if name == "anderson" else Method(name, m) if name == "broyden" else PICARD
+        if name == "anderson":
+            return Method(name, DEFAULT_M if m is None else m, lam, beta)
+        return Method(name, m) if name == "broyden" else PICARD
 
     return build(method), build(b_method)
 

@@ -188,8 +188,8 @@ def row_norm(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
 
 
-def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol: float,
-               stop_mode: str, *, lowest: bool = False, traces: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol: float, stop_mode: str, *,
+              lowest: bool = False, traces: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """The ``info`` tensors (device, no sync), describing the returned iterate ``h``
     (the lowest-residual one with ``lowest``). See :func:`deqkern.solve` for their meaning."""
     lead = h.shape[:-1]
