@@ -24,7 +24,8 @@ import torch
 
 from deqkern import _backend
 from deqkern.ops.commit import FLT_MAX, RowState, commit_reference, commit_triton
-from deqkern.ops.residual import REL_EPS, row_residual
+from deqkern.ops.launch import compute_dtype
+from deqkern.ops.residual import REL_EPS
 from deqkern.solver.anderson import Anderson
 from deqkern.solver.broyden import Broyden
 from deqkern.solver.config import PICARD, Method, Step, validate_iterate, validate_residual
@@ -128,11 +129,16 @@ def accelerator(method: Method, h0: torch.Tensor, max_iter: int) -> Union[Anders
 
 def record_traces(traces: torch.Tensor, k: int, x: torch.Tensor, h_next: torch.Tensor,
                   active: torch.Tensor) -> None:
-    """Column ``k - 1`` of the abs/rel traces: the step's residuals for active rows, the
-    previous column for frozen ones (their committed iterate did not change)."""
+    """Column ``k - 1`` of the abs/rel traces: the step's 2-norm residuals for active rows,
+    the previous column for frozen ones (their committed iterate did not change). Plain
+    norms in the compute dtype: a diagnostic, without the overflow guards of the
+    convergence test (a row that overflows reads inf or NaN)."""
     with torch.no_grad():
-        for i, mode in enumerate(("abs", "rel")):
-            new = row_residual(h_next.detach(), x.detach(), mode).reshape(-1)
+        ct = compute_dtype(x)
+        h_next = h_next.detach().to(ct)
+        abs_res = row_norm(h_next - x.detach().to(ct)).reshape(-1)
+        rel_res = abs_res / (row_norm(h_next).reshape(-1) + REL_EPS)
+        for i, new in enumerate((abs_res, rel_res)):
             traces[i, :, k - 1] = new if k == 1 else torch.where(active, new, traces[i, :, k - 2])
 
 
