@@ -10,7 +10,9 @@ import torch
 
 import deqkern
 from deqkern import _backend
+from deqkern.nn import cell_adjoint
 from deqkern.ops import commit as commit_ops
+from deqkern.ops.residual import row_residual
 from deqkern.solver import NonFiniteError, loop as loop_mod, solve, solve_fused
 from test_solver import (affine_rows, counting_checks, fresh_gen, grads_of, nan_at, picard, rel_err, rms_cell,
                          scaled, tanh_problem)
@@ -276,6 +278,76 @@ def test_ift_gradients_match_picard_unrolled(method, b_method):
     assert bool(info["b_converged"].all())
     for g, ref in zip(grads, grads_ref):
         assert rel_err(g, ref) <= 1e-8
+
+
+class TanhAdjoint:
+    """A stateless custom adjoint of f(h) = tanh(h W^T + x): (h*, v) -> g -> v + J^T g."""
+
+    stateless = True
+
+    def __init__(self, w, x):
+        self.w, self.x, self.calls = w.detach(), x.detach(), 0
+
+    def __call__(self, h_star, v):
+        self.calls += 1
+        sech2 = 1 - torch.tanh(h_star @ self.w.T + self.x).pow(2)
+
+        def step(g):
+            g_next = v + (g * sech2) @ self.w
+            return g_next, row_residual(g_next, g, "abs")
+
+        return step
+
+
+@pytest.mark.parametrize("b_method", METHODS)
+def test_custom_adjoints_with_accelerated_adjoint_solves(b_method):
+    """A stateless custom adjoint is iterated by Anderson/Broyden; a stateful one
+    (deqkern.nn.cell_adjoint carries dz between calls, valid for Picard only) is replaced
+    by autograd's products: both give the Picard gradients."""
+    gen = fresh_gen("custom-adjoint", b_method)
+    f, params = tanh_problem((5,), 12, torch.float64, gen, sigma=0.9)
+    h0 = torch.zeros(5, 12, dtype=torch.float64)
+    cotangent = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    kw = dict(tol=1e-12, max_iter=400, stop_mode="abs")
+    reference = grads_of(solve(f, h0, **kw)[0], params, cotangent)
+    adjoint = TanhAdjoint(*params)
+    h, info = solve_fused(lambda h: (f(h), row_residual(f(h), h, "abs")), h0, adjoint=adjoint, b_method=b_method, **kw)
+    for g, ref in zip(grads_of(h, params[1:], cotangent), reference[1:]):  # x: the recorded application
+        assert rel_err(g, ref) <= 1e-8
+    assert adjoint.calls == 1 and bool(info["b_converged"].all())
+
+    step, _, cell_params = rms_cell((6,), 16, torch.float64, gen, sigma=0.5, damping=0.5)
+    w, frozen, gain = cell_params
+    cell_cotangent = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+
+    def cell_grads(**method_kw):
+        adjoint = cell_adjoint(w, gain, frozen, damping=0.5, eps=1e-6, stop_mode="rel")
+        h, _ = solve_fused(step, torch.zeros(6, 16, dtype=torch.float64), adjoint=adjoint, tol=1e-12, max_iter=300,
+                           **method_kw)
+        return grads_of(h, cell_params, cell_cotangent)
+
+    # cell_adjoint's statistics are float32 (float32-level agreement); the autograd
+    # products that replace it under Anderson/Broyden are float64.
+    unrolled, picard_grads, accelerated = (cell_grads(backward="unrolled"), cell_grads(),
+                                           cell_grads(b_method=b_method))
+    for g, g_picard, ref in zip(accelerated, picard_grads, unrolled):
+        assert rel_err(g, ref) <= 1e-9 and rel_err(g_picard, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backend", ["triton", "eager"], indirect=True)
+def test_fused_bf16_cell(method, backend, device):
+    """solve_fused on the frozen-context cell in bfloat16 (the fused update, and the
+    bookkeeping kernel, interpreted on a CPU) against the float64 fixed point."""
+    if backend == "triton" and device.type != "cuda" and not _backend.interpreter_active():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    gen = fresh_gen("bf16-cell", method, backend)
+    step, reference64, _ = rms_cell((6,), 40, torch.bfloat16, gen, sigma=0.5, damping=0.3, device=device)
+    with torch.no_grad():
+        z, info = solve_fused(step, torch.zeros(6, 40, device=device, dtype=torch.bfloat16), method=method,
+                              tol=1e-2, max_iter=60, on_nonconvergence="raise")
+        z64 = picard(reference64, torch.zeros(6, 40, dtype=torch.float64, device=device), 300)
+    assert z.dtype == torch.bfloat16 and rel_err(z, z64) < 3e-2
 
 
 # --------------------------------------------------------------------------- dtypes, ownership, backend

@@ -49,6 +49,10 @@ def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: C
            h0: torch.Tensor, cfg: Config, step_name: str, expects_residual: bool, in_place: bool,
            custom_adjoint: Optional[AdjointFactory] = None) -> tuple[torch.Tensor, dict]:
     record = torch.is_grad_enabled() and cfg.backward != "unrolled"
+    if custom_adjoint is not None and cfg.b_method.name != "picard" and not getattr(custom_adjoint, "stateless", False):
+        # Its step may carry state that assumes each call's g is the previous call's
+        # output (as deqkern.nn.cell_adjoint does): exact only for Picard.
+        custom_adjoint = None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not record):
         h_star, info, _ = _forward(step, owner, tag, h0, cfg, step_name, expects_residual, in_place)
     if not record:
@@ -212,7 +216,11 @@ def solve_fused(
     ``adjoint_step(g) -> (v + (df/dh)^T g, residual)``, the residual as ``step``'s, of
     the returned value against ``g``. The adjoint iteration starts at ``g = v``. The
     parameter gradients still come from one recorded application of ``step`` at
-    ``h*`` (then recorded without a gradient path to ``h``).
+    ``h*`` (then recorded without a gradient path to ``h``). An adjoint step may carry
+    state from one call to the next on the assumption that each call's ``g`` is the
+    previous call's output (Picard; ``deqkern.nn.cell_adjoint`` does): with a
+    ``b_method`` other than ``"picard"`` the solver uses ``adjoint`` only if it declares
+    ``stateless = True``, and the autograd products otherwise.
     """
     if adjoint is not None and not callable(adjoint):
         raise TypeError(f"adjoint must be callable or None; got {type(adjoint).__name__}")
