@@ -440,3 +440,26 @@ def test_graph_matches_eager_and_never_syncs(method, dtype):
     g_eager = grads_of(solve_fused(step, h0, **kw)[0], params, cot)
     for a, b in zip(g_graph, g_eager):
         assert rel_err(a, b) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_solve_syncs_only_at_checks_cuda(monkeypatch, method):
+    """No hidden sync per iteration (the small solves never check errors on the host):
+    the only synchronizing operations are the check_every reads."""
+    calls = counting_checks(monkeypatch)
+    gen = torch.Generator().manual_seed(8)
+    step, _, _ = rms_cell((512,), 256, torch.float32, gen, sigma=0.5, damping=0.1, device="cuda")
+    h0 = torch.randn(512, 256, device="cuda")
+    with torch.no_grad():
+        solve_fused(step, h0, method=method, max_iter=3, tol=1e-30, on_nonconvergence="ignore")  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with pytest.warns(UserWarning) as record:
+                _, info = solve_fused(step, h0, method=method, max_iter=20, check_every=5, tol=1e-30,
+                                      on_nonconvergence="ignore")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(calls) == 5 and len(syncs) == 4 and info["iterations"] == 20  # 1 warm-up check + 4

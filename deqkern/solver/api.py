@@ -45,6 +45,11 @@ def _forward(step: Step, owner: Callable, tag: str, h0: torch.Tensor, cfg: Confi
     return h_star, info, kept
 
 
+def _as_step(f: Callable[[torch.Tensor], torch.Tensor]) -> Step:
+    """A plain ``f`` as a step without a residual (the bookkeeping computes it)."""
+    return lambda h: (f(h), None)
+
+
 def _solve(step: Step, grad_fn: Callable[[torch.Tensor], torch.Tensor], owner: Callable, tag: str,
            h0: torch.Tensor, cfg: Config, step_name: str, expects_residual: bool, in_place: bool,
            custom_adjoint: Optional[AdjointFactory] = None) -> tuple[torch.Tensor, dict]:
@@ -179,11 +184,7 @@ def solve(
                     b_max_iter=b_max_iter, b_tol=b_tol, check_every=check_every, graph=graph,
                     on_nonconvergence=on_nonconvergence)
     f_iter, h0 = autocast_iterate(f, h0)
-
-    def step(h: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return f_iter(h), None
-
-    return _solve(step, f_iter, f, "f", h0, cfg, "f", expects_residual=False, in_place=False)
+    return _solve(_as_step(f_iter), f_iter, f, "f", h0, cfg, "f", expects_residual=False, in_place=False)
 
 
 _SOLVE_DEFAULTS = {name: p.default for name, p in inspect.signature(solve).parameters.items() if name not in ("f", "h0")}
@@ -256,10 +257,7 @@ def solve_keeping(f: Callable[[torch.Tensor], torch.Tensor], h0: torch.Tensor, k
     if cfg.graph:
         raise ValueError("solve_keeping takes copies of the iterate between steps; use graph=False")
     f_iter, h0 = autocast_iterate(f, h0)
-
-    def step(h: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return f_iter(h), None
-
     with torch.no_grad():
-        return _forward(step, f, "f", h0, cfg, "f", expects_residual=False, in_place=False, keep=tuple(keep))
+        return _forward(_as_step(f_iter), f, "f", h0, cfg, "f", expects_residual=False, in_place=False,
+                        keep=tuple(keep))
 
