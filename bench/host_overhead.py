@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -43,9 +44,11 @@ import deqkern  # noqa: E402
 from deqkern.functional import rms_norm  # noqa: E402
 from deqkern.nn import FusedRMSNorm  # noqa: E402
 from deqkern.ops import commit as commit_module  # noqa: E402
+from deqkern.ops.commit import RowState  # noqa: E402
 from deqkern.ops.launch import Launch  # noqa: E402
 from deqkern.ops.update import update_reference  # noqa: E402
 from deqkern.solver import capture as capture_module  # noqa: E402
+from deqkern.solver import loop as _loop  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NORM_SIZES = ["256x512", "2048x256", "8192x512", "32768x1024", "131072x1024"]
@@ -128,6 +131,7 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
     x = torch.randn(1024, device=device)
     norm, torch_norm = FusedRMSNorm(d, device=device, dtype=dtype), torch.nn.RMSNorm(d, device=device, dtype=dtype)
     xr = rand(n, d).requires_grad_()
+    state = RowState.start(n, device)
 
     def fwd_bwd(fn, inputs):
         def run():
@@ -140,8 +144,8 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
     cases = [  # (name, fn, fused: runs deqkern kernels, needs CUDA, backend mode)
         ("empty torch op (x.add_(0))", lambda: x.add_(0), False, False, "auto"),
         ("empty Triton launch, JITFunction.run", lambda: _empty_kernel[(1,)](x, 1024, BLOCK=1024), False, True, "auto"),
-        ("empty Triton launch, cached handle (Launch)", Launch(_empty_kernel, (1,), (1024, 1024), 4, device).__call__,
-         False, True, "auto"),
+        ("empty Triton launch, cached handle (Launch)",
+         functools.partial(Launch(_empty_kernel, (1,), (1024, 1024), 4, device), x), False, True, "auto"),
         ("F.rms_norm forward", lambda: F.rms_norm(s, (d,), g, 1e-6), False, False, "auto"),
         ("frozen_rmsnorm_update forward, no grad", lambda: update(s, f, p, g), True, False, "triton"),
         ("  the same through the custom-op dispatcher",
@@ -153,6 +157,10 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
         ("FusedRMSNorm forward + backward, fused kernel forced", fwd_bwd(norm, [xr]), True, False, "triton"),
         ("FusedRMSNorm forward + backward, auto", fwd_bwd(norm, [xr]), True, False, "auto"),
         ("nn.RMSNorm forward + backward", fwd_bwd(torch_norm, [xr]), False, False, "auto"),
+        ("solver bookkeeping (commit), in place", lambda: _loop.commit(p, s.clone(), None, state, 1e-30, "rel", True),
+         True, False, "triton"),
+        ("solver bookkeeping (commit), into a new tensor",
+         lambda: _loop.commit(p, s, None, state, 1e-30, "rel", False), True, False, "triton"),
     ]
     rows = []
     for name, fn, fused, cuda_only, mode in cases:

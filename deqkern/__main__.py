@@ -71,9 +71,13 @@ def forced_backend(name: str) -> Iterator[None]:
 
 
 def fused_available(device: torch.device, dtype: torch.dtype = torch.float32, d: int = 64) -> bool:
-    """Whether the Triton kernels can run here (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
-    with forced_backend("auto"):
-        return _backend.select(device, dtype, d) != "eager"
+    """Whether the Triton kernels can run here (GPU, or CPU under ``TRITON_INTERPRET=1``:
+    ``auto`` never picks the interpreter, so ask for the kernels)."""
+    with forced_backend("triton"):
+        try:
+            return _backend.select(device, dtype, d) != "eager"
+        except RuntimeError:
+            return False
 
 
 def format_log(log: dict) -> str:

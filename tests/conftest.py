@@ -26,6 +26,14 @@ def fused_backend_name(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "triton-interpreter"
 
 
+@pytest.fixture
+def fused(monkeypatch, fused_backend_name: str) -> str:
+    """Run the Triton kernels in this test: DEQKERN_BACKEND=triton (on a CPU through
+    Triton's interpreter, which "auto" never picks). Returns fused_backend_name."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")
+    return fused_backend_name
+
+
 @pytest.fixture(params=["triton", "eager"])
 def backend(request, monkeypatch) -> str:
     """Force each backend in turn through DEQKERN_BACKEND."""

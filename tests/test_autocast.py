@@ -44,7 +44,7 @@ def _devices():
 
 
 @pytest.mark.parametrize("amp_dtype", AUTOCAST_DTYPES, ids=str)
-def test_op_under_autocast(amp_dtype, fused_backend_name, device):
+def test_op_under_autocast(amp_dtype, fused, device):
     gen = torch.Generator().manual_seed(case_seed("amp-op", amp_dtype))
     cell = Cell(gen).to(device)
     h = torch.randn(6, D, generator=gen).to(device)  # fp32, e.g. the solver's start
@@ -54,7 +54,7 @@ def test_op_under_autocast(amp_dtype, fused_backend_name, device):
 
     with torch.autocast(device.type, dtype=amp_dtype):
         h_next, residual = cell.step(h, frozen)
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() == fused
     assert h_next.dtype == amp_dtype and residual.dtype == torch.float32
     assert _rel_err(h_next, h_ref) < REL_TOL[amp_dtype]
     assert _rel_err(residual, res_ref) < 2 * REL_TOL[amp_dtype]
@@ -72,7 +72,7 @@ def test_op_dtype_mismatch_still_an_error_without_autocast():
 
 
 @pytest.mark.parametrize("amp_dtype", AUTOCAST_DTYPES, ids=str)
-def test_solve_under_autocast(amp_dtype, fused_backend_name, device):
+def test_solve_under_autocast(amp_dtype, fused, device):
     gen = torch.Generator().manual_seed(case_seed("amp-solve", amp_dtype))
     cell = Cell(gen).to(device)
     frozen = torch.randn(6, D, generator=gen).to(device)
@@ -88,7 +88,7 @@ def test_solve_under_autocast(amp_dtype, fused_backend_name, device):
 
     with torch.autocast(device.type, dtype=amp_dtype):
         h_star, info = deqkern.solve(f, h0, tol=SOLVE_TOL[amp_dtype], max_iter=60, on_nonconvergence="raise")
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() == fused
     assert h_star.dtype == amp_dtype and h0.dtype == torch.float32
     assert info["residual"].dtype == torch.float32 and bool(info["converged"].all())
     assert _rel_err(h_star, h_ref) < REL_TOL[amp_dtype]

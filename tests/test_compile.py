@@ -75,18 +75,18 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_op_and_norm_compile_fullgraph(fused_backend_name, device):
+def test_op_and_norm_compile_fullgraph(fused, device):
     gen = torch.Generator().manual_seed(case_seed("compile-op"))
     model = UpdateModel(gen).to(device)
     h, frozen = torch.randn(5, D, generator=gen).to(device), torch.randn(5, D, generator=gen).to(device)
     assert torch._dynamo.explain(model)(h, frozen).graph_break_count == 0
     compiled = torch.compile(model, fullgraph=True)  # inductor
     got = _run(compiled, h, frozen)
-    assert deqkern.last_backend() == fused_backend_name  # the custom op ran its kernel
+    assert deqkern.last_backend() == fused  # the custom op ran its kernel
     _assert_same(got, _run(model, h, frozen))
 
 
-def test_solve_module_compiles_with_one_graph_break(fused_backend_name, device):
+def test_solve_module_compiles_with_one_graph_break(fused, device):
     gen = torch.Generator().manual_seed(case_seed("compile-solve"))
     model = SolveModel(gen).to(device)
     x = torch.randn(4, D, generator=gen).to(device)
@@ -99,5 +99,5 @@ def test_solve_module_compiles_with_one_graph_break(fused_backend_name, device):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")  # inductor adds nothing to test here, only C++ build time
     got = _run(compiled, x)
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() == fused
     _assert_same(got, _run(model, x), atol=1e-5)

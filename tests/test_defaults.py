@@ -135,7 +135,7 @@ def test_residual_is_overflow_safe_in_every_kernel(stop_mode, device):
     # update kernel: gain 1, frozen 0, damping 1 gives h = RMSNorm(signal); h_prev free
     # so write the cases through the kernels that take h_prev/h_next directly
     state = RowState.start(3, device)
-    commit_triton(h_prev, h_next.clone(), None, state, 1e-4, stop_mode)
+    commit_triton(h_prev, h_next.clone(), None, state, 1e-4, stop_mode, True)
     torch.testing.assert_close(state.residual.cpu(), eager, equal_nan=True, rtol=1e-5, atol=0)
     state_e = RowState.start(3, device)
     commit_reference(h_prev, h_next.clone(), None, state_e, 1e-4, stop_mode)

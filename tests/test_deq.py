@@ -162,7 +162,7 @@ def test_ift_finite_differences_tiny():
 
 
 @pytest.mark.parametrize("d", [3, 33])
-def test_fused_path_float32_matches_float64(d, device, fused_backend_name):
+def test_fused_path_float32_matches_float64(d, device, fused_backend_name, monkeypatch):
     """float32 on the fused kernels (Triton; interpreter on CPU) against the float64 eager
     reference: forward h* and all parameter gradients within float32 solve accuracy."""
     gen = torch.Generator().manual_seed(case_seed("deq-f32", d))
@@ -174,6 +174,7 @@ def test_fused_path_float32_matches_float64(d, device, fused_backend_name):
     with torch.no_grad():
         h_ref, _, _ = ref(x, state)
 
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")  # the float64 reference above ran eager
     layer = make_layer(d, dtype=torch.float32, tol=1e-6, max_iter=60).to(device)
     layer.load_state_dict(ref.state_dict())
     x32, w32 = x.float().to(device), weights.float().to(device)

@@ -96,7 +96,11 @@ def test_non_contiguous_inputs(backend, device):
 
 def test_max_width_runs_fused_and_wider_falls_back(device, fused_backend_name, monkeypatch):
     gen = torch.Generator().manual_seed(2)
-    for d, expected in ((_backend.MAX_FUSED_D, fused_backend_name), (_backend.MAX_FUSED_D + 1, "eager")):
+    # The widest row runs fused when asked for (on a CPU "auto" never picks the interpreter);
+    # a wider one falls back to eager under "auto" and is refused under "triton".
+    for d, backend, expected in ((_backend.MAX_FUSED_D, "triton", fused_backend_name),
+                                 (_backend.MAX_FUSED_D + 1, "auto", "eager")):
+        monkeypatch.setenv("DEQKERN_BACKEND", backend)
         s, f, p = (torch.randn(2, d, generator=gen).to(device) for _ in range(3))
         g = torch.rand(d, generator=gen).to(device) + 0.5
         h, res = deqkern.frozen_rmsnorm_update(s, f, p, g)

@@ -42,8 +42,7 @@ def _model(seed_name: str) -> Model:
     return model
 
 
-def test_round_trip(fused_backend_name, device, monkeypatch):
-    monkeypatch.setenv("DEQKERN_BACKEND", "triton")  # the fused kernel at this small size (not torch's op)
+def test_round_trip(fused, device):
     model = _model("round-trip").to(device)
     x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(case_seed("x"))).to(device)
     before = model(x)
@@ -62,7 +61,7 @@ def test_round_trip(fused_backend_name, device, monkeypatch):
     assert list(model.state_dict()) == list(keys)
     assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
     patched = model(x)
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() == fused
     torch.testing.assert_close(patched, before, atol=1e-5, rtol=1e-5)
     assert deqkern.patch(model) == {}  # nothing left to patch
 

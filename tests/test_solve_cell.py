@@ -23,6 +23,12 @@ INFO_KEYS = {"nstep", "residual", "converged", "abs_lowest", "rel_lowest", "max_
              "converged_fraction", "contraction", "nonfinite_iter", "iterations"}
 
 
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    """The Triton kernels (interpreted on a CPU, where "auto" runs eager)."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")
+
 def problem(lead, d, dtype, seed, broadcast=False, device="cpu"):
     """(weight, frozen, gain) requiring grad, h0, and a cotangent; rows of h0: ``lead``."""
     gen = torch.Generator().manual_seed(case_seed(seed, lead, d, dtype, broadcast))
@@ -49,7 +55,9 @@ def rel_err(a, b):
 def float64_reference(params, h0, cotangent):
     """h* and gradients by float64 autograd through 300 unrolled iterations (the loop path)."""
     params64 = [p.detach().double().requires_grad_() for p in params]
-    h, _ = deqkern.solve_cell(*params64, h0.double(), tol=1e-13, max_iter=300, backward="unrolled")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEQKERN_BACKEND", "auto")  # float64: eager
+        h, _ = deqkern.solve_cell(*params64, h0.double(), tol=1e-13, max_iter=300, backward="unrolled")
     assert deqkern.last_backend() == "eager"
     return h, grads(params64, h, cotangent.double())
 

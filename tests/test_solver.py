@@ -293,34 +293,50 @@ def test_converged_rows_keep_their_value(dtype, backend, stop_mode):
         assert torch.equal(h_star[:1], fast) and fast_info["nstep"].tolist() == nstep[:1]
 
 
+def clone_state(state):
+    return commit_ops.RowState(*(None if t is None else t.clone() for t in (
+        state.residual, state.prev, state.lowest, state.nstep, state.lowest_step, state.best)))
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # NaN row, interpreter's numpy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [1, 3, 257])
 @pytest.mark.parametrize("stop_mode", ["abs", "rel", "max"])
-def test_commit_kernel_matches_eager(dtype, d, stop_mode, device):
+@pytest.mark.parametrize("in_place,keep_best", [(True, False), (False, False), (False, True), (True, True)],
+                         ids=["in-place", "copy", "copy-best", "in-place-best"])
+def test_commit_kernel_matches_eager(dtype, d, stop_mode, in_place, keep_best, device):
     """The Triton bookkeeping kernel (interpreted on CPU) against its eager twin: frozen,
-    active, NaN and not-yet-started rows, with and without a step-provided residual."""
+    active, NaN and not-yet-started rows, with and without a step-provided residual,
+    written in place or into a new tensor, with and without the lowest-residual copy."""
     if device.type != "cuda" and not _backend.interpreter_active():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    gen = fresh_gen("commit", str(dtype), d, stop_mode)
+    gen = fresh_gen("commit", str(dtype), d, stop_mode, in_place, keep_best)
     n = 11
-    h = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     h_next = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     h_next[4, 0] = math.nan
-    state = commit_ops.RowState.start(n, device)
+    best = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype) if keep_best else None
+    state = commit_ops.RowState.start(n, device, best=best)
     state.residual[:] = torch.tensor([1e-6, 0.5, math.nan, 3e38, 2.0, 1e-6, 0.1, 7.0, 1e-7, 0.3, math.inf])
-    state.lowest[:] = 0.2
+    state.lowest[:] = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 1e-9, math.inf, 0.2, 9.0, 0.2])
     state.nstep[:] = torch.arange(n, dtype=torch.int32)
     for residual in (None, torch.rand(n, generator=gen).to(device)):
-        s_tri = commit_ops.RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
-        s_eag = commit_ops.RowState(*(t.clone() for t in (state.residual, state.prev, state.lowest, state.nstep)))
-        out_tri = commit_ops.commit_triton(h, h_next.clone(), residual, s_tri, 1e-4, stop_mode)
-        out_eag = commit_ops.commit_reference(h, h_next.clone(), residual, s_eag, 1e-4, stop_mode)
+        s_tri, s_eag = clone_state(state), clone_state(state)
+        given = h_next.clone()
+        out_tri = commit_ops.commit_triton(x, given, residual, s_tri, 1e-4, stop_mode, in_place)
+        out_eag = commit_ops.commit_reference(x, h_next.clone(), residual, s_eag, 1e-4, stop_mode)
         torch.testing.assert_close(out_tri, out_eag, rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(s_tri.nstep, s_eag.nstep) and torch.equal(s_tri.prev, s_eag.prev)
+        assert (out_tri.data_ptr() == given.data_ptr()) == in_place
+        if not in_place:  # the step's output is left as it was
+            torch.testing.assert_close(given, h_next, rtol=0, atol=0, equal_nan=True)
+        for name in ("nstep", "prev", "lowest_step"):
+            assert torch.equal(getattr(s_tri, name), getattr(s_eag, name)), name
         for name in ("residual", "lowest"):
             torch.testing.assert_close(getattr(s_tri, name), getattr(s_eag, name), rtol=1e-5, atol=1e-7,
                                        equal_nan=True, msg=name)
+        if keep_best:
+            torch.testing.assert_close(s_tri.best, s_eag.best, rtol=0, atol=0, equal_nan=True)
+            assert not torch.equal(s_tri.best, best)  # some row improved
 
 
 # --------------------------------------------------------------------------- host syncs

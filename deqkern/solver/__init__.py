@@ -1,16 +1,30 @@
-"""Picard fixed-point solver for DEQ layers: device-side convergence, frozen rows, few
-host syncs, optional CUDA-graph capture, and implicit (IFT) backward.
+"""Fixed-point solver for DEQ layers (Picard, Anderson, Broyden): device-side
+convergence, frozen rows, few host syncs, optional CUDA-graph capture, and implicit (IFT)
+backward.
 
-Iteration, per row of ``h: (..., d)`` (a "row" is one ``d``-vector)::
+Iteration, per row of ``h: (..., d)`` (a "row" is one ``d``-vector): step ``k`` evaluates
+``f`` at a point ``x_k`` chosen by the method and commits ``h_k = f(x_k)`` with the residual::
 
-    h_k = f(h_{k-1}),   r_k = ||h_k - h_{k-1}||  (stop_mode "abs"),
-                        r_k / (||h_k|| + 1e-9)   ("rel"),  max|h_k - h_{k-1}|  ("max")
+    r_k = ||h_k - x_k||  (stop_mode "abs"),  r_k / (||h_k|| + 1e-30)  ("rel"),  max|h_k - x_k|  ("max")
+
+- ``method="picard"``: ``x_{k+1} = h_k``.
+- ``method="anderson"``: ``x_{k+1}`` mixes the row's last ``m`` evaluations with
+  weights from a regularized least squares on their residuals (:mod:`.anderson`).
+- ``method="broyden"``: ``x_{k+1} = x_k - B_k (h_k - x_k)`` with a low-rank inverse
+  Jacobian ``B_k`` updated from the row's secant pairs (:mod:`.broyden`).
+
+Anderson and Broyden keep one history per row, batched on the device; their small
+solves are batched ``torch`` calls that never check errors on the host (no sync,
+capturable), in float32 for 16-bit iterates. Every method shares the loop's contract and
+bookkeeping (:mod:`.loop`).
 
 Residuals are float32 per row, accumulated in float32 (float64 for float64 iterates).
 A row whose residual drops below ``tol`` at step ``k`` keeps ``h_k`` from then on (it is
-*frozen* by a device-side mask), so its answer never depends on slower rows as long as
-``f`` acts row by row. A row whose residual becomes NaN/Inf is frozen too, at the step
-that produced it, so the first bad iteration can be read back later.
+*frozen* by a device-side mask and proposes its committed iterate to every later step),
+so its answer never depends on slower rows as long as ``f`` acts row by row. A row
+whose residual becomes NaN/Inf is frozen too, at the step that produced it, so the
+first bad iteration can be read back later. ``return_iterate="lowest"`` returns each
+row's lowest-residual iterate instead of its last (the same for a converged row).
 
 Host synchronization. The loop itself never waits for the GPU. Every ``check_every``
 iterations (and after the last one) it reads back four numbers in one transfer
@@ -44,7 +58,10 @@ re-runs the recorded kernels on the recorded addresses:
   ``x`` is not a tensor attribute of that module) are not guarded.
   Per-call inputs such as a frozen context should be ``copy_``-ed into a persistent
   buffer that ``f`` reads.
-- ``f`` must return a new tensor (the solver writes converged rows into it in place).
+- ``f`` may return any tensor: :func:`solve` never writes into it (the bookkeeping
+  writes the committed iterate into a tensor of its own, one more write per step);
+  :func:`solve_fused`'s step must return a new tensor private to the solver, which
+  writes frozen rows into it in place.
 
 With a custom adjoint (:func:`solve_fused`'s ``adjoint``), ``graph=True`` also captures the
 whole ``b_max_iter`` adjoint solve, the adjoint's set-up included, in a second graph cached
@@ -68,7 +85,7 @@ Backward modes (the forward solve runs under ``no_grad`` except for ``"unrolled"
 - ``"unrolled"``: plain autograd through every iteration (memory grows with the
   iteration count; the reference the tests compare against).
 
-The returned ``h_star`` *value* is always the converged iterate ``h_k`` itself, not
+The returned ``h_star`` *value* is always a committed iterate ``h_k`` itself, not
 ``f(h_k)``; with ``"ift"``/``"onestep"`` its gradient flows into the recorded ``f_out``.
 ``h0`` receives no gradient from ``"ift"``/``"onestep"`` (the fixed point does not
 depend on the starting point).
@@ -87,20 +104,22 @@ kernel already computes the per-row float32 residual (``deqkern.frozen_rmsnorm_u
 the solver then never recomputes it. Same keyword arguments as :func:`solve`.
 
 Bookkeeping kernel. One Triton kernel per iteration (:mod:`deqkern.ops.commit`) freezes
-converged rows, computes the residual when the step does not provide one, and updates
-the per-row statistics; its eager twin serves float64, autograd (``"unrolled"``) and
-CPUs without the Triton interpreter.
+converged rows, computes the residual when the step does not provide one, updates the
+per-row statistics and keeps the lowest-residual iterate when asked; its eager twin
+serves float64, autograd (``"unrolled"``) and CPUs (the ``auto`` backend never picks the
+Triton interpreter).
 
-Layout: ``config`` (arguments, validation, autocast), ``loop`` (the Picard loop, host
-checks, policies, ``info``), ``capture`` (CUDA graphs and their guards), ``adjoint``
-(the implicit backward), ``api`` (:func:`solve`, :func:`solve_fused`).
+Layout: ``config`` (arguments, validation, autocast), ``loop`` (the loop every method
+shares, host checks, policies, ``info``), ``anderson`` and ``broyden`` (their per-row
+histories and proposals), ``capture`` (CUDA graphs and their guards), ``adjoint`` (the
+implicit backward), ``api`` (:func:`solve`, :func:`solve_fused`).
 """
 
 
 from deqkern.solver.api import solve, solve_fused
 from deqkern.solver.capture import clear_graph_cache
 from deqkern.solver.cell import solve_cell
-from deqkern.solver.config import DEFAULT_CHECK_EVERY
+from deqkern.solver.config import DEFAULT_CHECK_EVERY, DEFAULT_LAM, DEFAULT_M, METHODS
 from deqkern.solver.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
 __all__ = [
@@ -112,4 +131,7 @@ __all__ = [
     "ConvergenceWarning",
     "clear_graph_cache",
     "DEFAULT_CHECK_EVERY",
+    "DEFAULT_M",
+    "DEFAULT_LAM",
+    "METHODS",
 ]

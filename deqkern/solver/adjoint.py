@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from deqkern.solver.capture import graph_solve
 from deqkern.solver.config import ADJOINT_STOP_MODE, AdjointFactory, Config, Step
 from deqkern.solver import loop
-from deqkern.solver.loop import enforce, picard_loop, summarize
+from deqkern.solver.loop import enforce, fixed_point_loop, summarize
 
 __all__ = ["Adjoint", "Equilibrium"]
 
@@ -41,10 +41,10 @@ class Adjoint:
                                              allow_unused=True, materialize_grads=True)
                 return torch.add(v, vjp), None
 
-        result = picard_loop(
+        result = fixed_point_loop(
             adjoint_step, v, max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=ADJOINT_STOP_MODE,
             check_every=None if capturing else cfg.check_every, what=what, step_name="the adjoint step",
-            expects_residual=self.custom is not None,
+            expects_residual=self.custom is not None, method=cfg.b_method,
         )
         stats = summarize(result.h, result.state, result.check_vector, cfg.b_tol, ADJOINT_STOP_MODE)
         self.info.update({f"b_{name}": value for name, value in stats.items()})
@@ -59,7 +59,7 @@ class Adjoint:
         set-up included) replays from one CUDA graph, cached with the forward's."""
         cfg, custom = self.cfg, self.custom
         loop_kwargs = dict(max_iter=cfg.b_max_iter, tol=cfg.b_tol, stop_mode=ADJOINT_STOP_MODE, check_every=None,
-                           what=what, step_name="the adjoint step", expects_residual=True)
+                           what=what, step_name="the adjoint step", expects_residual=True, method=cfg.b_method)
         # Per-call tensors the adjoint reads besides h* (declared in ``extra_inputs``)
         # are copied into static buffers too, and the adjoint is rebound to them.
         per_call = tuple(getattr(custom, "extra_inputs", ()))

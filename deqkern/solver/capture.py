@@ -13,10 +13,12 @@ import torch
 
 from deqkern.solver.config import Config, Step
 from deqkern.solver.guards import Guard, tensor_guards
-from deqkern.solver.loop import picard_loop, summarize
+from deqkern.solver.loop import fixed_point_loop, result_info
 
 __all__ = ["clear_graph_cache", "tensor_guards", "CapturedSolve", "capture", "graph_solve"]
 
+#: The loop arguments a captured graph depends on (part of its cache key).
+CACHE_KEYS = ("max_iter", "tol", "method", "in_place", "return_iterate", "trace")
 #: Captured problems kept per ``f`` (least recently used dropped first).
 GRAPHS_PER_F = 4
 
@@ -86,7 +88,7 @@ def pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
 
 def capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extra: tuple, loop_kwargs: dict,
              tol: float, stop_mode: str, guards: list) -> CapturedSolve:
-    """Capture ``picard_loop(build(static_in, static_extra), static_in)`` and its info
+    """Capture ``fixed_point_loop(build(static_in, static_extra), static_in)`` and its info
     (``guards``: a :class:`~deqkern.solver.guards.Guard` per root ``f`` reads from).
     ``extra``: further per-call inputs (the adjoint's ``h*``), copied into static buffers
     too; ``build`` makes the step from the static tensors (once for the warm-up, once
@@ -99,16 +101,16 @@ def capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extr
     with torch.cuda.stream(side), torch.no_grad():
         # Warm-up outside the capture: compiles kernels, creates library handles and
         # validates what the step returns.
-        warm = picard_loop(build(static_in, static_extra), static_in,
-                            **{**loop_kwargs, "max_iter": 2, "check_every": None})
-        summarize(warm.h, warm.state, warm.check_vector, tol, stop_mode)
+        warm = fixed_point_loop(build(static_in, static_extra), static_in,
+                                **{**loop_kwargs, "max_iter": 2, "check_every": None})
+        result_info(warm, tol, stop_mode)
         del warm
     torch.cuda.current_stream(h0.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.no_grad(), torch.cuda.graph(graph):
-            result = picard_loop(build(static_in, static_extra), static_in, **{**loop_kwargs, "check_every": None})
-            fields = summarize(result.h, result.state, result.check_vector, tol, stop_mode)
+            result = fixed_point_loop(build(static_in, static_extra), static_in, **{**loop_kwargs, "check_every": None})
+            fields = result_info(result, tol, stop_mode)
             fields["h"] = result.h
             fields["_check"] = result.check_vector
             packed, layout = pack(fields)
@@ -137,8 +139,8 @@ def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tup
             f"graph=True caches the captured solve per f and needs f (or the object it is bound to) to be "
             f"weak-referenceable; got {type(owner).__name__}"
         ) from err
-    key = (tag, method, h0.shape, h0.dtype, h0.device, loop_kwargs["max_iter"], loop_kwargs["tol"],
-           loop_kwargs["stop_mode"])
+    key = (tag, method, h0.shape, h0.dtype, h0.device, loop_kwargs["stop_mode"],
+           *[loop_kwargs.get(name) for name in CACHE_KEYS])
     roots = (owner_fn, *guarded)
     entry = per_owner.get(key)
     if entry is not None and not _guards_hold(entry, roots):

@@ -11,12 +11,20 @@ import torch
 
 from deqkern.ops.launch import STOP_MODES
 
-__all__ = ["ADJOINT_STOP_MODE", "Config", "validate", "validate_options", "positive_int", "positive_float", "validate_iterate", "validate_residual", "autocast_iterate",
-           "DEFAULT_CHECK_EVERY", "BACKWARD_MODES", "POLICIES", "FLOAT_DTYPES", "Step", "AdjointFactory"]
+__all__ = ["ADJOINT_STOP_MODE", "Config", "Method", "PICARD", "validate", "validate_options", "positive_int",
+           "positive_float", "validate_iterate", "validate_residual", "autocast_iterate", "DEFAULT_CHECK_EVERY",
+           "DEFAULT_M", "DEFAULT_LAM", "METHODS", "RETURN_ITERATES", "BACKWARD_MODES", "POLICIES", "FLOAT_DTYPES",
+           "Step", "AdjointFactory"]
 
 #: Iterations between host checks when ``check_every`` is None (see the module docstring).
 DEFAULT_CHECK_EVERY = 4
+#: Anderson's history (pairs kept per row) when ``m`` is None (Broyden's: every step).
+DEFAULT_M = 5
+#: Anderson's Tikhonov regularization, relative to the mean squared residual in the history.
+DEFAULT_LAM = 1e-4
 
+METHODS = ("picard", "anderson", "broyden")
+RETURN_ITERATES = ("last", "lowest")
 BACKWARD_MODES = ("ift", "onestep", "unrolled")
 #: The adjoint solve's residual, whatever the forward's ``stop_mode``: per row,
 #: ``||g_next - g|| / ||g_next||``. The incoming gradient's scale is the loss's scale
@@ -33,6 +41,21 @@ AdjointFactory = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor],
 
 
 @dataclass(frozen=True)
+class Method:
+    """A fixed-point method and its parameters (hashable: part of the graph cache key).
+    ``m``: history per row (Anderson; Broyden, where None keeps every step); ``lam``:
+    Anderson's relative regularization; ``beta``: Anderson's mixing (1: undamped)."""
+
+    name: str
+    m: Optional[int] = DEFAULT_M
+    lam: float = DEFAULT_LAM
+    beta: float = 1.0
+
+
+PICARD = Method("picard")
+
+
+@dataclass(frozen=True)
 class Config:
     max_iter: int
     tol: float
@@ -43,6 +66,10 @@ class Config:
     check_every: int
     graph: bool
     on_nonconvergence: str
+    method: Method = PICARD
+    b_method: Method = PICARD
+    return_iterate: str = "last"
+    trace: bool = False
 
 
 def is_int(x: object) -> bool:
@@ -82,9 +109,35 @@ def validate_options(*, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, c
     return max_iter, tol, b_max_iter, b_tol, check_every
 
 
+def methods(method: object, b_method: object, m: object, lam: object, beta: object) -> tuple[Method, Method]:
+    """The forward and adjoint :class:`Method`; ``m``, ``lam``, ``beta`` (None: default)
+    must be used by one of them."""
+    one_of("method", method, METHODS)
+    b_method = method if b_method is None else one_of("b_method", b_method, METHODS)
+    used = {method, b_method}
+    for name, value, users in (("m", m, ("anderson", "broyden")), ("lam", lam, ("anderson",)),
+                               ("beta", beta, ("anderson",))):
+        if value is not None and not used & set(users):
+            hint = (" (a damped Picard step is f_damped = lambda h: beta * f(h) + (1 - beta) * h)"
+                    if name == "beta" else "")
+            raise ValueError(f"{name} applies to method {' or '.join(map(repr, users))}; got method={method!r}, "
+                             f"b_method={b_method!r}{hint}")
+    m = None if m is None else positive_int("m", m)
+    lam = DEFAULT_LAM if lam is None else positive_float("lam", lam)
+    beta = 1.0 if beta is None else positive_float("beta", beta)
+
+    def build(name: str) -> Method:
+        if name == "anderson":
+            return Method(name, DEFAULT_M if m is None else m, lam, beta)
+        return Method(name, m) if name == "broyden" else PICARD
+
+    return build(method), build(b_method)
+
+
 def validate(
     fn: object, fn_name: str, h0: object, *, max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
-    check_every, graph, on_nonconvergence,
+    check_every, graph, on_nonconvergence, method="picard", m=None, lam=None, beta=None, b_method=None,
+    return_iterate="last", trace=False,
 ) -> Config:
     """All argument checks, metadata only (no sync)."""
     if not callable(fn):
@@ -98,6 +151,14 @@ def validate(
     max_iter, tol, b_max_iter, b_tol, check_every = validate_options(
         max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward, b_max_iter=b_max_iter, b_tol=b_tol,
         check_every=check_every, on_nonconvergence=on_nonconvergence)
+    forward_method, adjoint_method = methods(method, b_method, m, lam, beta)
+    if backward == "unrolled" and forward_method.name != "picard":
+        raise ValueError(f"backward='unrolled' differentiates through every iteration, which deqkern supports for "
+                         f"method='picard' only (Anderson and Broyden update their histories in place); got "
+                         f"method={method!r}. Use backward='ift' or 'onestep'")
+    one_of("return_iterate", return_iterate, RETURN_ITERATES)
+    if not isinstance(trace, bool):
+        raise TypeError(f"trace must be a bool; got {type(trace).__name__}")
     if not isinstance(graph, bool):
         raise TypeError(f"graph must be a bool; got {type(graph).__name__}")
     if graph:
@@ -112,7 +173,8 @@ def validate(
         if backward == "unrolled" and torch.is_grad_enabled():
             raise ValueError("graph=True cannot be combined with backward='unrolled' while grad is enabled "
                              "(autograd cannot record through a graph replay); use 'ift' or 'onestep'")
-    return Config(max_iter, tol, stop_mode, backward, b_max_iter, b_tol, check_every, graph, on_nonconvergence)
+    return Config(max_iter, tol, stop_mode, backward, b_max_iter, b_tol, check_every, graph, on_nonconvergence,
+                  forward_method, adjoint_method, return_iterate, trace)
 
 
 def validate_iterate(name: str, out: object, h: torch.Tensor) -> None:

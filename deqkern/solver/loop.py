@@ -1,40 +1,57 @@
-"""The Picard loop: device-side per-row bookkeeping, host checks every ``check_every``
-iterations, the non-convergence policies, and the ``info`` statistics."""
+"""The fixed-point loop every method shares: one contract, device-side per-row
+bookkeeping, host checks every ``check_every`` iterations, the non-convergence
+policies, and the ``info`` statistics.
+
+The contract. Iteration ``k`` evaluates the step at a point ``x_k`` and gets
+``h_next = f(x_k)``; the row's residual is ``h_next`` against ``x_k`` (given by a fused
+step, or computed by the bookkeeping kernel) and, while the row is active, ``h_next``
+becomes its committed iterate. The method only decides the next point: Picard takes the
+committed iterate, Anderson (:mod:`.anderson`) and Broyden (:mod:`.broyden`) a point
+built from their per-row histories. A frozen row (converged or blown up) always
+proposes its committed iterate, so its answer never changes and, for an ``f`` that acts
+row by row, never depends on other rows. The loop returns the last committed iterate
+or, with ``return_iterate="lowest"``, each row's lowest-residual one.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 
 from deqkern import _backend
 from deqkern.ops.commit import FLT_MAX, RowState, commit_reference, commit_triton
+from deqkern.ops.launch import compute_dtype
 from deqkern.ops.residual import REL_EPS
-from deqkern.solver.config import Step, validate_iterate, validate_residual
+from deqkern.solver.anderson import Anderson
+from deqkern.solver.broyden import Broyden
+from deqkern.solver.config import PICARD, Method, Step, validate_iterate, validate_residual
 from deqkern.solver.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
 __all__ = ["commit", "Check", "check_vector", "host_check", "raise_if_nonfinite", "enforce", "LoopResult",
-           "picard_loop", "row_norm", "summarize"]
+           "fixed_point_loop", "row_norm", "summarize", "result_info"]
 
 
 def commit(
-    h: torch.Tensor, h_next: torch.Tensor, residual: Optional[torch.Tensor], state: RowState,
-    tol: float, stop_mode: str,
+    x: torch.Tensor, h_next: torch.Tensor, residual: Optional[torch.Tensor], state: RowState,
+    tol: float, stop_mode: str, in_place: bool,
 ) -> torch.Tensor:
-    differentiable = torch.is_grad_enabled() and (h_next.requires_grad or h.requires_grad)
+    """Commit one step (:mod:`deqkern.ops.commit`); ``in_place`` only for step outputs
+    private to the solver."""
+    differentiable = torch.is_grad_enabled() and (h_next.requires_grad or x.requires_grad)
     if not differentiable:
         try:
-            backend = _backend.select(h.device, h.dtype, h.shape[-1])
+            backend = _backend.select(x.device, x.dtype, x.shape[-1])
         except RuntimeError:
             # DEQKERN_BACKEND=triton on data the kernel cannot take (e.g. float64): the
             # bookkeeping is not a user-facing op, so it falls back instead of failing.
             backend = "eager"
         if backend != "eager":
-            return commit_triton(h, h_next, residual, state, tol, stop_mode)
-    return commit_reference(h, h_next, residual, state, tol, stop_mode)
+            return commit_triton(x, h_next, residual, state, tol, stop_mode, in_place)
+    return commit_reference(x, h_next, residual, state, tol, stop_mode)
 
 
 # --------------------------------------------------------------------------- checks
@@ -92,30 +109,71 @@ def enforce(check: Check, cfg_policy: str, what: str, n_rows: int, max_iter: int
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class LoopResult:
-    h: torch.Tensor
+    h: torch.Tensor  # the returned iterate: the last committed one or the lowest-residual one
     state: RowState
     iterations: int
     check: Optional[Check]
     check_vector: torch.Tensor  # the final state's, on the device
+    lowest: bool = False  # h is the lowest-residual iterate (return_iterate="lowest")
+    traces: Optional[torch.Tensor] = None  # (2, R, iterations) float32: abs, rel residual per step
+    kept: list = field(default_factory=list)  # (step, iterate) at the steps asked for in ``keep``
 
 
-def picard_loop(
+def accelerator(method: Method, h0: torch.Tensor, max_iter: int) -> Union[Anderson, Broyden, None]:
+    if method.name == "anderson":
+        return Anderson(method, h0, max_iter)
+    if method.name == "broyden":
+        return Broyden(method, h0, max_iter)
+    return None
+
+
+def record_traces(traces: torch.Tensor, k: int, x: torch.Tensor, h_next: torch.Tensor,
+                  active: torch.Tensor) -> None:
+    """Column ``k - 1`` of the abs/rel traces: the step's 2-norm residuals for active rows,
+    the previous column for frozen ones (their committed iterate did not change). Plain
+    norms in the compute dtype: a diagnostic, without the overflow guards of the
+    convergence test (a row that overflows reads inf or NaN)."""
+    with torch.no_grad():
+        ct = compute_dtype(x)
+        h_next = h_next.detach().to(ct)
+        abs_res = row_norm(h_next - x.detach().to(ct)).reshape(-1)
+        rel_res = abs_res / (row_norm(h_next).reshape(-1) + REL_EPS)
+        for i, new in enumerate((abs_res, rel_res)):
+            traces[i, :, k - 1] = new if k == 1 else torch.where(active, new, traces[i, :, k - 2])
+
+
+def fixed_point_loop(
     step: Step, h0: torch.Tensor, *, max_iter: int, tol: float, stop_mode: str,
-    check_every: Optional[int], what: str, step_name: str, expects_residual: bool,
+    check_every: Optional[int], what: str, step_name: str, expects_residual: bool, method: Method = PICARD,
+    in_place: bool = True, return_iterate: str = "last", trace: bool = False, keep: tuple = (),
 ) -> LoopResult:
-    """Iterate ``step`` from ``h0`` with frozen rows; ``check_every=None`` never syncs
-    (graph capture). The last check, if any, is at ``max_iter`` or where it stopped."""
-    state = RowState.start(h0.shape[:-1].numel(), h0.device)
-    h = h0
+    """Iterate ``step`` from ``h0`` with ``method`` and frozen rows (module docstring);
+    ``check_every=None`` never syncs (graph capture). The last check, if any, is at
+    ``max_iter`` or where it stopped. ``in_place``: the step's outputs are private to
+    the solver (the bookkeeping may write into them). ``keep``: steps at which to keep
+    a copy of the iterate that would be returned."""
+    n_rows = h0.shape[:-1].numel()
+    lowest = return_iterate == "lowest"
+    state = RowState.start(n_rows, h0.device, best=h0.reshape(n_rows, h0.shape[-1]) if lowest else None)
+    accel = accelerator(method, h0, max_iter)
+    traces = torch.empty(2, n_rows, max_iter, dtype=torch.float32, device=h0.device) if trace else None
+    x = h = h0
+    kept = []
     check = vector = None
     checked_at = 0
     for k in range(1, max_iter + 1):
-        h_next, residual = step(h)
+        h_next, residual = step(x)
         if k == 1:
-            validate_iterate(step_name, h_next, h)
+            validate_iterate(step_name, h_next, x)
             if expects_residual:
-                validate_residual(step_name, residual, h)
-        h = commit(h, h_next, residual, state, tol, stop_mode)
+                validate_residual(step_name, residual, x)
+        active = state.active(tol) if traces is not None else None
+        h = commit(x, h_next, residual, state, tol, stop_mode, in_place)
+        if traces is not None:
+            record_traces(traces, k, x, h_next, active)
+        if k in keep:
+            kept.append((k, (state.best.view(h.shape) if lowest else h).clone()))
+        x = h if accel is None else accel.propose(x, h_next, h, state.active(tol))
         if check_every is not None and (k % check_every == 0 or k == max_iter):
             vector = check_vector(state, tol)
             check = host_check(vector)
@@ -125,7 +183,8 @@ def picard_loop(
                 break
     if checked_at != k:
         vector = check_vector(state, tol)
-    return LoopResult(h, state, k, check, vector)
+    returned = state.best.view(h.shape) if lowest else h
+    return LoopResult(returned, state, k, check, vector, lowest, None if traces is None else traces[:, :, :k], kept)
 
 
 def row_norm(h: torch.Tensor) -> torch.Tensor:
@@ -135,34 +194,44 @@ def row_norm(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
 
 
-def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol: float,
-               stop_mode: str) -> dict[str, torch.Tensor]:
-    """The ``info`` tensors (device, no sync). See :func:`solve` for their meaning."""
+def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol: float, stop_mode: str, *,
+              lowest: bool = False, traces: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The ``info`` tensors (device, no sync), describing the returned iterate ``h``
+    (the lowest-residual one with ``lowest``). See :func:`deqkern.solve` for their meaning."""
     lead = h.shape[:-1]
     with torch.no_grad():
-        residual = state.residual.view(lead)
-        nstep = state.nstep.view(lead)
+        residual = (state.lowest if lowest else state.residual).view(lead)
+        nstep = (state.lowest_step if lowest else state.nstep).view(lead)
         converged = residual < tol
-        lowest = state.lowest.view(lead)
         if stop_mode == "max":
-            abs_lowest = rel_lowest = torch.full_like(lowest, math.nan)
+            abs_res = rel_res = torch.full_like(residual, math.nan)
         else:
             norm = row_norm(h.detach()) + REL_EPS
-            abs_lowest = lowest if stop_mode == "abs" else lowest * norm
-            rel_lowest = lowest if stop_mode == "rel" else lowest / norm
+            abs_res = residual if stop_mode == "abs" else residual * norm
+            rel_res = residual if stop_mode == "rel" else residual / norm
+        last = state.residual.view(lead)
         prev = state.prev.view(lead)
-        ratio = torch.where((prev > 0) & (prev < FLT_MAX), residual / prev, 0.0)
+        ratio = torch.where((prev > 0) & (prev < FLT_MAX), last / prev, 0.0)
         empty = residual.numel() == 0
-        return {
+        info = {
             "nstep": nstep,
             "residual": residual,
             "converged": converged,
-            "abs_lowest": abs_lowest,
-            "rel_lowest": rel_lowest,
-            "max_residual": check_vector[3].float(),
+            "abs_lowest": abs_res,
+            "rel_lowest": rel_res,
+            "max_residual": residual.amax() if not empty else check_vector[0].float(),
             "mean_nstep": nstep.float().mean() if not empty else check_vector[0].float(),
             "converged_fraction": converged.float().mean() if not empty else check_vector[0].float() + 1,
             "contraction": ratio.amax() if not empty else check_vector[0].float(),
             "nonfinite_iter": check_vector[1].to(torch.int32),
         }
+        if traces is not None:
+            info["abs_trace"] = traces[0].view(*lead, traces.shape[-1])
+            info["rel_trace"] = traces[1].view(*lead, traces.shape[-1])
+        return info
 
+
+def result_info(result: LoopResult, tol: float, stop_mode: str) -> dict[str, torch.Tensor]:
+    """:func:`summarize` for a :class:`LoopResult` (its returned iterate and traces)."""
+    return summarize(result.h, result.state, result.check_vector, tol, stop_mode, lowest=result.lowest,
+                     traces=result.traces)
