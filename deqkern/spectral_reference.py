@@ -60,15 +60,11 @@ TINY = 1e-300
 
 
 # --------------------------------------------------------------------------- checks
-def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype)
-
-
 def _check_weights(weights: Sequence[torch.Tensor]) -> None:
     device = weights[0].device
     for i, weight in enumerate(weights):
         if not weight.is_floating_point():
-            raise TypeError(f"weights[{i}] must be a floating-point tensor, got {_dtype(weight)}")
+            raise TypeError(f"weights[{i}] must be a floating-point tensor, got {weight.dtype}")
         if weight.dim() < 2:
             raise ValueError(f"weights[{i}] must have at least 2 dimensions, got shape {tuple(weight.shape)}")
         if weight.numel() == 0:
@@ -85,7 +81,7 @@ def _check_length(n_weights: int, values: Sequence, what: str) -> None:
 
 def _check_vector(vec: torch.Tensor, what: str, i: int, length: int, device: torch.device) -> None:
     if vec.dtype != torch.float32:
-        raise TypeError(f"{what}[{i}] must be float32, got {_dtype(vec)}")
+        raise TypeError(f"{what}[{i}] must be float32, got {vec.dtype}")
     if vec.dim() != 1 or vec.shape[0] != length:
         raise ValueError(f"{what}[{i}] must have shape ({length},) to match weights[{i}], got {tuple(vec.shape)}")
     if vec.device != device:
@@ -300,7 +296,7 @@ def clamp_reference(
         if tensor.dim() != 1 or tensor.shape[0] != k:
             raise ValueError(f"{name} must have shape ({k},), one per weight, got {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {_dtype(tensor)}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if not weights:
         return torch.empty(0)
     _check_weights(weights)
