@@ -164,35 +164,46 @@ at::Tensor unit_or(const at::Tensor& x, const at::Tensor& fallback) {
   return at::where(keep.unsqueeze(1), x / norm.clamp_min(kNormalizeEps).unsqueeze(1), fallback);
 }
 
+// The weights of one matrix shape, estimated together (every op but the products batched).
 struct Run {
   std::pair<int64_t, int64_t> shape;  // (rows, cols)
-  std::vector<size_t> members;        // weights of that shape
-  at::Tensor start;             // (g, cols) start vectors
+  std::vector<size_t> members;        // their indices in weights, g of them
+  at::Tensor start;                   // (g, cols) start vectors
   int64_t products = 0;
-  at::Tensor v_basis, u_basis;  // (g, b, cols), (g, a, rows): one basis vector per row
-  at::Tensor k_matrix;          // (g, a, b) float64
-  at::Tensor last_norm;         // (g,) the last product's norm
+  at::Tensor v_basis, u_basis;        // (g, b, cols), (g, a, rows): one basis vector per row
+  at::Tensor k_matrix;                // (g, a, b) float64
+  at::Tensor last_norm;               // (g,) the last product's norm
 };
 
-// matrices: the group's float32 (rows, cols) views and transposes: {W_1, W_1^T, W_2, ...}.
-void bidiagonalize(const std::vector<at::Tensor>& matrices, Run& run) {
-  const at::Tensor& start = run.start;
-  const int64_t g = start.size(0), cols = start.size(1), rows = matrices[0].size(0);
+// Golub-Kahan for the weights run.members (one shape), from their vs.
+void bidiagonalize(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& vs, int64_t n_iter,
+                   Run& run) {
+  const int64_t rows = run.shape.first, cols = run.shape.second;
+  std::vector<at::Tensor> matrices, transposed, starts;
+  for (size_t i : run.members) {
+    matrices.push_back(weights[i].reshape({rows, cols}).to(at::kFloat));
+    transposed.push_back(matrices.back().t());
+    starts.push_back(vs[i]);
+  }
+  run.start = at::stack(starts);
+  run.products = n_products(n_iter, rows, cols);
+  const auto g = static_cast<int64_t>(run.members.size());
   const int64_t a = run.products / 2, b = (run.products + 1) / 2;
-  run.v_basis = at::zeros({g, b, cols}, start.options());
-  run.u_basis = at::zeros({g, a, rows}, start.options());
-  const at::Tensor coef = at::empty({g, run.products}, start.options());  // alpha_0, beta_0, alpha_1, ...
-  run.v_basis.select(1, 0).copy_(start);
+  const at::TensorOptions options = run.start.options();
+  run.v_basis = at::zeros({g, b, cols}, options);
+  run.u_basis = at::zeros({g, a, rows}, options);
+  const at::Tensor coef = at::empty({g, run.products}, options);  // alpha_0, beta_0, alpha_1, ... in product order
+  run.v_basis.select(1, 0).copy_(run.start);
   for (int64_t p = 0; p < run.products; ++p) {
     const int64_t j = p / 2;
     const bool forward = p % 2 == 0;
     const at::Tensor& basis = forward ? run.u_basis : run.v_basis;
     const int64_t slot = forward ? j : j + 1;
-    at::Tensor out = at::empty({g, forward ? rows : cols}, start.options());
+    at::Tensor out = at::empty({g, forward ? rows : cols}, options);
     const at::Tensor source = forward ? run.v_basis.select(1, j) : run.u_basis.select(1, j);
     for (int64_t i = 0; i < g; ++i) {
       at::Tensor row = out.select(0, i);
-      at::mv_out(row, matrices[2 * i + (forward ? 0 : 1)], source.select(0, i));
+      at::mv_out(row, forward ? matrices[i] : transposed[i], source.select(0, i));
     }
     if (p > 0) {  // columns not filled yet are zero and remove nothing
       for (int pass = 0; pass < 2; ++pass) {
@@ -206,7 +217,7 @@ void bidiagonalize(const std::vector<at::Tensor>& matrices, Run& run) {
       basis.select(1, slot).copy_(out / norm.clamp_min(kNormalizeEps).unsqueeze(1));
     }
   }
-  run.k_matrix = at::zeros({g, a, b}, start.options().dtype(at::kDouble));
+  run.k_matrix = at::zeros({g, a, b}, options.dtype(at::kDouble));
   run.k_matrix.diagonal(0, 1, 2).copy_(coef.slice(1, 0, 2 * a, 2));
   run.k_matrix.diagonal(1, 1, 2).copy_(coef.slice(1, 1, 2 * std::min(a, b - 1), 2));
   run.last_norm = coef.select(1, run.products - 1);
@@ -226,6 +237,30 @@ at::Tensor top_right_vectors(const at::Tensor& k_matrix) {
   at::Tensor first = at::zeros_like(vec);
   first.select(1, 0).fill_(1.0);
   return unit_or(vec, first);
+}
+
+// Ritz value and bound (g,) each (float64) from K's top right vectors s (g, b); writes the
+// Ritz vectors into the run's us and vs.
+std::pair<at::Tensor, at::Tensor> finish(const Run& run, const at::Tensor& s, const std::vector<at::Tensor>& us,
+                                         const std::vector<at::Tensor>& vs) {
+  const int64_t a = run.k_matrix.size(1), b = run.k_matrix.size(2);
+  const at::Tensor ks = at::bmm(run.k_matrix, s.unsqueeze(2)).squeeze(2);
+  const at::Tensor theta = at::linalg_vector_norm(ks, 2, {1});
+  const at::Tensor t = ks / theta.clamp_min(kTiny).unsqueeze(1);
+  const at::Tensor inner = at::linalg_vector_norm(
+      at::bmm(run.k_matrix.transpose(1, 2), t.unsqueeze(2)).squeeze(2) - theta.unsqueeze(1) * s, 2, {1});
+  const at::Tensor last = run.products % 2 ? s.select(1, b - 1) : t.select(1, a - 1);
+  const at::Tensor margin = at::sqrt((inner.square() + (run.last_norm.to(at::kDouble) * last).square()) / 2);
+  const at::Tensor new_v = unit_or(at::bmm(s.to(at::kFloat).unsqueeze(1), run.v_basis).squeeze(1), run.start);
+  std::vector<at::Tensor> group_us, group_vs;
+  for (size_t i : run.members) {
+    group_us.push_back(us[i]);
+    group_vs.push_back(vs[i]);
+  }
+  const at::Tensor new_u = unit_or(at::bmm(t.to(at::kFloat).unsqueeze(1), run.u_basis).squeeze(1), at::stack(group_us));
+  at::_foreach_copy_(group_vs, new_v.unbind(0));
+  at::_foreach_copy_(group_us, new_u.unbind(0));
+  return {theta, theta + margin};
 }
 
 // weights: k float tensors (out_i, ...) on one device; us: k float32 (out_i,);
@@ -253,67 +288,34 @@ std::tuple<at::Tensor, at::Tensor> lanczos_(const std::vector<at::Tensor>& weigh
   check_disjoint(std::move(spans));
 
   at::NoGradGuard no_grad;
-  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<size_t>>> groups;  // first-appearance order
+  std::vector<Run> runs;  // one per matrix shape, in order of first appearance
   for (size_t i = 0; i < k; ++i) {
     const std::pair<int64_t, int64_t> shape{weights[i].size(0), weights[i].numel() / weights[i].size(0)};
-    auto found = std::find_if(groups.begin(), groups.end(), [&](const auto& entry) { return entry.first == shape; });
-    if (found == groups.end()) {
-      groups.emplace_back(shape, std::vector<size_t>{});
-      found = std::prev(groups.end());
+    auto found = std::find_if(runs.begin(), runs.end(), [&](const Run& run) { return run.shape == shape; });
+    if (found == runs.end()) {
+      runs.push_back(Run{shape});
+      found = std::prev(runs.end());
     }
-    found->second.push_back(i);
-  }
-  std::vector<Run> runs;
-  for (const auto& [shape, members] : groups) {
-    Run run;
-    run.shape = shape;
-    run.members = members;
-    runs.push_back(std::move(run));
+    found->members.push_back(i);
   }
   int64_t a_max = 0, b_max = 0;
   for (Run& run : runs) {
-    const auto& shape = run.shape;
-    std::vector<at::Tensor> matrices, starts;
-    for (size_t i : run.members) {
-      matrices.push_back(weights[i].reshape({shape.first, shape.second}).to(at::kFloat));
-      matrices.push_back(matrices.back().t());
-      starts.push_back(vs[i]);
-    }
-    run.start = at::stack(starts);
-    run.products = n_products(n_iter, shape.first, shape.second);
-    bidiagonalize(matrices, run);
+    bidiagonalize(weights, vs, n_iter, run);
     a_max = std::max(a_max, run.k_matrix.size(1));
     b_max = std::max(b_max, run.k_matrix.size(2));
   }
   std::vector<at::Tensor> padded;
   for (const Run& run : runs) {
-    padded.push_back(at::constant_pad_nd(run.k_matrix, {0, b_max - run.k_matrix.size(2), 0, a_max - run.k_matrix.size(1)}, 0));
+    padded.push_back(
+        at::constant_pad_nd(run.k_matrix, {0, b_max - run.k_matrix.size(2), 0, a_max - run.k_matrix.size(1)}, 0));
   }
   const at::Tensor right = top_right_vectors(at::cat(padded));
-
   std::vector<at::Tensor> ritz(k), bound(k);
   int64_t offset = 0;
   for (const Run& run : runs) {
-    const int64_t g = run.k_matrix.size(0), a = run.k_matrix.size(1), b = run.k_matrix.size(2);
-    const at::Tensor s = right.narrow(0, offset, g).narrow(1, 0, b);
+    const int64_t g = run.k_matrix.size(0);
+    const auto [theta, upper] = finish(run, right.narrow(0, offset, g).narrow(1, 0, run.k_matrix.size(2)), us, vs);
     offset += g;
-    const at::Tensor ks = at::bmm(run.k_matrix, s.unsqueeze(2)).squeeze(2);
-    const at::Tensor theta = at::linalg_vector_norm(ks, 2, {1});
-    const at::Tensor t = ks / theta.clamp_min(kTiny).unsqueeze(1);
-    const at::Tensor inner = at::linalg_vector_norm(
-        at::bmm(run.k_matrix.transpose(1, 2), t.unsqueeze(2)).squeeze(2) - theta.unsqueeze(1) * s, 2, {1});
-    const at::Tensor last = run.products % 2 ? s.select(1, b - 1) : t.select(1, a - 1);
-    const at::Tensor margin = at::sqrt((inner.square() + (run.last_norm.to(at::kDouble) * last).square()) / 2);
-    const at::Tensor new_v = unit_or(at::bmm(s.to(at::kFloat).unsqueeze(1), run.v_basis).squeeze(1), run.start);
-    std::vector<at::Tensor> group_us, group_vs;
-    for (size_t i : run.members) {
-      group_us.push_back(us[i]);
-      group_vs.push_back(vs[i]);
-    }
-    const at::Tensor new_u = unit_or(at::bmm(t.to(at::kFloat).unsqueeze(1), run.u_basis).squeeze(1), at::stack(group_us));
-    at::_foreach_copy_(group_vs, new_v.unbind(0));
-    at::_foreach_copy_(group_us, new_u.unbind(0));
-    const at::Tensor upper = theta + margin;
     for (int64_t row = 0; row < g; ++row) {
       ritz[run.members[row]] = theta.select(0, row);
       bound[run.members[row]] = upper.select(0, row);

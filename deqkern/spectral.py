@@ -261,7 +261,7 @@ class SpectralNormSchedule:
                 store.append((vec / vec.norm().clamp_min(NORMALIZE_EPS)).to(self._device))
         self._targets = torch.tensor(taus, dtype=torch.float32, device=self._device)
         self.step_count = 0
-        self._sigma = torch.full((len(self._weights),), math.nan, device=self._device)
+        self._sigma = torch.full((len(self._weights),), math.nan, dtype=torch.float32, device=self._device)
         if init_power_iter:
             _, self._sigma = self._impl.lanczos_(self._weights, self._us, self._vs, init_power_iter)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 
@@ -135,16 +135,28 @@ def _unit_or(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     return torch.where(keep[:, None], x / norm.clamp_min(NORMALIZE_EPS)[:, None], fallback)
 
 
-def _bidiagonalize(matrices: list[torch.Tensor], start: torch.Tensor, n_products: int):
-    """Golub-Kahan from the rows of ``start`` ``(g, cols)`` for ``g`` matrices of one shape.
+class _Run(NamedTuple):
+    """The weights of one matrix shape, estimated together (every op but the products batched)."""
 
-    Returns the bases ``V (g, b, cols)``, ``U (g, a, rows)`` (one vector per row),
-    ``K (g, a, b)`` float64 and the last product's norm ``c (g,)``.
-    """
-    g, cols = start.shape
-    rows = matrices[0].shape[0]
+    members: list[int]  # their indices in ``weights``, g of them
+    start: torch.Tensor  # (g, cols) start vectors
+    n_products: int
+    v_basis: torch.Tensor  # (g, b, cols), one basis vector per row
+    u_basis: torch.Tensor  # (g, a, rows)
+    k_matrix: torch.Tensor  # (g, a, b) float64
+    last_norm: torch.Tensor  # (g,) the last product's norm
+
+
+def _bidiagonalize(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], members: list[int],
+                   n_iter: int) -> _Run:
+    """Golub-Kahan for the weights ``members`` (one shape), from their ``vs``."""
+    rows = weights[members[0]].shape[0]
+    cols = weights[members[0]].numel() // rows
+    matrices = [weights[i].reshape(rows, cols).to(torch.float32) for i in members]
     transposed = [matrix.t() for matrix in matrices]
-    a, b = n_products // 2, (n_products + 1) // 2
+    start = torch.stack([vs[i] for i in members])
+    n_products = _products(n_iter, rows, cols)
+    g, a, b = len(members), n_products // 2, (n_products + 1) // 2
     v_basis = start.new_zeros(g, b, cols)
     u_basis = start.new_zeros(g, a, rows)
     coef = start.new_empty(g, n_products)  # alpha_0, beta_0, alpha_1, ... in product order
@@ -170,7 +182,7 @@ def _bidiagonalize(matrices: list[torch.Tensor], start: torch.Tensor, n_products
     k_matrix = torch.zeros(g, a, b, dtype=torch.float64, device=start.device)
     k_matrix.diagonal(0, 1, 2).copy_(coef[:, 0:2 * a:2])
     k_matrix.diagonal(1, 1, 2).copy_(coef[:, 1:2 * min(a, b - 1):2])
-    return v_basis, u_basis, k_matrix, coef[:, n_products - 1]
+    return _Run(members, start, n_products, v_basis, u_basis, k_matrix, coef[:, n_products - 1])
 
 
 def _top_right_vectors(k_matrix: torch.Tensor) -> torch.Tensor:
@@ -186,6 +198,25 @@ def _top_right_vectors(k_matrix: torch.Tensor) -> torch.Tensor:
     first = torch.zeros_like(vec)
     first[:, 0] = 1.0
     return _unit_or(vec, first)
+
+
+def _finish(run: _Run, s: torch.Tensor, us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]):
+    """Ritz value and bound ``(g,)`` each (float64) from ``K``'s top right vectors ``s``
+    ``(g, b)``; writes the Ritz vectors into the run's ``us`` and ``vs``."""
+    _, a, b = run.k_matrix.shape
+    ks = torch.bmm(run.k_matrix, s[:, :, None])[:, :, 0]
+    theta = torch.linalg.vector_norm(ks, dim=1)
+    t = ks / theta.clamp_min(TINY)[:, None]
+    inner = torch.linalg.vector_norm(torch.bmm(run.k_matrix.transpose(1, 2), t[:, :, None])[:, :, 0]
+                                     - theta[:, None] * s, dim=1)
+    last = s[:, b - 1] if run.n_products % 2 else t[:, a - 1]
+    margin = torch.sqrt((inner.square() + (run.last_norm.double() * last).square()) / 2)
+    new_v = _unit_or(torch.bmm(s.float()[:, None], run.v_basis)[:, 0], run.start)
+    group_us, group_vs = [us[i] for i in run.members], [vs[i] for i in run.members]
+    new_u = _unit_or(torch.bmm(t.float()[:, None], run.u_basis)[:, 0], torch.stack(group_us))
+    torch._foreach_copy_(group_vs, new_v.unbind(0))
+    torch._foreach_copy_(group_us, new_u.unbind(0))
+    return theta, theta + margin
 
 
 @torch.no_grad()
@@ -230,39 +261,20 @@ def lanczos_reference(
     groups: dict[tuple[int, int], list[int]] = {}
     for i, weight in enumerate(weights):
         groups.setdefault((weight.shape[0], weight.numel() // weight.shape[0]), []).append(i)
-    runs = []
-    for (rows, cols), members in groups.items():
-        matrices = [weights[i].reshape(rows, cols).to(torch.float32) for i in members]
-        start = torch.stack([vs[i] for i in members])
-        n_products = _products(n_iter, rows, cols)
-        runs.append((members, start, n_products, *_bidiagonalize(matrices, start, n_products)))
-    a_max = max(run[5].shape[1] for run in runs)
-    b_max = max(run[5].shape[2] for run in runs)
-    padded = torch.cat([torch.nn.functional.pad(run[5], (0, b_max - run[5].shape[2], 0, a_max - run[5].shape[1]))
-                        for run in runs])
-    right = _top_right_vectors(padded)
-
+    runs = [_bidiagonalize(weights, vs, members, n_iter) for members in groups.values()]
+    a_max = max(run.k_matrix.shape[1] for run in runs)
+    b_max = max(run.k_matrix.shape[2] for run in runs)
+    right = _top_right_vectors(torch.cat([
+        torch.nn.functional.pad(run.k_matrix, (0, b_max - run.k_matrix.shape[2], 0, a_max - run.k_matrix.shape[1]))
+        for run in runs]))
     ritz: list[torch.Tensor] = [torch.empty(0)] * len(weights)
     bound: list[torch.Tensor] = [torch.empty(0)] * len(weights)
     offset = 0
-    for members, start, n_products, v_basis, u_basis, k_matrix, last_norm in runs:
-        g, a, b = k_matrix.shape
-        s = right[offset:offset + g, :b]
+    for run in runs:
+        g, _, b = run.k_matrix.shape
+        theta, upper = _finish(run, right[offset:offset + g, :b], us, vs)
         offset += g
-        ks = torch.bmm(k_matrix, s[:, :, None])[:, :, 0]
-        theta = torch.linalg.vector_norm(ks, dim=1)
-        t = ks / theta.clamp_min(TINY)[:, None]
-        inner = torch.linalg.vector_norm(torch.bmm(k_matrix.transpose(1, 2), t[:, :, None])[:, :, 0]
-                                         - theta[:, None] * s, dim=1)
-        last = s[:, b - 1] if n_products % 2 else t[:, a - 1]
-        margin = torch.sqrt((inner.square() + (last_norm.double() * last).square()) / 2)
-        new_v = _unit_or(torch.bmm(s.float()[:, None], v_basis)[:, 0], start)
-        group_us, group_vs = [us[i] for i in members], [vs[i] for i in members]
-        new_u = _unit_or(torch.bmm(t.float()[:, None], u_basis)[:, 0], torch.stack(group_us))
-        torch._foreach_copy_(group_vs, new_v.unbind(0))
-        torch._foreach_copy_(group_us, new_u.unbind(0))
-        upper = theta + margin
-        for row, i in enumerate(members):
+        for row, i in enumerate(run.members):
             ritz[i], bound[i] = theta[row], upper[row]
     return torch.stack(ritz).float(), torch.stack(bound).float()
 
