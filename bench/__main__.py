@@ -19,10 +19,16 @@ Suites (each also runs alone as ``python bench/bench_<name>.py``):
   host       bench/host_overhead.py: host time per call of each public entry point
              (on a CPU, the Python side with kernel launches stubbed)
 
-Results go to ``bench/results/<device-slug>/`` (``--out DIR``: ``DIR/<device-slug>/``):
-one ``<suite>.json`` + ``<suite>.md`` each, ``run.json`` (what ran, how long) and
-``SUMMARY.md`` (all tables; plots from ``python bench/plot.py DIR/<slug>`` are
-embedded once they exist -- they are also drawn here when matplotlib is installed).
+Results go to ``bench/results/<device-slug>/`` on a GPU, and to a fresh temporary
+directory (printed) on a CPU, whose runs are smoke tests, not results to commit
+(``--out DIR``: ``DIR/<device-slug>/`` either way): one ``<suite>.json`` + ``<suite>.md``
+each, ``run.json`` (what ran, how long) and ``SUMMARY.md`` (all tables; plots from
+``python bench/plot.py DIR/<slug>`` are embedded once they exist -- they are also drawn
+here when matplotlib is installed).
+
+Exit status: 0 when every suite ran (or was skipped for lack of time, or is an optional
+suite that is not available), 1 when any failed -- raised, exited non-zero or timed out;
+the other suites still run, and a summary says which failed and why.
 
 Time budget: ``--budget-s`` (default 420) is shared among the selected suites in
 proportion to their expected cost, unused time passing on to later suites. A suite
@@ -59,8 +65,12 @@ GRACE_S = 45.0
 DEFAULT_BUDGET_S = 420.0
 
 
-class SuiteTimeout(Exception):
-    """A suite ran more than GRACE_S past its share of the time budget."""
+class SuiteTimeout(BaseException):
+    """A suite ran more than GRACE_S past its share of the time budget.
+
+    A BaseException, like KeyboardInterrupt: a suite's own ``except Exception`` (which
+    reports a variant that fails and moves on) must not swallow it, nor a library wrap it.
+    """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="NxD problem sizes for update, iteration, solve and train (default: each suite's own)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="results root (default bench/results); files go to OUT/<device-slug>/")
+    ap.add_argument("--out", default=None, help="results root (default: bench/results on a GPU, a temporary "
+                    "directory on a CPU); files go to OUT/<device-slug>/")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help=f"time budget for all suites, seconds (default {DEFAULT_BUDGET_S:g}; 0: none)")
     args = ap.parse_args(argv)
@@ -129,11 +140,26 @@ def run_suite(module_name: str, argvs: list[list[str]], optional: bool) -> str:
     return "ok" if not failed else "failed (" + "; ".join(failed) + ")"
 
 
+_alarm = {"fired": False}
+
+
 def _on_alarm(signum, frame):
+    _alarm["fired"] = True
     raise SuiteTimeout()
 
 
-def main(argv=None) -> dict:
+def _failure(exc: BaseException, share_s: float) -> str:
+    """One line saying why a suite failed. Anything escaping after the alarm fired is the
+    timeout, whatever a library wrapped it in; other errors get their type and first line
+    (their traceback is printed where they happen)."""
+    if _alarm["fired"]:
+        return f"failed (timed out: more than {GRACE_S:g} s past its {share_s:.0f} s share of the budget; " \
+               "results not written)"
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"failed ({type(exc).__name__}: {first_line})"
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     device = torch.device(args.device)
@@ -149,6 +175,8 @@ def main(argv=None) -> dict:
 
     import deqkern  # noqa: E402,F401  (imports triton after TRITON_INTERPRET is set)
 
+    print(f"results go to {common.results_dir(device)}"
+          + ("" if args.out or device.type == "cuda" else " (a temporary directory; --out DIR keeps them)"))
     calls = suite_calls(args)
     budget_end = started + args.budget_s if args.budget_s > 0 else None
     status: dict[str, dict] = {}
@@ -158,6 +186,7 @@ def main(argv=None) -> dict:
         now = time.time()
         print(f"\n===== {name}: " + " && ".join(f"python bench/{module_name}.py {' '.join(a)}" for a in argvs),
               flush=True)
+        share = 0.0
         if budget_end is not None:
             if now >= budget_end:
                 status[name] = {"status": "skipped (time budget spent)", "seconds": 0.0}
@@ -166,14 +195,16 @@ def main(argv=None) -> dict:
             weights = [sum(WEIGHTS[s] for s in n.split("+")) for n, *_ in calls[index:]]
             share = (budget_end - now) * weights[0] / sum(weights)
             os.environ["DEQKERN_BENCH_DEADLINE"] = str(now + share)
+            _alarm["fired"] = False
             signal.alarm(max(1, int(share + GRACE_S)))
         try:
             outcome = run_suite(module_name, argvs, optional)
-        except SuiteTimeout:
-            outcome = f"failed (interrupted: more than {GRACE_S:g} s past its time share; results not written)"
+        except SuiteTimeout as exc:
+            outcome = _failure(exc, share)
         except Exception as exc:  # one broken suite must not hide the others' results
-            traceback.print_exc()
-            outcome = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            if not _alarm["fired"]:
+                traceback.print_exc()
+            outcome = _failure(exc, share)
         finally:
             if use_alarm:
                 signal.alarm(0)
@@ -206,8 +237,13 @@ def main(argv=None) -> dict:
     print("\n" + common.markdown_table(["suite", "status", "seconds"],
                                        [[n, s["status"], s["seconds"]] for n, s in status.items()]))
     print(f"\n{run['total_seconds']} s in all; results in {out_dir} (SUMMARY.md)")
-    return run
+    failed = {n: s["status"] for n, s in status.items() if s["status"].startswith("failed")}
+    if failed:
+        print(f"\n{len(failed)} of {len(status)} suites failed:")
+        for name, outcome in failed.items():
+            print(f"  {name}: {outcome[len('failed ('):-1]}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,12 +12,14 @@ as skipped, instead of overrunning a fixed time slot.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -245,8 +247,19 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, rel_tol: float)
 
 
 def results_dir(device: torch.device) -> Path:
-    """``bench/results/<device-slug>/``, or ``$DEQKERN_RESULTS/<device-slug>/``."""
-    return Path(os.environ.get("DEQKERN_RESULTS", RESULTS)) / device_slug(device)
+    """``$DEQKERN_RESULTS/<device-slug>/`` when the variable is set; else
+    ``bench/results/<device-slug>/`` on a GPU, and on a CPU (a smoke test, not results
+    to commit) ``<temporary directory>/cpu/``, one per process (:func:`cpu_scratch`)."""
+    root = os.environ.get("DEQKERN_RESULTS")
+    if root:
+        return Path(root) / device_slug(device)
+    return (RESULTS if device.type == "cuda" else cpu_scratch()) / device_slug(device)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_scratch() -> Path:
+    """The temporary results root of this process's CPU runs (created on first use)."""
+    return Path(tempfile.mkdtemp(prefix="deqkern-bench-"))
 
 
 def publish(device: torch.device, stem: str, payload: dict, table: str, *, quick: bool = False,

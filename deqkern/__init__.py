@@ -9,6 +9,18 @@ from deqkern.patching import patch, unpatch
 
 __all__ = [
     "frozen_rmsnorm_update", "last_backend", "solve", "solve_cell", "solve_fused", "SpectralNormSchedule",
-    "ConvergenceError", "ConvergenceWarning", "NonFiniteError", "nn", "patch", "unpatch",
+    "ConvergenceError", "ConvergenceWarning", "NonFiniteError", "nn", "patch", "unpatch", "compat",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``deqkern.compat`` (with its ``torchdeq`` adapter) on first access, so that
+    ``deqkern.compat.torchdeq.register()`` works after a plain ``import deqkern``. The
+    adapter imports torchdeq itself only when ``register()`` runs."""
+    if name == "compat":
+        import importlib
+
+        importlib.import_module("deqkern.compat.torchdeq")
+        return importlib.import_module("deqkern.compat")
+    raise AttributeError(f"module 'deqkern' has no attribute {name!r}")

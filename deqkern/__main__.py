@@ -10,9 +10,10 @@
 standard-library sources, no download) with the layer's spectral-norm schedule attached
 to the optimizer, and prints per logging interval: loss, tokens/s, Picard iterations per
 token (mean, max), converged fraction, contraction, the memory context's RMS over the
-injection's RMS, and the largest spectral-norm estimate; then a summary. ``--compare``
-trains twice from the same seed, eager and fused, and prints the throughput ratio and
-the largest per-step loss difference.
+injection's RMS, the largest spectral norm after the latest clamp (at most the target)
+and the pre-clamp drift (largest estimate before that clamp over the target); then a
+summary. ``--compare`` trains twice from the same seed, eager and fused, and prints the
+throughput ratio and the largest per-step loss difference.
 
 ``--save PATH`` writes a checkpoint every ``--save-every`` steps and at the end;
 ``--resume PATH`` continues from one, bit for bit, up to ``--steps`` in all
@@ -85,7 +86,7 @@ def format_log(log: dict) -> str:
         f"step {log['step']:>5} | loss {log['loss']:.3f} | {log['tokens_per_s']:>9,.0f} tok/s | "
         f"iters mean {log['mean_nstep']:.2f} max {log['max_nstep']:>2} | "
         f"converged {100 * log['converged_fraction']:.2f}% | contraction {log['contraction']:.3f} | "
-        f"hist/inj {log['hist_inj_ratio']:.3f} | sigma_max {log['sigma_max']:.3f}"
+        f"hist/inj {log['hist_inj_ratio']:.3f} | sigma {log['sigma_max']:.3f} (drift {log['sigma_drift']:.3f}x)"
     )
 
 
@@ -102,8 +103,9 @@ def summarize(result: TrainResult, cfg: CharLMConfig, backend: str) -> str:
         f"  100% of tokens converged (tol {cfg.tol:g}, {cfg.stop_mode}, cap {cfg.max_iter}): {verdict}",
         f"  Picard iterations per token: mean {mean_nstep:.2f}, max {max(log['max_nstep'] for log in logs)}",
         f"  max contraction: {max(log['contraction'] for log in logs):.3f}",
-        f"  largest sigma estimate (taken before each clamp): {max(log['sigma_max'] for log in logs):.3f} "
-        f"(target {cfg.spectral_target:g})",
+        f"  spectral norm after a clamp: <= {max(log['sigma_max'] for log in logs):.3f} "
+        f"(target {cfg.spectral_target:g}); largest pre-clamp drift {max(log['sigma_drift'] for log in logs):.3f}x "
+        "the target",
         f"  loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f} "
         f"(first -> last interval mean: {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f})",
     ])

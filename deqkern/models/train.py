@@ -79,8 +79,10 @@ def train(
     Each log dict (also passed to ``on_log``): ``step``, ``loss`` (mean over the
     interval), ``tokens``, ``seconds``, ``tokens_per_s``, ``mean_nstep``,
     ``max_nstep``, ``converged_fraction``, ``unconverged``, ``contraction`` (max over
-    the interval), ``hist_inj_ratio`` (mean), ``sigma_max`` (largest spectral-norm
-    estimate of the scheduled weights, taken at the latest renormalization).
+    the interval), ``hist_inj_ratio`` (mean), ``sigma_max`` (largest spectral-norm estimate
+    of the scheduled weights right after the latest clamp, at most the target) and
+    ``sigma_drift`` (largest estimate just before that clamp over its target: how far the
+    weights had grown since the previous one).
     """
     from tqdm.auto import tqdm
 
@@ -145,16 +147,17 @@ def train(
         distributed.all_reduce_(sums, "mean")
         sums[2].mul_(world_size)
         distributed.all_reduce_(maxima, "max")
-        values = torch.cat([losses[first:step + 1].mean()[None], sums, maxima,
-                            schedule.sigma_tensor().max()[None].to(device)]).tolist()
+        sigma = torch.stack([schedule.clamped_sigma_tensor().max(), schedule.drift_tensor().max()]).to(device)
+        values = torch.cat([losses[first:step + 1].mean()[None], sums, maxima, sigma]).tolist()
         now = time.perf_counter()
-        loss_mean, nstep_sum, ratio_sum, unconverged, max_nstep, contraction, sigma_max = values
+        loss_mean, nstep_sum, ratio_sum, unconverged, max_nstep, contraction, sigma_max, sigma_drift = values
         log = {
             "step": step + 1, "loss": loss_mean, "tokens": count * tokens_per_step,
             "seconds": now - interval_start, "tokens_per_s": count * tokens_per_step / (now - interval_start),
             "mean_nstep": nstep_sum / count, "max_nstep": int(max_nstep),
             "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": round(unconverged),
             "contraction": contraction, "hist_inj_ratio": ratio_sum / count, "sigma_max": sigma_max,
+            "sigma_drift": sigma_drift,
         }
         logs.append(log)
         if on_log is not None:
