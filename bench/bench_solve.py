@@ -299,11 +299,27 @@ def train_variants(cell: Cell, h_ref: torch.Tensor, k_ref: int, dtype: torch.dty
     grads_ift_ref = cell.grads(unrolled())
     grads_onestep_ref = cell.grads(cell.eager(h_ref.detach()))
 
+    infos: list[dict] = []
+
+    def solved(graph: bool, **kw) -> Callable[[], torch.Tensor]:
+        """A deqkern train forward that keeps its info (the adjoint's step counts are
+        filled in by the backward)."""
+        def forward() -> torch.Tensor:
+            h, info = deqkern_solve(cell, graph, **kw)
+            infos[:] = [info]
+            return h
+        return forward
+
     def train_variant(name: str, forward: Callable[[], torch.Tensor], reference: list[torch.Tensor], note: str = ""):
         status = "ok"
+        infos.clear()
         for label, got, ref in zip(("dW", "dg", "dfrozen"), cell.grads(forward()), reference):
             if status == "ok":
                 status = common.check_close(label, got, ref, grad_tol)
+        if infos and "b_mean_nstep" in infos[0]:  # the IFT rows: how many adjoint steps the check run took
+            info = infos[0]
+            steps = f"adjoint steps: mean {float(info['b_mean_nstep']):.2f}, max {int(info['b_nstep'].max())}"
+            note = f"{note}; {steps}" if note else steps
 
         def timed():
             for p in cell.params:
@@ -323,11 +339,11 @@ def train_variants(cell: Cell, h_ref: torch.Tensor, k_ref: int, dtype: torch.dty
             return h
 
         train_variant("compile-unrolled", compiled_unrolled, grads_ift_ref, f"{k_ref} iterations")
-    train_variant("deqkern-ift", lambda: deqkern_solve(cell, False, adjoint=cell.adjoint())[0], grads_ift_ref)
+    train_variant("deqkern-ift", solved(False, adjoint=cell.adjoint()), grads_ift_ref)
     if on_gpu:
-        train_variant("deqkern-ift-graph", lambda: deqkern_solve(cell, True, adjoint=cell.adjoint())[0], grads_ift_ref)
-    train_variant("deqkern-ift-autograd", lambda: deqkern_solve(cell, False)[0], grads_ift_ref)
-    train_variant("deqkern-onestep", lambda: deqkern_solve(cell, False, backward="onestep")[0], grads_onestep_ref)
+        train_variant("deqkern-ift-graph", solved(True, adjoint=cell.adjoint()), grads_ift_ref)
+    train_variant("deqkern-ift-autograd", solved(False), grads_ift_ref)
+    train_variant("deqkern-onestep", solved(False, backward="onestep"), grads_onestep_ref)
     if torchdeq is not None:
         ift_layer, onestep_layer = torchdeq_layer(cell, True), torchdeq_layer(cell, False)
         train_variant("torchdeq-ift", lambda: ift_layer(cell.eager, cell.h0)[0][-1], grads_ift_ref)
@@ -395,7 +411,10 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     phases = tuple(p for p in PHASES if p in args.phase)
-    notes = []
+    notes = [f"torchdeq settings (like for like with deqkern's): f_solver = b_solver = fixed_point_iter, "
+             f"f_max_iter = b_max_iter = the cell's max_iter, f_tol = b_tol = the cell's tol, stop_mode {STOP!r} "
+             f"(torchdeq's relative test per sample); deqkern's adjoint stops on the relative residual per row "
+             f"with b_tol = tol. The IFT rows' notes give the adjoint steps their check run took."]
     if device.type != "cuda":
         notes.append("CPU run: no CUDA-graph or torch.compile variants; only " + ", ".join(sorted(CPU_TIMED))
                      + " are timed (perf_counter medians, a smoke test); deqkern variants are checked, not timed.")

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: run the named steps, each bounded by its own time limit,
+# into RESULTS (logs, JSON, md, plots), then pack RESULTS into one archive beside it.
+#
+#   DEQKERN_COMMIT=<sha> bash bench/gpu_run.sh RESULTS STEP[:SECONDS] [STEP[:SECONDS] ...]
+#
+# Steps: setup (carried wheels in .whl/, the C++ extension built with the system g++,
+# environment record) - tests (the test files that run on CUDA; the CPU-only ones run in
+# CI) - dist-tests (the two-GPU test) - cell (bench_cell.py) - solvers (bench_solvers.py) -
+# inr (deq_inr.py) - host, update, iteration, solve, train, model, dropin, spectral
+# (python -m bench suites, one budget each) - seq-scaling (bench_model.py --scaling) -
+# dist (bench_distributed.py). A failing step is reported and the next one runs; the
+# tail of each step's log is printed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=$(realpath -m "$1"); shift
+mkdir -p "$RES"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export DEQKERN_COMMIT="${DEQKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+
+run_step() {  # name seconds command...
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "===== $name (limit ${limit}s): $*"
+    timeout --kill-after=15 "$limit" "$@" >"$RES/$name.log" 2>&1
+    rc=$?
+    echo "----- $name: rc=$rc, $((SECONDS - t0)) s"
+    grep -v "^DEBUG" "$RES/$name.log" | tail -n "${TAIL:-30}"
+}
+
+suite() {  # name seconds: one python -m bench suite
+    run_step "$1" "$2" python -m bench --suite "$1" --budget-s "$(($2 - 40))" --out "$RES/suites"
+}
+
+for spec in "$@"; do
+    name=${spec%%:*}
+    limit=${spec#*:}
+    [ "$limit" = "$spec" ] && limit=300
+    case $name in
+        setup)
+            if ls .whl/*.whl >/dev/null 2>&1; then
+                python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+                    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+            fi
+            # The image's CXX wrapper built an extension that crashed on any throw (2026-11-26).
+            [ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++
+            run_step build "$limit" python setup.py build_ext --inplace
+            { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+              python -c "import torch, triton, platform; print('torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| python', platform.python_version(), '| GPUs', torch.cuda.device_count())"
+              echo "commit $DEQKERN_COMMIT"; date -u +%FT%TZ; } >"$RES/env.txt" 2>&1
+            cat "$RES/env.txt" ;;
+        tests)
+            TAIL=45 run_step tests "$limit" python -m pytest -q -p no:cacheprovider -n 16 --timeout 240 tests \
+                --ignore=tests/test_distributed.py --ignore=tests/test_checkpoint.py \
+                --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py ;;
+        dist-tests)
+            run_step dist-tests "$limit" python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu or cuda" ;;
+        cell) run_step cell "$limit" python bench/bench_cell.py --out "$RES/cell" ;;
+        solvers) run_step solvers "$limit" python bench/bench_solvers.py --out "$RES/solvers.json" ;;
+        inr) run_step inr "$limit" python bench/deq_inr.py --out "$RES/deq_inr.json" ;;
+        seq-scaling) run_step seq-scaling "$limit" python bench/bench_model.py --scaling --out "$RES/scaling" ;;
+        dist) run_step dist "$limit" python bench/bench_distributed.py --budget-s "$((limit - 30))" --out "$RES/dist" ;;
+        host|update|iteration|solve|train|model|dropin|spectral) suite "$name" "$limit" ;;
+        *) echo "unknown step $name" ;;
+    esac
+done
+tar czf "$RES.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+echo "packed $RES.tgz"
