@@ -208,16 +208,28 @@ def decay_scan(inputs: torch.Tensor, log_decay: torch.Tensor, start: torch.Tenso
     padded = nn.functional.pad(inputs.to(dtype), (0, 0, 0, n_chunks * chunk - length))
     padded = padded.view(batch, n_chunks, chunk, d)
     steps = torch.arange(chunk, device=inputs.device)
-    local = torch.einsum("jid,bcid->bcjd", _decay_matrix(steps, log_decay), padded)   # scans from zero
+    local = _apply_decay(_decay_matrix(steps, log_decay), padded)                    # scans from zero
     chunks = torch.arange(n_chunks, device=inputs.device)
     start = start.to(dtype)
     # E_c, the state at the end of chunk c: a^(L (c+1)) M_0 + sum_{c' <= c} a^(L (c-c')) local_end_c'
-    ends = (torch.einsum("cqd,bqd->bcd", _decay_matrix(chunks, chunk * log_decay), local[:, :, -1])
+    ends = (_apply_decay(_decay_matrix(chunks, chunk * log_decay), local[:, None, :, -1])[:, 0]
             + torch.exp((chunks + 1).to(dtype)[:, None] * chunk * log_decay) * start[:, None])
     entering = torch.cat([start[:, None], ends[:, :-1]], 1)                          # (B, n_chunks, d)
     carry = torch.exp((steps + 1).to(dtype)[:, None] * log_decay)                    # (L, d): a^(j+1)
     scanned = local + carry * entering[:, :, None]
     return scanned.reshape(batch, n_chunks * chunk, d)[:, :length].to(inputs.dtype)
+
+
+def _apply_decay(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[b, c, j] = sum_i matrix[j, i] * values[b, c, i]``, channel by channel:
+    ``matrix`` ``(n, n, d)``, ``values`` ``(B, C, n, d)`` -> ``(B, C, n, d)``. One ``bmm``
+    over the ``d`` channels on contiguous operands: the same contraction written as an
+    ``einsum`` hands ``bmm`` strided views, which the CPU kernel copies matrix by matrix
+    (5x slower at the CPU preset's 64 channels of 8 x 8)."""
+    batch, count, n, d = values.shape
+    lhs = matrix.permute(2, 0, 1).contiguous()                                        # (d, n, n)
+    rhs = values.permute(3, 2, 0, 1).reshape(d, n, batch * count).contiguous()       # (d, n, B*C)
+    return torch.bmm(lhs, rhs).view(d, n, batch, count).permute(2, 3, 1, 0)
 
 
 def _decay_matrix(index: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
