@@ -26,8 +26,8 @@ Backward (the exact implicit gradient of the joint fixed point): one application
 and the adjoint ``g = v + (dG/dH)^T g`` is solved by the same sweeps: each computes the
 joint adjoint residual ``r = v + (dG/dH)^T g - g`` by one VJP through the recorded
 application (the cross-token part included), checks it, and corrects ``g <- g + d``
-with ``d = r + J_cell^T d`` iterated ``inner_iter - 1`` times by the cell's fused
-adjoint step (:class:`deqkern.nn.cell_adjoint`, started at ``d = r``). ``v`` is divided
+with ``d = r + J_cell^T d`` iterated ``inner_iter - 1`` times from ``d = r`` (VJPs of a
+second recorded application: the cell alone, its frozen term detached). ``v`` is divided
 by its largest magnitude first (the problem is linear), so the stopping test is
 relative to the gradient's size in every ``stop_mode``: scaling the loss by 1e-3 or 1e3
 changes neither the sweeps nor the result's relative accuracy. The gradient then goes
@@ -140,28 +140,31 @@ def _sweep(layer, inj: torch.Tensor, state: tuple, opts: SweepOptions):
 
 
 class _SequenceAdjoint:
-    """Solves ``g = v + (dG/dH)^T g`` by adjoint sweeps (module docstring) through the
-    recorded application ``out = G(h_in)``."""
+    """Solves ``g = v + (dG/dH)^T g`` by adjoint sweeps (module docstring) through two
+    recorded applications at ``h_in = H*``: ``out = G(h_in)`` (contexts included) and
+    ``out_cell``, the cell alone with the frozen term detached (``J_cell^T`` for the
+    inner iterations: one update backward and one GEMM each; the fused
+    :class:`~deqkern.nn.cell_adjoint` would re-form ``h* W^T`` for every new right-hand
+    side, a GEMM more per sweep)."""
 
-    def __init__(self, layer, h_in: torch.Tensor, out: torch.Tensor, frozen: torch.Tensor, opts: SweepOptions,
+    def __init__(self, h_in: torch.Tensor, out: torch.Tensor, out_cell: Optional[torch.Tensor], opts: SweepOptions,
                  info: dict):
-        self.layer, self.h_in, self.out, self.frozen, self.opts, self.info = layer, h_in, out, frozen, opts, info
+        self.h_in, self.out, self.out_cell, self.opts, self.info = h_in, out, out_cell, opts, info
+
+    def _vjp(self, out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        (vjp,) = torch.autograd.grad(out, self.h_in, g.to(out.dtype), retain_graph=True)
+        return vjp.to(g.dtype)
 
     def solve(self, grad: torch.Tensor) -> torch.Tensor:
-        from deqkern.nn.deq import cell_adjoint
-
-        layer, opts = self.layer, self.opts
+        opts = self.opts
         v = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         scale = v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
         v = v / scale
-        adjoint = cell_adjoint(layer.weight, layer.gain, self.frozen, damping=layer.damping, eps=layer.eps,
-                               stop_mode=opts.stop_mode)
         g, r = torch.zeros_like(v), v
         iterations = 0
         for sweep in range(1, opts.max_sweeps + 1):
             if sweep > 1:
-                (vjp,) = torch.autograd.grad(self.out, self.h_in, g.to(self.out.dtype), retain_graph=True)
-                r = v + vjp.to(v.dtype) - g
+                r = v + self._vjp(self.out, g) - g
             residual = row_residual(g + r, g, opts.stop_mode)
             iterations += 1
             check = _check(residual, opts.tol, iterations)
@@ -169,12 +172,10 @@ class _SequenceAdjoint:
             if check.unconverged == 0 or sweep == opts.max_sweeps:
                 g = g + r
                 break
-            correction = r
-            if opts.inner_iter > 1:
-                inner_step = adjoint(self.h_in.detach(), r)
-                for _ in range(opts.inner_iter - 1):
-                    correction, _ = inner_step(correction)
-                iterations += opts.inner_iter - 1
+            correction = r  # d = r + J_cell^T d, from d = r
+            for _ in range(opts.inner_iter - 1):
+                correction = r + self._vjp(self.out_cell, correction)
+            iterations += opts.inner_iter - 1
             g = g + correction
         stats = _summary(residual, opts.tol, iterations, sweep, check)
         self.info.update({f"b_{name}": value for name, value in stats.items()})
@@ -195,7 +196,10 @@ def solve_sequence(layer, x: torch.Tensor, state: tuple, opts: SweepOptions):
         frozen = _frozen(layer, inj, _contexts(layer, h_in, state, validate=False))
         out = layer._cell(h_in, frozen)[0]
         if out.requires_grad:
-            adjoint = _SequenceAdjoint(layer, h_in, out, frozen.detach(), opts, info) if opts.backward == "ift" else None
+            adjoint = None
+            if opts.backward == "ift":
+                out_cell = layer._cell(h_in, frozen.detach())[0] if opts.inner_iter > 1 else None
+                adjoint = _SequenceAdjoint(h_in, out, out_cell, opts, info)
             h_star = Equilibrium.apply(out, [h_star], adjoint)
     new_state = []
     for i, (provider, st) in enumerate(zip(layer.contexts, state)):
