@@ -180,16 +180,7 @@ class CharLM(nn.Module):
         self.head = nn.Linear(d, VOCAB)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-            got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an int64 tensor of shape (B, T); got {got}")
-        batch = tokens.shape[0]
-        state = self.deq.init_state(batch, self.cfg.n_slots, device=tokens.device, dtype=self.slot_emb.dtype)
-        inputs = self.emb(tokens)[:, :, None, :] + self.slot_emb     # (B, T, S, d)
-        time_parallel = not (self.cfg.token_loop or self.cfg.graph)
-        h_star, _, info = self.deq.forward_sequence(inputs, state, time_parallel=time_parallel,
-                                                    warm_start=self.cfg.warm_start, inner_iter=self.cfg.inner_iter)
-        logits = self.head(self.readout_norm(h_star.mean(2)))
+        h_star, info = self.solve(tokens)
         stats = {
             "mean_nstep": info["mean_nstep"].float(),
             "max_nstep": info["nstep"].max().float(),
@@ -198,4 +189,22 @@ class CharLM(nn.Module):
             "hist_inj_ratio": (info["ctx_rms"][0] / info["inj_rms"]).mean(),
             "sweeps": torch.full((), float(info["sweeps"]), device=tokens.device),
         }
-        return logits, stats
+        return self.readout(h_star), stats
+
+    def solve(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The DEQ layer's fixed points for ``tokens`` ``(B, T)``: ``h_star`` ``(B, T, S, d)``
+        and the layer's ``info`` (:meth:`FrozenContextDEQ.forward_sequence`; after a
+        time-parallel backward it also holds the adjoint's ``b_*`` figures)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+            got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor of shape (B, T); got {got}")
+        state = self.deq.init_state(tokens.shape[0], self.cfg.n_slots, device=tokens.device, dtype=self.slot_emb.dtype)
+        inputs = self.emb(tokens)[:, :, None, :] + self.slot_emb     # (B, T, S, d)
+        time_parallel = not (self.cfg.token_loop or self.cfg.graph)
+        h_star, _, info = self.deq.forward_sequence(inputs, state, time_parallel=time_parallel,
+                                                    warm_start=self.cfg.warm_start, inner_iter=self.cfg.inner_iter)
+        return h_star, info
+
+    def readout(self, h_star: torch.Tensor) -> torch.Tensor:
+        """``(B, T, S, d)`` fixed points -> ``(B, T, 256)`` logits."""
+        return self.head(self.readout_norm(h_star.mean(2)))
