@@ -127,6 +127,27 @@ def test_sequence_forms_equal_the_per_token_loop(provider, length):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
+def test_memory_scan_factors_follow_parameter_updates():
+    """The sweeps reuse the scan's decay factors between calls without autograd; an
+    optimizer step (in place) or a new tensor must invalidate them."""
+    gen = torch.Generator().manual_seed(case_seed("scan-cache"))
+    torch.manual_seed(2)
+    memory = MambaMemory(6).double()
+    h = torch.randn(2, 9, 3, 6, generator=gen, dtype=torch.float64)
+    state = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    optimizer = torch.optim.SGD(memory.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            ctx = memory.prelude_sequence(h, state)
+        torch.testing.assert_close(ctx, ContextProvider.prelude_sequence(memory, h, state), rtol=1e-12, atol=1e-12)
+        memory.prelude_sequence(h, state).sum().backward()
+        optimizer.step()
+    memory.decay_logit = torch.nn.Parameter(memory.decay_logit.detach() - 1.0)
+    with torch.no_grad():
+        ctx = memory.prelude_sequence(h, state)
+    torch.testing.assert_close(ctx, ContextProvider.prelude_sequence(memory, h, state), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- equivalence
 def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(True, False)):
     gen = torch.Generator().manual_seed(case_seed("seq-eq", dtype, length, contexts))

@@ -31,11 +31,12 @@ unchanged; :class:`MambaMemory` (a parallel scan) and :class:`SlotAttentionConte
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "decay_scan"]
+__all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "DecayScan", "decay_scan"]
 
 
 class ContextProvider(nn.Module):
@@ -93,6 +94,7 @@ class MambaMemory(ContextProvider):
         self.x_proj = nn.Linear(d_model, d_model)
         self.gate_logit = nn.Parameter(torch.full((d_model,), math.log(init_gate / (1 - init_gate))))
         self.decay_logit = nn.Parameter(torch.full((d_model,), math.log(init_decay / (1 - init_decay))))
+        self._scan_cache: Optional[tuple] = None
 
     def init_state(self, batch, n_slots, device, dtype):
         return torch.zeros(batch, self.d_model, device=device, dtype=dtype)
@@ -114,11 +116,25 @@ class MambaMemory(ContextProvider):
 
     def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``(B, T, 1, d)``: the memory before each token by one parallel scan
-        (:func:`decay_scan`), then ``hist`` on all ``T`` memories in one GEMM."""
-        log_decay = nn.functional.logsigmoid(self.decay_logit)
-        before = decay_scan(self._inputs(h[:, :-1], state), log_decay, state)   # M_1 .. M_{T-1}
+        (:class:`DecayScan`), then ``hist`` on all ``T`` memories in one GEMM."""
+        before = self._scan(h.shape[1] - 1)(self._inputs(h[:, :-1], state), state)   # M_1 .. M_{T-1}
         memories = torch.cat([state.unsqueeze(1), before], 1)                   # M_0 .. M_{T-1}
         return (torch.sigmoid(self.gate_logit) * self.hist(memories)).unsqueeze(2)
+
+    def _scan(self, length: int) -> "DecayScan":
+        """The scan's decay factors for ``length`` steps. Outside autograd (the forward
+        sweeps of :meth:`FrozenContextDEQ.forward_sequence`, which call this once per
+        sweep) they are kept until ``decay_logit`` changes: its storage, or its version
+        counter, which in-place updates such as optimizer steps bump. They cost about 20
+        small kernel launches to form."""
+        param = self.decay_logit
+        if torch.is_grad_enabled() and param.requires_grad:
+            return DecayScan(nn.functional.logsigmoid(param), length)
+        key = (length, param.data_ptr(), param._version, param.dtype, param.device)
+        if self._scan_cache is None or self._scan_cache[0] != key:
+            with torch.no_grad():
+                self._scan_cache = (key, DecayScan(nn.functional.logsigmoid(param), length))
+        return self._scan_cache[1]
 
     def update_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``M_T = a^T M_0 + sum_t a^(T-t) u_t``: one weighted sum, no scan."""
@@ -187,7 +203,14 @@ def decay_scan(inputs: torch.Tensor, log_decay: torch.Tensor, start: torch.Tenso
     """``M_t = a * M_{t-1} + inputs_t`` for ``t = 1 .. T`` from ``M_0 = start``, all at once.
 
     ``inputs`` ``(B, T, d)``, ``log_decay`` ``(d,)`` (``log a``, ``a`` in ``(0, 1)`` per
-    channel), ``start`` ``(B, d)`` -> ``M_1 .. M_T`` ``(B, T, d)``; differentiable in all three.
+    channel), ``start`` ``(B, d)`` -> ``M_1 .. M_T`` ``(B, T, d)``; differentiable in all
+    three. :class:`DecayScan` (the decay factors, reusable for equal ``T``) then its call.
+    """
+    return DecayScan(log_decay, inputs.shape[1])(inputs, start)
+
+
+class DecayScan:
+    """The decay factors of a ``length``-step :func:`decay_scan`, formed once.
 
     Two levels of chunks of ``L = ceil(sqrt(T))`` steps: inside each chunk the scan from
     zero is one contraction with the ``(L, L, d)`` matrix of ``a^(j-i)`` (``j >= i``);
@@ -196,48 +219,58 @@ def decay_scan(inputs: torch.Tensor, log_decay: torch.Tensor, start: torch.Tenso
     factor is ``a^k`` with ``k >= 0`` formed as ``exp(k * log a)``, so nothing overflows
     for any ``T`` (the ``a^-t`` of a cumulative-product scan overflows float32 past
     ``T ~ 90 / |log a|``); the work is ``O(B T d sqrt(T))``, a few percent of one
-    ``(B T, d) x (d, d)`` GEMM at ``T <= 4096``, ``d = 512``. 16-bit inputs are scanned in float32.
+    ``(B T, d) x (d, d)`` GEMM at ``T <= 4096``, ``d = 512``. Factors and the scan are
+    float32 (float64 for float64 ``log_decay``); results come back in the inputs' dtype.
     """
-    batch, length, d = inputs.shape
-    if length == 0:
-        return inputs
-    dtype = _scan_dtype(inputs)
-    chunk = math.isqrt(length - 1) + 1
-    n_chunks = -(-length // chunk)
-    log_decay = log_decay.to(dtype)
-    padded = nn.functional.pad(inputs.to(dtype), (0, 0, 0, n_chunks * chunk - length))
-    padded = padded.view(batch, n_chunks, chunk, d)
-    steps = torch.arange(chunk, device=inputs.device)
-    local = _apply_decay(_decay_matrix(steps, log_decay), padded)                    # scans from zero
-    chunks = torch.arange(n_chunks, device=inputs.device)
-    start = start.to(dtype)
-    # E_c, the state at the end of chunk c: a^(L (c+1)) M_0 + sum_{c' <= c} a^(L (c-c')) local_end_c'
-    ends = (_apply_decay(_decay_matrix(chunks, chunk * log_decay), local[:, None, :, -1])[:, 0]
-            + torch.exp((chunks + 1).to(dtype)[:, None] * chunk * log_decay) * start[:, None])
-    entering = torch.cat([start[:, None], ends[:, :-1]], 1)                          # (B, n_chunks, d)
-    carry = torch.exp((steps + 1).to(dtype)[:, None] * log_decay)                    # (L, d): a^(j+1)
-    scanned = local + carry * entering[:, :, None]
-    return scanned.reshape(batch, n_chunks * chunk, d)[:, :length].to(inputs.dtype)
+
+    def __init__(self, log_decay: torch.Tensor, length: int):
+        dtype = _scan_dtype(log_decay)
+        log_decay = log_decay.to(dtype)
+        self.length = length
+        self.chunk = math.isqrt(max(length, 1) - 1) + 1
+        self.n_chunks = -(-length // self.chunk)
+        steps = torch.arange(self.chunk, device=log_decay.device, dtype=dtype)
+        chunks = torch.arange(self.n_chunks, device=log_decay.device, dtype=dtype)
+        self.within = _decay_matrix(steps, log_decay)                                    # (d, L, L)
+        self.across = _decay_matrix(chunks, self.chunk * log_decay)                     # (d, n, n)
+        self.from_start = torch.exp((chunks + 1)[:, None] * self.chunk * log_decay)     # (n, d): a^(L (c+1))
+        self.carry = torch.exp((steps + 1)[:, None] * log_decay)                         # (L, d): a^(j+1)
+
+    def __call__(self, inputs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        batch, length, d = inputs.shape
+        if length != self.length:
+            raise ValueError(f"inputs must have {self.length} steps (this scan's length); got shape {tuple(inputs.shape)}")
+        if length == 0:
+            return inputs
+        dtype = self.carry.dtype
+        padded = nn.functional.pad(inputs.to(dtype), (0, 0, 0, self.n_chunks * self.chunk - length))
+        local = _apply_decay(self.within, padded.view(batch, self.n_chunks, self.chunk, d))   # scans from zero
+        start = start.to(dtype)
+        # E_c, the state at the end of chunk c: a^(L (c+1)) M_0 + sum_{c' <= c} a^(L (c-c')) local_end_c'
+        ends = _apply_decay(self.across, local[:, None, :, -1])[:, 0] + self.from_start * start[:, None]
+        entering = torch.cat([start[:, None], ends[:, :-1]], 1)                           # (B, n_chunks, d)
+        scanned = local + self.carry * entering[:, :, None]
+        return scanned.reshape(batch, self.n_chunks * self.chunk, d)[:, :length].to(inputs.dtype)
 
 
 def _apply_decay(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``out[b, c, j] = sum_i matrix[j, i] * values[b, c, i]``, channel by channel:
-    ``matrix`` ``(n, n, d)``, ``values`` ``(B, C, n, d)`` -> ``(B, C, n, d)``. One ``bmm``
+    """``out[b, c, j] = sum_i matrix[:, j, i] * values[b, c, i]``, channel by channel:
+    ``matrix`` ``(d, n, n)``, ``values`` ``(B, C, n, d)`` -> ``(B, C, n, d)``. One ``bmm``
     over the ``d`` channels on contiguous operands: the same contraction written as an
     ``einsum`` hands ``bmm`` strided views, which the CPU kernel copies matrix by matrix
     (5x slower at the CPU preset's 64 channels of 8 x 8)."""
     batch, count, n, d = values.shape
-    lhs = matrix.permute(2, 0, 1).contiguous()                                        # (d, n, n)
     rhs = values.permute(3, 2, 0, 1).reshape(d, n, batch * count).contiguous()       # (d, n, B*C)
-    return torch.bmm(lhs, rhs).view(d, n, batch, count).permute(2, 3, 1, 0)
+    return torch.bmm(matrix, rhs).view(d, n, batch, count).permute(2, 3, 1, 0)
 
 
 def _decay_matrix(index: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """``(n, n, d)``: ``exp((j - i) * log_decay)`` for ``j >= i``, 0 above the diagonal
-    (the lag is clamped at 0 before ``exp`` so the masked entries' gradients stay finite)."""
+    """``(d, n, n)`` contiguous: ``exp((j - i) * log_decay)`` for ``j >= i``, 0 above the
+    diagonal (the lag is clamped at 0 before ``exp`` so the masked entries' gradients
+    stay finite)."""
     lag = index[:, None] - index[None, :]
-    factors = torch.exp(lag.clamp_min(0).to(log_decay.dtype)[..., None] * log_decay)
-    return torch.where((lag >= 0)[..., None], factors, torch.zeros_like(factors))
+    factors = torch.exp(lag.clamp_min(0)[None] * log_decay[:, None, None])
+    return torch.where(lag >= 0, factors, torch.zeros_like(factors))
 
 
 def _scan_dtype(t: torch.Tensor) -> torch.dtype:
