@@ -308,7 +308,7 @@ def test_bad_input():
         layer.forward_sequence(x, time_parallel=1)
     with pytest.raises(ValueError, match="state must be a tuple of 2"):
         layer.forward_sequence(x, (torch.zeros(2, D),))
-    for name, value in (("max_sweeps", 0), ("inner_iter", 0), ("tol", -1.0), ("tol", float("nan"))):
+    for name, value in (("max_sweeps", 0), ("inner_iter", 0), ("tol", -1.0), ("tol", float("nan")), ("b_tol", 0.0)):
         with pytest.raises(ValueError, match=name):
             layer.forward_sequence(x, **{name: value})
     with pytest.raises(ValueError, match="MambaMemory state"):

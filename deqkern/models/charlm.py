@@ -86,6 +86,7 @@ class CharLMConfig:
     graph: bool = False  # token loop, each solve and adjoint replayed from CUDA graphs (FrozenContextDEQ(graph=True))
     token_loop: bool = False  # solve token by token instead of all tokens at once (time-parallel sweeps)
     inner_iter: Optional[int] = None  # time-parallel: cell applications per sweep (None: the layer's default)
+    b_tol: Optional[float] = None  # time-parallel: adjoint tolerance relative to the gradient's largest entry (None: tol)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_slots", "n_heads", "seq_len", "batch", "steps", "max_iter", "spectral_every"):
@@ -94,6 +95,8 @@ class CharLMConfig:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads must divide d_model={self.d_model}; got n_heads={self.n_heads}")
+        if self.b_tol is not None and not self.b_tol > 0:
+            raise ValueError(f"b_tol must be None or > 0; got {self.b_tol!r}")
         if self.inner_iter is not None and (isinstance(self.inner_iter, bool) or not isinstance(self.inner_iter, int)
                                             or self.inner_iter < 1):
             raise ValueError(f"inner_iter must be None or an int >= 1; got {self.inner_iter!r}")
@@ -202,7 +205,8 @@ class CharLM(nn.Module):
         inputs = self.emb(tokens)[:, :, None, :] + self.slot_emb     # (B, T, S, d)
         time_parallel = not (self.cfg.token_loop or self.cfg.graph)
         h_star, _, info = self.deq.forward_sequence(inputs, state, time_parallel=time_parallel,
-                                                    warm_start=self.cfg.warm_start, inner_iter=self.cfg.inner_iter)
+                                                    warm_start=self.cfg.warm_start, inner_iter=self.cfg.inner_iter,
+                                                    b_tol=self.cfg.b_tol)
         return h_star, info
 
     def readout(self, h_star: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ class FrozenContextDEQ(nn.Module):
     def forward_sequence(
         self, x: torch.Tensor, state: Optional[State] = None, *, time_parallel: bool = True,
         warm_start: bool = True, max_sweeps: Optional[int] = None, inner_iter: Optional[int] = None,
-        tol: Optional[float] = None,
+        tol: Optional[float] = None, b_tol: Optional[float] = None,
     ) -> tuple[torch.Tensor, State, dict]:
         """Solve the cell for every token of a sequence: token ``t`` sees the providers'
         states after tokens ``0 .. t-1`` (:mod:`deqkern.nn.sequence`).
@@ -244,8 +244,9 @@ class FrozenContextDEQ(nn.Module):
             max_sweeps: sweep cap (default ``T + ceil(max_iter / inner_iter)``), the
                 adjoint's too. inner_iter: cell applications per sweep (default
                 :data:`~deqkern.nn.sequence.DEFAULT_INNER_ITER`). tol: the joint
-                residual's bound (default the layer's ``tol``, in its ``stop_mode``; the
-                adjoint's relative to the gradient's largest magnitude).
+                residual's bound (default the layer's ``tol``, in its ``stop_mode``).
+                b_tol: the adjoint's, relative to the gradient's largest magnitude
+                (default ``tol``).
 
         Returns:
             ``h_star`` ``(B, T, S, d_model)``; the states after the last token; ``info``
@@ -290,9 +291,11 @@ class FrozenContextDEQ(nn.Module):
         if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
             raise ValueError(f"max_sweeps must be an int >= 1; got {max_sweeps!r}")
         tol = opts["tol"] if tol is None else tol
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-            raise ValueError(f"tol must be a finite float > 0; got {tol!r}")
-        sweep = sequence.SweepOptions(max_sweeps, inner_iter, float(tol), opts["stop_mode"],
+        b_tol = tol if b_tol is None else b_tol
+        for name, value in (("tol", tol), ("b_tol", b_tol)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
+        sweep = sequence.SweepOptions(max_sweeps, inner_iter, float(tol), float(b_tol), opts["stop_mode"],
                                       opts["on_nonconvergence"], opts["backward"])
         return sequence.solve_sequence(self, x, tuple(state), sweep)
 
