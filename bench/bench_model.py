@@ -2,7 +2,7 @@
 solve (Jacobi sweeps over time, all tokens at once) against the token loop.
 
     python bench/bench_model.py [--device cuda|cpu] [--dtype fp32|bf16] [--config tiny|small|gpu]
-                                [--steps N] [--inner-iter K ...] [--quick]
+                                [--steps N] [--inner-iter K ...] [--colors P ...] [--b-tol X ...] [--quick]
     python bench/bench_model.py --scaling [--lengths 256 1024 4096] [--steps N]
     python bench/bench_model.py --coupling [--scales 1 2 4 8 16 32] [--steps N]
 
@@ -10,7 +10,7 @@ Training (the default). Each variant trains a fresh model from the same seed on 
 batches for ``--steps`` steps (default 20: the loss after 20 steps is compared):
 
     token loop     eager | fused | fused + graph (CUDA only)
-    time-parallel  eager | fused | fused with --inner-iter K (one row per K)
+    time-parallel  eager | fused | fused with --inner-iter K, --colors P, --b-tol X (a row each)
 
 Recorded per variant: training tokens/s after the first logging interval (which holds
 compilation and graph capture), peak memory (CUDA), every step's loss, cell iterations
@@ -117,15 +117,16 @@ def run_variant(cfg: CharLMConfig, backend: str, steps: int, device: torch.devic
     }
 
 
-def variants(cfg: CharLMConfig, device: torch.device, dtype: torch.dtype, inner_iters: list[int]) -> list:
-    """(label, backend, config) of every training variant that can run here."""
+def variants(cfg: CharLMConfig, device: torch.device, dtype: torch.dtype, extra: list[tuple[str, object]]) -> list:
+    """(label, backend, config) of every training variant that can run here; ``extra``:
+    (field, value) of the additional time-parallel fused rows."""
     fused = fused_available(device, dtype, cfg.d_model)
     loop, parallel = dataclasses.replace(cfg, token_loop=True), dataclasses.replace(cfg, token_loop=False)
     out = [("token loop, eager", "eager", loop), ("time-parallel, eager", "eager", parallel)]
     if fused:
         out += [("token loop, fused", "triton", loop), ("time-parallel, fused", "triton", parallel)]
-        out += [(f"time-parallel, fused, inner_iter {k}", "triton", dataclasses.replace(parallel, inner_iter=k))
-                for k in inner_iters]
+        out += [(f"time-parallel, fused, {field} {value}", "triton", dataclasses.replace(parallel, **{field: value}))
+                for field, value in extra]
     if fused and device.type == "cuda":
         out.append(("token loop, fused + graph", "triton", dataclasses.replace(loop, graph=True)))
     return out
@@ -134,7 +135,9 @@ def variants(cfg: CharLMConfig, device: torch.device, dtype: torch.dtype, inner_
 def bench_training(args, cfg: CharLMConfig, device: torch.device, dtype: torch.dtype) -> dict:
     on_gpu = device.type == "cuda"
     runs = {}
-    for label, backend, run_cfg in variants(cfg, device, dtype, args.inner_iter):
+    extra = ([("inner_iter", k) for k in args.inner_iter] + [("colors", p) for p in args.colors]
+             + [("b_tol", x) for x in args.b_tol])
+    for label, backend, run_cfg in variants(cfg, device, dtype, extra):
         interpreted = backend == "triton" and not on_gpu
         steps = min(args.steps, INTERPRETER_STEPS) if interpreted else args.steps
         print(f"training {steps} steps: {label}")
@@ -271,8 +274,8 @@ def bench_coupling(args, cfg: CharLMConfig, device: torch.device, dtype: torch.d
     headers = ["hist scale", "hist/inj", "sweeps", "cell iterations", "adjoint sweeps", "adjoint iterations",
                "converged", "time-parallel s", "token loop s"]
     table = (f"Coupling: the memory's hist weight scaled, model trained {args.steps} steps ({backend}, {args.dtype}, "
-             f"batch {cfg.batch} × seq {cfg.seq_len}); one forward + backward per row, max_sweeps T + "
-             f"max_iter / inner_iter\n\n" + common.markdown_table(headers, [
+             f"batch {cfg.batch} × seq {cfg.seq_len}); one forward + backward per row, default sweep "
+             f"settings\n\n" + common.markdown_table(headers, [
                  [r["scale"], r["hist_inj_ratio"], r["sweeps"], r["iterations"], r["b_sweeps"], r["b_iterations"],
                   r["converged"], r["time-parallel s"], r["token loop s"]] for r in rows]))
     return {"config": dataclasses.asdict(cfg), "rows": rows}, table
@@ -289,6 +292,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=150.0, help="cap per training run, seconds")
     ap.add_argument("--inner-iter", type=int, nargs="*", default=[], help="extra time-parallel rows, one per value")
+    ap.add_argument("--colors", type=int, nargs="*", default=[], help="extra time-parallel rows, one per value")
+    ap.add_argument("--b-tol", type=float, nargs="*", default=[], help="extra time-parallel rows, one per value")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="default 256 1024 4096 (CPU: 16 32 64)")
     ap.add_argument("--coupling", action="store_true")

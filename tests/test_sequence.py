@@ -99,11 +99,13 @@ def test_decay_scan_long_sequence_stays_finite_float32():
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("length, tokens", [(length, tokens) for length in (1, 2, 9) for tokens in (
+    slice(None), slice(0, None, 2), slice(1, None, 3), slice(2, None, 4)) if range(length)[tokens]])
 @pytest.mark.parametrize("provider", ["memory", "slots"])
-@pytest.mark.parametrize("length", [1, 2, 9])
-def test_sequence_forms_equal_the_per_token_loop(provider, length):
-    """prelude_sequence / update_sequence (scan, batched attention) against the base
-    class's loop over prelude / update: values and gradients in h, state and parameters."""
+def test_sequence_forms_equal_the_per_token_loop(provider, length, tokens):
+    """prelude_sequence (all tokens, or one color of them) and update_sequence (scan,
+    batched attention) against the base class's loop over prelude / update: values and
+    gradients in h, state and parameters."""
     gen = torch.Generator().manual_seed(case_seed("forms", provider, length))
     torch.manual_seed(1)
     module = PROVIDERS[provider](6)[0].double()
@@ -113,14 +115,14 @@ def test_sequence_forms_equal_the_per_token_loop(provider, length):
     params = [h, state, *module.parameters()]
     results = []
     for impl in (type(module), ContextProvider):
-        ctx = impl.prelude_sequence(module, h, state)
+        ctx = impl.prelude_sequence(module, h, state, tokens)
         final = impl.update_sequence(module, h, state)
         weights = torch.randn(ctx.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         grads = torch.autograd.grad((ctx * weights).sum() + final.pow(2).sum(), params, allow_unused=True,
                                     materialize_grads=True)
         results.append((ctx, final, grads))
     (ctx, final, grads), (ctx_ref, final_ref, grads_ref) = results
-    assert ctx.shape == ctx_ref.shape and ctx.shape[:2] == (2, length)
+    assert ctx.shape == ctx_ref.shape and ctx.shape[:2] == (2, len(range(length)[tokens]))
     torch.testing.assert_close(ctx, ctx_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final, final_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):
@@ -149,12 +151,12 @@ def test_memory_scan_factors_follow_parameter_updates():
 
 
 # --------------------------------------------------------------------------- equivalence
-def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(True, False)):
+def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(True, False), colors=None):
     gen = torch.Generator().manual_seed(case_seed("seq-eq", dtype, length, contexts))
     layer = make_layer(contexts, dtype=dtype, tol=tol, max_iter=400, on_nonconvergence="raise")
     x, state = inputs(layer, 2, length, 3, gen, dtype)
     weights = torch.randn(2, length, 3, D, generator=gen, dtype=torch.float64).to(dtype)
-    h, new_state, grads, info = run(layer, x, state, weights, max_sweeps=400)
+    h, new_state, grads, info = run(layer, x, state, weights, max_sweeps=400, colors=colors)
     assert info["sweeps"] >= 1 and bool(info["converged"].all()) and bool(info["b_converged"].all())
     assert info["residual"].shape == (2, length, 3) and info["inj_rms"].shape == (length,)
     for warm_start in warm_starts:
@@ -173,6 +175,15 @@ def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(T
 @pytest.mark.parametrize("length", [1, 2, 17, 64])
 def test_time_parallel_equals_token_loop_float64(length, contexts):
     _equivalence(torch.float64, length, contexts, tol=1e-12, h_atol=1e-6, grad_rtol=1e-6)
+
+
+@pytest.mark.parametrize("colors", [1, 3, 5])
+@pytest.mark.parametrize("length", [4, 23])
+def test_every_coloring_equals_the_token_loop(length, colors):
+    """Jacobi sweeps (1 color) and Gauss-Seidel over 3 or 5 colors (T not a multiple of
+    them): the same fixed point and gradients."""
+    _equivalence(torch.float64, length, "both", tol=1e-12, h_atol=1e-6, grad_rtol=1e-6, warm_starts=(True,),
+                 colors=colors)
 
 
 @pytest.mark.parametrize("contexts", sorted(PROVIDERS))
@@ -260,7 +271,7 @@ def test_inner_iterations_do_not_change_the_answer():
     layer = make_layer(tol=1e-12, max_iter=400)
     x, state = inputs(layer, 2, 12, 3, gen, torch.float64)
     weights = torch.randn(2, 12, 3, D, generator=gen, dtype=torch.float64)
-    results = [run(layer, x, state, weights, inner_iter=k, max_sweeps=400) for k in (1, 3, 8)]
+    results = [run(layer, x, state, weights, inner_iter=k, colors=1, max_sweeps=400) for k in (1, 3, 8)]
     for h, _, grads, info in results[1:]:
         torch.testing.assert_close(h, results[0][0], rtol=0, atol=1e-10)
         for name, g in results[0][2].items():
@@ -308,7 +319,8 @@ def test_bad_input():
         layer.forward_sequence(x, time_parallel=1)
     with pytest.raises(ValueError, match="state must be a tuple of 2"):
         layer.forward_sequence(x, (torch.zeros(2, D),))
-    for name, value in (("max_sweeps", 0), ("inner_iter", 0), ("tol", -1.0), ("tol", float("nan")), ("b_tol", 0.0)):
+    for name, value in (("max_sweeps", 0), ("inner_iter", 0), ("colors", 0), ("tol", -1.0), ("tol", float("nan")),
+                        ("b_tol", 0.0)):
         with pytest.raises(ValueError, match=name):
             layer.forward_sequence(x, **{name: value})
     with pytest.raises(ValueError, match="MambaMemory state"):
@@ -320,8 +332,8 @@ def test_bad_input():
 
 
 class _BadSequence(_Retrieved):
-    def prelude_sequence(self, h, state):
-        return h[:, :, :1, :-1]
+    def prelude_sequence(self, h, state, tokens=slice(None)):
+        return h[:, tokens, :1, :-1]
 
 
 def test_bad_provider_sequence_output_raises():

@@ -8,9 +8,9 @@ Per token ``t`` of a sequence::
     logits_t = head(RMSNorm(mean over slots of h*_t))                 # predicts token t+1
 
 Time-parallel (the default): all ``T`` tokens' fixed points are solved at once by
-:meth:`FrozenContextDEQ.forward_sequence` (Jacobi sweeps over time: every token's context
-from the current iterates, then the cell on all ``B*T*S`` rows; the implicit backward by
-adjoint sweeps). ``CharLMConfig.token_loop`` (``python -m deqkern --token-loop``) runs
+:meth:`FrozenContextDEQ.forward_sequence` (sweeps over time: the tokens' contexts from the
+current iterates, then the cell on their rows, all tokens or one color of them at a time;
+the implicit backward by adjoint sweeps). ``CharLMConfig.token_loop`` (``python -m deqkern --token-loop``) runs
 the same model token by token instead (one solve of ``B*S`` rows per token), as does
 ``graph=True`` (each token's solve replayed from CUDA graphs). Both give the same fixed
 points and gradients to the solver's tolerance.
@@ -85,7 +85,8 @@ class CharLMConfig:
     grad_clip: float = 1.0
     graph: bool = False  # token loop, each solve and adjoint replayed from CUDA graphs (FrozenContextDEQ(graph=True))
     token_loop: bool = False  # solve token by token instead of all tokens at once (time-parallel sweeps)
-    inner_iter: Optional[int] = None  # time-parallel: cell applications per sweep (None: the layer's default)
+    inner_iter: Optional[int] = None  # time-parallel: cell applications per token and sweep (None: the default)
+    colors: Optional[int] = None  # time-parallel: 1 Jacobi sweeps, p Gauss-Seidel over p colors (None: the default)
     b_tol: Optional[float] = None  # time-parallel: adjoint tolerance relative to the gradient's largest entry (None: tol)
 
     def __post_init__(self) -> None:
@@ -97,9 +98,10 @@ class CharLMConfig:
             raise ValueError(f"n_heads must divide d_model={self.d_model}; got n_heads={self.n_heads}")
         if self.b_tol is not None and not self.b_tol > 0:
             raise ValueError(f"b_tol must be None or > 0; got {self.b_tol!r}")
-        if self.inner_iter is not None and (isinstance(self.inner_iter, bool) or not isinstance(self.inner_iter, int)
-                                            or self.inner_iter < 1):
-            raise ValueError(f"inner_iter must be None or an int >= 1; got {self.inner_iter!r}")
+        for name in ("inner_iter", "colors"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1; got {value!r}")
         for name in ("lr", "tol", "spectral_target", "grad_clip", "embed_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
@@ -206,7 +208,7 @@ class CharLM(nn.Module):
         time_parallel = not (self.cfg.token_loop or self.cfg.graph)
         h_star, _, info = self.deq.forward_sequence(inputs, state, time_parallel=time_parallel,
                                                     warm_start=self.cfg.warm_start, inner_iter=self.cfg.inner_iter,
-                                                    b_tol=self.cfg.b_tol)
+                                                    colors=self.cfg.colors, b_tol=self.cfg.b_tol)
         return h_star, info
 
     def readout(self, h_star: torch.Tensor) -> torch.Tensor:

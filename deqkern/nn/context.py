@@ -54,18 +54,21 @@ class ContextProvider(nn.Module):
         """``(h_star (B, S, d), state) -> new state``; runs once after convergence."""
         raise NotImplementedError
 
-    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Every token's context: ``h`` ``(B, T, S, d)``, ``state`` the state before the
-        first token -> ``(B, T, 1, d)`` or ``(B, T, S, d)``; entry ``t`` is
-        ``prelude(state_t)`` with ``state_0 = state``, ``state_{t+1} = update(h[:, t], state_t)``.
-        Differentiable in ``h``, ``state`` and the parameters. Default: a loop over ``t``."""
+    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """The tokens' contexts: ``h`` ``(B, T, S, d)``, ``state`` the state before the
+        first token -> ``(B, n, 1, d)`` or ``(B, n, S, d)`` for the ``n`` tokens
+        ``range(T)[tokens]`` (``tokens``: a slice with a positive step; all by default).
+        Token ``t``'s context is ``prelude(state_t)`` with ``state_0 = state``,
+        ``state_{t+1} = update(h[:, t], state_t)``. Differentiable in ``h``, ``state`` and
+        the parameters. Default: a loop over ``t`` up to the last token asked for."""
+        wanted = range(h.shape[1])[tokens]
         contexts = []
-        for t in range(h.shape[1]):
+        for t in range(wanted[-1] + 1):
             ctx = self.prelude(state)
             contexts.append(ctx.unsqueeze(1) if ctx.dim() == 2 else ctx)
-            if t + 1 < h.shape[1]:
+            if t < wanted[-1]:
                 state = self.update(h[:, t], state)
-        return torch.stack(contexts, 1)
+        return torch.stack(contexts, 1)[:, tokens]
 
     def update_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """The state after the last token: ``update`` applied with ``h[:, 0]``, ...,
@@ -114,11 +117,11 @@ class MambaMemory(ContextProvider):
         _check_last_dim("MambaMemory state", state, self.d_model, ndim=2)
         return (1 - torch.sigmoid(self.decay_logit)) * self.x_proj(h.mean(2))
 
-    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """``(B, T, 1, d)``: the memory before each token by one parallel scan
-        (:class:`DecayScan`), then ``hist`` on all ``T`` memories in one GEMM."""
+    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """``(B, n, 1, d)``: the memory before each token by one parallel scan
+        (:class:`DecayScan`), then ``hist`` on the ``n`` memories asked for in one GEMM."""
         before = self._scan(h.shape[1] - 1)(self._inputs(h[:, :-1], state), state)   # M_1 .. M_{T-1}
-        memories = torch.cat([state.unsqueeze(1), before], 1)                   # M_0 .. M_{T-1}
+        memories = torch.cat([state.unsqueeze(1), before], 1)[:, tokens]        # M_0 .. M_{T-1}, selected
         return (torch.sigmoid(self.gate_logit) * self.hist(memories)).unsqueeze(2)
 
     def _scan(self, length: int) -> "DecayScan":
@@ -179,12 +182,17 @@ class SlotAttentionContext(ContextProvider):
             raise ValueError(f"h_star must have the state's shape {tuple(state.shape)}; got {tuple(h_star.shape)}")
         return h_star
 
-    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """``(B, T, S, d)``: token ``t`` attends over ``h[:, t - 1]`` (``state`` for
-        ``t = 0``); the ``T`` attentions run as one batch of ``B * T``."""
+    def prelude_sequence(self, h: torch.Tensor, state: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """``(B, n, S, d)``: token ``t`` attends over ``h[:, t - 1]`` (``state`` for
+        ``t = 0``); the ``n`` attentions asked for run as one batch of ``B * n``."""
         self._check_sequence(h, state)
-        batch, length, slots, d = h.shape
-        previous = torch.cat([state.unsqueeze(1), h[:, :-1]], 1)
+        batch, _, slots, d = h.shape
+        start, stop, step = tokens.indices(h.shape[1])
+        if start > 0:  # the predecessors t - 1, sliced without copying the rest
+            previous = h[:, start - 1:max(stop - 1, 0):step]
+        else:
+            previous = torch.cat([state.unsqueeze(1), h[:, step - 1:max(stop - 1, 0):step]], 1)
+        length = previous.shape[1]
         return self.prelude(previous.reshape(batch * length, slots, d)).view(batch, length, slots, d)
 
     def update_sequence(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

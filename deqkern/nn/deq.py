@@ -229,7 +229,7 @@ class FrozenContextDEQ(nn.Module):
     def forward_sequence(
         self, x: torch.Tensor, state: Optional[State] = None, *, time_parallel: bool = True,
         warm_start: bool = True, max_sweeps: Optional[int] = None, inner_iter: Optional[int] = None,
-        tol: Optional[float] = None, b_tol: Optional[float] = None,
+        colors: Optional[int] = None, tol: Optional[float] = None, b_tol: Optional[float] = None,
     ) -> tuple[torch.Tensor, State, dict]:
         """Solve the cell for every token of a sequence: token ``t`` sees the providers'
         states after tokens ``0 .. t-1`` (:mod:`deqkern.nn.sequence`).
@@ -237,13 +237,15 @@ class FrozenContextDEQ(nn.Module):
         Args:
             x: ``(B, T, S, d_input)``.
             state: the providers' states before the first token (``None``: :meth:`init_state`).
-            time_parallel: True: all tokens at once, by Jacobi sweeps over time and the
+            time_parallel: True: all tokens at once, by sweeps over time and the
                 implicit backward of the joint fixed point. False: the token loop, one
                 :meth:`forward` per token (the reference).
             warm_start: token loop only: start each token's solve at the previous ``h*``.
             max_sweeps: sweep cap (default ``T + ceil(max_iter / inner_iter)``), the
-                adjoint's too. inner_iter: cell applications per sweep (default
-                :data:`~deqkern.nn.sequence.DEFAULT_INNER_ITER`). tol: the joint
+                adjoint's too. inner_iter: cell applications per token and sweep;
+                colors: 1 for Jacobi sweeps, ``p`` for Gauss-Seidel over ``p`` colors
+                of tokens (defaults :data:`~deqkern.nn.sequence.DEFAULT_INNER_ITER`,
+                :data:`~deqkern.nn.sequence.DEFAULT_COLORS`). tol: the joint
                 residual's bound (default the layer's ``tol``, in its ``stop_mode``).
                 b_tol: the adjoint's, relative to the gradient's largest magnitude
                 (default ``tol``).
@@ -261,43 +263,9 @@ class FrozenContextDEQ(nn.Module):
         """
         from deqkern.nn import sequence
 
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] < 1 or x.shape[-1] != self.d_input:
-            raise ValueError(f"x must have shape (B, T, S, {self.d_input}) with T >= 1; got {tuple(x.shape)}")
-        for name, flag in (("time_parallel", time_parallel), ("warm_start", warm_start)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-        batch, length, n_slots, _ = x.shape
-        if state is None:
-            state = self.init_state(batch, n_slots, x.device)
-        if not isinstance(state, (tuple, list)) or len(state) != len(self.contexts):
-            got = len(state) if isinstance(state, (tuple, list)) else type(state).__name__
-            raise ValueError(f"state must be a tuple of {len(self.contexts)} provider states; got {got}")
-        if not time_parallel:
-            return sequence.token_loop(self, x, tuple(state), warm_start)
-        opts = self.solver_options
-        if opts["graph"]:
-            raise ValueError("graph=True replays per-token solves from CUDA graphs; the time-parallel sweeps "
-                             "are not captured: call forward_sequence(time_parallel=False) on this layer")
-        if opts["backward"] == "unrolled" and torch.is_grad_enabled():
-            raise ValueError("backward='unrolled' differentiates through every iteration of a token's solve; "
-                             "use time_parallel=False for it ('ift' and 'onestep' run time-parallel)")
-        inner_iter = sequence.DEFAULT_INNER_ITER if inner_iter is None else inner_iter
-        if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 1:
-            raise ValueError(f"inner_iter must be an int >= 1; got {inner_iter!r}")
-        if max_sweeps is None:
-            max_sweeps = sequence.default_max_sweeps(length, opts["max_iter"], inner_iter)
-        if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-            raise ValueError(f"max_sweeps must be an int >= 1; got {max_sweeps!r}")
-        tol = opts["tol"] if tol is None else tol
-        b_tol = tol if b_tol is None else b_tol
-        for name, value in (("tol", tol), ("b_tol", b_tol)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
-        sweep = sequence.SweepOptions(max_sweeps, inner_iter, float(tol), float(b_tol), opts["stop_mode"],
-                                      opts["on_nonconvergence"], opts["backward"])
-        return sequence.solve_sequence(self, x, tuple(state), sweep)
+        return sequence.forward_sequence(self, x, state, time_parallel=time_parallel, warm_start=warm_start,
+                                         max_sweeps=max_sweeps, inner_iter=inner_iter, colors=colors, tol=tol,
+                                         b_tol=b_tol)
 
     def frozen_term(self, inj: torch.Tensor, ctxs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The loop's frozen term from the injection ``inj = self.inj(x)`` ``(..., S, d)``
