@@ -151,11 +151,13 @@ def test_memory_scan_factors_follow_parameter_updates():
 
 
 # --------------------------------------------------------------------------- equivalence
-def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(True, False), colors=None):
+def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(True, False), colors=None,
+                 device=torch.device("cpu")):
     gen = torch.Generator().manual_seed(case_seed("seq-eq", dtype, length, contexts))
-    layer = make_layer(contexts, dtype=dtype, tol=tol, max_iter=400, on_nonconvergence="raise")
+    layer = make_layer(contexts, dtype=dtype, tol=tol, max_iter=400, on_nonconvergence="raise").to(device)
     x, state = inputs(layer, 2, length, 3, gen, dtype)
-    weights = torch.randn(2, length, 3, D, generator=gen, dtype=torch.float64).to(dtype)
+    x, state = x.to(device), tuple(s.to(device) for s in state)
+    weights = torch.randn(2, length, 3, D, generator=gen, dtype=torch.float64).to(dtype).to(device)
     h, new_state, grads, info = run(layer, x, state, weights, max_sweeps=400, colors=colors)
     assert info["sweeps"] >= 1 and bool(info["converged"].all()) and bool(info["b_converged"].all())
     assert info["residual"].shape == (2, length, 3) and info["inj_rms"].shape == (length,)
@@ -188,12 +190,18 @@ def test_every_coloring_equals_the_token_loop(length, colors):
 
 @pytest.mark.parametrize("contexts", sorted(PROVIDERS))
 @pytest.mark.parametrize("length", [1, 2, 17, 64])
-def test_time_parallel_equals_token_loop_float32(length, contexts, backend):
-    """float32 on both backends (the fused kernels run in Triton's interpreter on a CPU)."""
-    if backend == "triton" and (length, contexts) not in ((17, "both"), (2, "slots"), (1, "none")):
-        pytest.skip("interpreter cost: the fused backend runs a representative subset")
-    _equivalence(torch.float32, length, contexts, tol=1e-6, h_atol=1e-4, grad_rtol=1e-4,
-                 warm_starts=(True,) if backend == "triton" else (True, False))
+def test_time_parallel_equals_token_loop_float32(length, contexts, monkeypatch):
+    monkeypatch.setenv("DEQKERN_BACKEND", "eager")
+    _equivalence(torch.float32, length, contexts, tol=1e-6, h_atol=1e-4, grad_rtol=1e-4)
+
+
+@pytest.mark.parametrize("length, contexts", [(1, "none"), (2, "slots"), (17, "both")])
+def test_time_parallel_equals_token_loop_fused_float32(length, contexts, monkeypatch, device, fused_backend_name):
+    """The Triton kernels (in Triton's interpreter on a CPU, hence a representative subset)."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "triton")
+    _equivalence(torch.float32, length, contexts, tol=1e-6, h_atol=1e-4, grad_rtol=1e-4, warm_starts=(True,),
+                 device=device)
+    assert deqkern.last_backend() == fused_backend_name
 
 
 class _Retrieved(ContextProvider):

@@ -67,7 +67,7 @@ __all__ = ["SweepOptions", "forward_sequence", "solve_sequence", "token_loop", "
 #: sweeps) and 2 x 3 takes 0.62 of Jacobi's time, 4 x 3 0.59, 8 x 3 0.63. Two colors keep
 #: the number of kernel launches per sweep low (the host's share on fast GPUs).
 DEFAULT_INNER_ITER = 3
-DEFAULT_COLORS = 2
+DEFAULT_COLORS = 4
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,15 @@ def _sweep(layer, inj: torch.Tensor, state: tuple, opts: SweepOptions):
             if colors > 1:
                 sweeps += 1
         if colors == 1:
-            h, contraction = _apply(layer, h, frozen, residual, opts.inner_iter - 1, opts.tol)
+            h, contraction = _apply(layer, h, frozen, residual, opts.inner_iter - 1, opts.tol, contraction)
         else:
             phase_residual = torch.empty_like(h[..., 0], dtype=torch.float32)
             for tokens in phases:
                 contexts = _contexts(layer, h, state, tokens, validate=iterations == 0)
                 frozen = _frozen(layer, inj[:, tokens], contexts)
                 part, residual = layer._cell(h[:, tokens].contiguous(), frozen)
-                h[:, tokens], contraction = _apply(layer, part, frozen, residual, opts.inner_iter - 1, opts.tol)
+                h[:, tokens], contraction = _apply(layer, part, frozen, residual, opts.inner_iter - 1, opts.tol,
+                                                   contraction)
                 phase_residual[:, tokens] = residual
             check = _check(phase_residual, opts.tol, iterations + 1)
             raise_if_nonfinite(check, f"FrozenContextDEQ.forward_sequence (sweep {sweeps})")
@@ -171,15 +172,18 @@ def _sweep(layer, inj: torch.Tensor, state: tuple, opts: SweepOptions):
     return h, info, contexts
 
 
-def _apply(layer, h: torch.Tensor, frozen: torch.Tensor, residual: torch.Tensor, count: int, tol: float):
+def _apply(layer, h: torch.Tensor, frozen: torch.Tensor, residual: torch.Tensor, count: int, tol: float,
+           contraction: torch.Tensor):
     """``count`` more cell applications with ``frozen`` fixed, after one whose residual was
-    ``residual``; also returns the cell's local contraction (the second residual over the
-    first, largest over rows still above ``tol``; 0 when ``count`` is 0)."""
-    contraction = torch.zeros((), device=h.device)
+    ``residual``. Also returns the cell's local contraction: the second residual over the
+    first, largest over the rows still above ``tol``, or ``contraction`` (the previous
+    estimate) when no row is (device-side, no sync)."""
     for inner in range(count):
         h, inner_residual = layer._cell(h, frozen)
         if inner == 0:
-            contraction = torch.where(residual >= tol, inner_residual / residual, 0.0).amax()
+            active = residual >= tol
+            estimate = torch.where(active, inner_residual / residual, 0.0).amax()
+            contraction = torch.where(active.any(), estimate, contraction)
     return h, contraction
 
 
