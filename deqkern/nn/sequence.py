@@ -60,12 +60,13 @@ from deqkern.solver.loop import Check, enforce, raise_if_nonfinite
 __all__ = ["SweepOptions", "forward_sequence", "solve_sequence", "token_loop", "DEFAULT_INNER_ITER", "DEFAULT_COLORS"]
 
 #: Cell applications per token and sweep, and colors per sweep (module docstring).
-#: Measured on the CPU preset (forward + backward of one batch, bench/bench_model.py
-#: --colors / --inner-iter): after 10 training steps the cells' own convergence sets the
-#: count (8 Jacobi sweeps with 2 applications) and colors only add per-color work (2
-#: colors x 3: same time; 4 x 3: +10%); after 120 steps the coupling sets it (24 Jacobi
-#: sweeps) and 2 x 3 takes 0.62 of Jacobi's time, 4 x 3 0.59, 8 x 3 0.63. Two colors keep
-#: the number of kernel launches per sweep low (the host's share on fast GPUs).
+#: Measured on the CPU preset (forward + backward of one batch; bench/bench_model.py
+#: --colors / --inner-iter compares them in training): after 10 training steps the cells'
+#: own convergence sets the count (8 Jacobi sweeps with 2 applications) and colors only
+#: add per-color work (4 colors x 3: +10% time); after 120 steps the coupling sets it (24
+#: Jacobi sweeps) and 4 x 3 takes 0.47-0.59 of Jacobi's time (2 x 3: 0.60, 8 x 3: 0.63).
+#: Each color costs its own launches (about 30 per color and sweep): where the host, not
+#: the GPU, sets the pace, fewer colors may win -- measure.
 DEFAULT_INNER_ITER = 3
 DEFAULT_COLORS = 4
 
