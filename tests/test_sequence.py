@@ -161,6 +161,7 @@ def _equivalence(dtype, length, contexts, tol, h_atol, grad_rtol, warm_starts=(T
     h, new_state, grads, info = run(layer, x, state, weights, max_sweeps=400, colors=colors)
     assert info["sweeps"] >= 1 and bool(info["converged"].all()) and bool(info["b_converged"].all())
     assert info["residual"].shape == (2, length, 3) and info["inj_rms"].shape == (length,)
+    assert 0 < float(info["contraction"]) < 1  # the cell's local rate, measured inside the sweeps
     for warm_start in warm_starts:
         h_ref, state_ref, grads_ref, info_ref = run(layer, x, state, weights, time_parallel=False,
                                                     warm_start=warm_start)

@@ -129,63 +129,65 @@ def _summary(residual: torch.Tensor, tol: float, iterations: int, sweeps: int, c
 
 @torch.no_grad()
 def _sweep(layer, inj: torch.Tensor, state: tuple, opts: SweepOptions):
-    """The forward sweeps from ``H = 0`` (module docstring). Returns ``H*``, info, and
-    the contexts of the last joint check."""
+    """The forward sweeps from ``H = 0`` (module docstring): each sweep is a joint check
+    (followed, with one color, by ``inner_iter - 1`` more applications) or, with several,
+    a colored sweep. Returns ``H*``, info, and the contexts of the last joint check."""
     h = torch.zeros_like(inj)
     phases = _phases(inj.shape[1], opts.colors)
-    colors = len(phases)
     contraction = torch.zeros((), device=inj.device)
-    iterations = sweeps = 0
-    check_next = colors == 1
-    while True:
-        sweeps += 1
-        if check_next or sweeps == opts.max_sweeps:
-            contexts = _contexts(layer, h, state, validate=iterations == 0)
+    iterations = 0
+    check_next = len(phases) == 1
+    for sweep in range(1, opts.max_sweeps + 1):
+        if check_next or sweep == opts.max_sweeps:
+            contexts = _contexts(layer, h, state, validate=sweep == 1)
             frozen = _frozen(layer, inj, contexts)
             h, residual = layer._cell(h, frozen)
             iterations += 1
             check = _check(residual, opts.tol, iterations)
-            raise_if_nonfinite(check, f"FrozenContextDEQ.forward_sequence (sweep {sweeps})")
-            if check.unconverged == 0 or sweeps == opts.max_sweeps:
+            raise_if_nonfinite(check, f"FrozenContextDEQ.forward_sequence (sweep {sweep})")
+            if check.unconverged == 0 or sweep == opts.max_sweeps:
                 break
-            if colors > 1:
-                sweeps += 1
-        if colors == 1:
-            h, contraction = _apply(layer, h, frozen, residual, opts.inner_iter - 1, opts.tol, contraction)
-        else:
-            phase_residual = torch.empty_like(h[..., 0], dtype=torch.float32)
-            for tokens in phases:
-                contexts = _contexts(layer, h, state, tokens, validate=iterations == 0)
-                frozen = _frozen(layer, inj[:, tokens], contexts)
-                part, residual = layer._cell(h[:, tokens].contiguous(), frozen)
-                h[:, tokens], contraction = _apply(layer, part, frozen, residual, opts.inner_iter - 1, opts.tol,
-                                                   contraction)
-                phase_residual[:, tokens] = residual
-            check = _check(phase_residual, opts.tol, iterations + 1)
-            raise_if_nonfinite(check, f"FrozenContextDEQ.forward_sequence (sweep {sweeps})")
-            check_next = check.unconverged == 0
-        iterations += opts.inner_iter - (colors == 1)
-    info = _summary(residual, opts.tol, iterations, sweeps, check)
+            if len(phases) == 1:
+                h, estimate = _apply(layer, h, frozen, residual, opts.inner_iter - 1, opts.tol)
+                contraction = torch.where(estimate >= 0, estimate, contraction)
+                iterations += opts.inner_iter - 1
+            check_next = len(phases) == 1
+            continue
+        phase_residual = torch.empty_like(h[..., 0], dtype=torch.float32)
+        sweep_estimate = torch.full((), -1.0, device=inj.device)
+        for tokens in phases:
+            contexts = _contexts(layer, h, state, tokens, validate=sweep == 1)
+            frozen = _frozen(layer, inj[:, tokens], contexts)
+            part, residual = layer._cell(h[:, tokens].contiguous(), frozen)
+            h[:, tokens], estimate = _apply(layer, part, frozen, residual, opts.inner_iter - 1, opts.tol)
+            phase_residual[:, tokens] = residual
+            sweep_estimate = torch.maximum(sweep_estimate, estimate)
+        contraction = torch.where(sweep_estimate >= 0, sweep_estimate, contraction)
+        iterations += opts.inner_iter
+        check = _check(phase_residual, opts.tol, iterations)
+        raise_if_nonfinite(check, f"FrozenContextDEQ.forward_sequence (sweep {sweep})")
+        check_next = check.unconverged == 0
+    info = _summary(residual, opts.tol, iterations, sweep, check)
     info.update(nstep=torch.full_like(residual, iterations, dtype=torch.int32),
                 mean_nstep=torch.tensor(float(iterations), device=inj.device), contraction=contraction)
-    enforce(check, opts.on_nonconvergence, f"FrozenContextDEQ.forward_sequence ({sweeps} sweeps)",
+    enforce(check, opts.on_nonconvergence, f"FrozenContextDEQ.forward_sequence ({sweep} sweeps)",
             residual.numel(), iterations, opts.tol, opts.stop_mode, info)
     return h, info, contexts
 
 
-def _apply(layer, h: torch.Tensor, frozen: torch.Tensor, residual: torch.Tensor, count: int, tol: float,
-           contraction: torch.Tensor):
+def _apply(layer, h: torch.Tensor, frozen: torch.Tensor, residual: torch.Tensor, count: int, tol: float):
     """``count`` more cell applications with ``frozen`` fixed, after one whose residual was
-    ``residual``. Also returns the cell's local contraction: the second residual over the
-    first, largest over the rows still above ``tol``, or ``contraction`` (the previous
-    estimate) when no row is (device-side, no sync)."""
+    ``residual``. Also returns the cell's local contraction (device-side, no sync): the
+    second residual over the first, largest over the rows still above ``tol``; -1 when no
+    row is, or ``count`` is 0."""
+    estimate = torch.full((), -1.0, device=h.device)
     for inner in range(count):
         h, inner_residual = layer._cell(h, frozen)
         if inner == 0:
             active = residual >= tol
-            estimate = torch.where(active, inner_residual / residual, 0.0).amax()
-            contraction = torch.where(active.any(), estimate, contraction)
-    return h, contraction
+            ratio = torch.where(active, inner_residual / residual, 0.0).amax()
+            estimate = torch.where(active.any(), ratio, estimate)
+    return h, estimate
 
 
 def _phases(length: int, colors: int) -> list[slice]:
