@@ -9,8 +9,8 @@ standard-library sources, no download) with the layer's spectral-norm schedule a
 to the optimizer, and prints per logging interval: loss, tokens/s, Picard iterations per
 row (mean, max), sweeps per step (``-`` with ``--token-loop``), converged fraction,
 contraction, the memory context's RMS over the injection's RMS, and the largest
-spectral-norm estimate; then a summary. ``--compare`` trains twice from the same seed, eager and fused, and prints the throughput ratio and
-the largest per-step loss difference.
+spectral-norm estimate; then a summary. ``--compare`` trains twice from the same seed,
+eager and fused, and prints the throughput ratio and the largest per-step loss difference.
 
 ``check`` compares :func:`deqkern.frozen_rmsnorm_update` with a float64 reference on
 each backend that can run here, and times it.
