@@ -1,6 +1,6 @@
 """``python -m deqkern``: train the reference model, or check the fused update.
 
-    python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton] [--graph]
+    python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton] [--graph] [--token-loop]
                       [--device cpu|cuda] [--seed S] [--compare] [--batch B]
                       [--save PATH [--save-every N]] [--resume PATH] [--metrics PATH]
     torchrun --nproc_per_node=N -m deqkern [same options] [--fsdp]
@@ -9,11 +9,12 @@
 ``train`` (the default) trains :class:`deqkern.models.CharLM` (a byte-level LM on Python
 standard-library sources, no download) with the layer's spectral-norm schedule attached
 to the optimizer, and prints per logging interval: loss, tokens/s, Picard iterations per
-token (mean, max), converged fraction, contraction, the memory context's RMS over the
-injection's RMS, the largest spectral norm after the latest clamp (at most the target)
-and the pre-clamp drift (largest estimate before that clamp over the target); then a
-summary. ``--compare`` trains twice from the same seed, eager and fused, and prints the
-throughput ratio and the largest per-step loss difference.
+row (mean, max), sweeps per step (``-`` with ``--token-loop``), converged fraction,
+contraction, the memory context's RMS over the injection's RMS, the largest spectral norm
+after the latest clamp (at most the target) and the pre-clamp drift (largest estimate
+before that clamp over the target); then a summary. ``--compare`` trains twice from the
+same seed, eager and fused, and prints the throughput ratio and the largest per-step loss
+difference.
 
 ``--save PATH`` writes a checkpoint every ``--save-every`` steps and at the end;
 ``--resume PATH`` continues from one, bit for bit, up to ``--steps`` in all
@@ -82,9 +83,10 @@ def fused_available(device: torch.device, dtype: torch.dtype = torch.float32, d:
 
 
 def format_log(log: dict) -> str:
+    sweeps = f"{log['sweeps']:.1f}" if log["sweeps"] else "-"
     return (
         f"step {log['step']:>5} | loss {log['loss']:.3f} | {log['tokens_per_s']:>9,.0f} tok/s | "
-        f"iters mean {log['mean_nstep']:.2f} max {log['max_nstep']:>2} | "
+        f"iters mean {log['mean_nstep']:.2f} max {log['max_nstep']:>2} | sweeps {sweeps} | "
         f"converged {100 * log['converged_fraction']:.2f}% | contraction {log['contraction']:.3f} | "
         f"hist/inj {log['hist_inj_ratio']:.3f} | sigma {log['sigma_max']:.3f} (drift {log['sigma_drift']:.3f}x)"
     )
@@ -101,7 +103,9 @@ def summarize(result: TrainResult, cfg: CharLMConfig, backend: str) -> str:
         f"summary ({steps} steps, backend {backend}, {result.seconds:.1f} s, {result.tokens_per_s:,.0f} tok/s "
         f"after the first interval):",
         f"  100% of tokens converged (tol {cfg.tol:g}, {cfg.stop_mode}, cap {cfg.max_iter}): {verdict}",
-        f"  Picard iterations per token: mean {mean_nstep:.2f}, max {max(log['max_nstep'] for log in logs)}",
+        f"  Picard iterations per row: mean {mean_nstep:.2f}, max {max(log['max_nstep'] for log in logs)}"
+        + (f"; sweeps per step: mean {sum(log['sweeps'] for log in logs) / len(logs):.1f} (time-parallel)"
+           if logs[-1]["sweeps"] else " (token loop)"),
         f"  max contraction: {max(log['contraction'] for log in logs):.3f}",
         f"  spectral norm after a clamp: <= {max(log['sigma_max'] for log in logs):.3f} "
         f"(target {cfg.spectral_target:g}); largest pre-clamp drift {max(log['sigma_drift'] for log in logs):.3f}x "
@@ -206,7 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--graph", action="store_true",
-                    help="replay each token's solve and adjoint solve from CUDA graphs (CUDA only)")
+                    help="token loop with each token's solve and adjoint solve replayed from CUDA graphs (CUDA only)")
+    ap.add_argument("--token-loop", action="store_true",
+                    help="solve token by token instead of all tokens at once (time-parallel sweeps, the default)")
     ap.add_argument("--compare", action="store_true",
                     help="train twice from the same seed, eager and fused; print speed ratio and loss difference")
     ap.add_argument("--batch", type=int, default=None,
@@ -251,8 +257,8 @@ def main(argv=None) -> int:
         check(args.device)
         return 0
     cfg = PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")]()
-    if args.graph:
-        cfg = dataclasses.replace(cfg, graph=True)
+    if args.graph or args.token_loop:
+        cfg = dataclasses.replace(cfg, graph=args.graph, token_loop=args.token_loop or args.graph)
     if args.batch is not None:
         cfg = dataclasses.replace(cfg, batch=args.batch)
     if not args.compare:

@@ -12,6 +12,7 @@ import torch
 import deqkern
 from deqkern.models.charlm import CharLM, CharLMConfig, batches, corpus
 from deqkern.models.train import train
+from deqkern.nn.sequence import DEFAULT_INNER_ITER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,14 +26,16 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """The tiny config trained for 40 steps on the eager backend (shared by the checks below)."""
+@pytest.fixture(scope="module", params=["time-parallel", "token-loop"])
+def trained(request):
+    """The tiny config trained for 40 steps on the eager backend, time-parallel (the
+    default) and token by token (shared by the checks below)."""
     previous_threads, previous_backend = torch.get_num_threads(), os.environ.get("DEQKERN_BACKEND")
     torch.set_num_threads(1)
     os.environ["DEQKERN_BACKEND"] = "eager"
+    cfg = dataclasses.replace(CharLMConfig.tiny(), token_loop=request.param == "token-loop")
     try:
-        yield train(CharLMConfig.tiny(), steps=40, seed=0, log_every=5)
+        yield train(cfg, steps=40, seed=0, log_every=5)
     finally:
         torch.set_num_threads(previous_threads)
         if previous_backend is None:
@@ -55,7 +58,11 @@ def test_contraction_below_target_throughout(trained):
 def test_every_token_converged_during_training(trained):
     unconverged = [log["unconverged"] for log in trained.logs]
     assert sum(unconverged) == 0, unconverged
-    assert max(log["max_nstep"] for log in trained.logs) <= 20
+    if trained.model.cfg.token_loop:
+        assert max(log["max_nstep"] for log in trained.logs) <= 20
+        assert all(log["sweeps"] == 0 for log in trained.logs)
+    else:  # a handful of sweeps, far below the cap (T + max_iter / inner_iter)
+        assert 1 < max(log["sweeps"] for log in trained.logs) <= 12
 
 
 def test_trained_model_converges_fast(trained, monkeypatch, one_thread):
@@ -66,9 +73,24 @@ def test_trained_model_converges_fast(trained, monkeypatch, one_thread):
         logits, stats = trained.model(tokens[:, :-1])
     assert logits.shape == (cfg.batch, cfg.seq_len, 256)
     assert stats["unconverged"].item() == 0
-    assert stats["max_nstep"].item() <= cfg.max_iter
-    assert stats["mean_nstep"].item() < 10
     assert stats["contraction"].item() < 0.85
+    if cfg.token_loop:
+        assert stats["max_nstep"].item() <= cfg.max_iter
+        assert stats["mean_nstep"].item() < 10
+    else:  # batched cell applications: inner_iter per sweep, plus the joint checks
+        assert stats["sweeps"].item() <= 10
+        assert stats["mean_nstep"].item() <= (DEFAULT_INNER_ITER + 1) * stats["sweeps"].item()
+
+
+def test_time_parallel_trains_like_the_token_loop(monkeypatch, one_thread):
+    """Same seed, 20 steps: every step's loss within 1% of the token loop's (the two
+    solve the same fixed points; the gradients differ by the solves' tolerances)."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "eager")
+    cfg = CharLMConfig.tiny()
+    parallel = train(cfg, steps=20, seed=3, log_every=10).losses
+    loop = train(dataclasses.replace(cfg, token_loop=True), steps=20, seed=3, log_every=10).losses
+    assert parallel == pytest.approx(loop, rel=1e-2)
+    assert parallel[0] == pytest.approx(loop[0], rel=1e-5)  # same parameters: same fixed points
 
 
 def test_fused_and_eager_train_alike(monkeypatch, one_thread, device):
@@ -97,6 +119,9 @@ def test_batches_deterministic_and_in_corpus():
     ({"n_slots": 0}, "n_slots"),
     ({"damping": 1.5}, "damping"),
     ({"tol": 0.0}, "tol"),
+    ({"inner_iter": 0}, "inner_iter"),
+    ({"colors": 0}, "colors"),
+    ({"b_tol": 0.0}, "b_tol"),
 ])
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -149,12 +174,18 @@ def _cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, timeout=120)
 
 
-def test_cli_train_smoke():
-    out = _cli("--steps", "3", "--config", "tiny", "--device", "cpu")
+@pytest.mark.parametrize("mode", ["time-parallel", "token-loop"])
+def test_cli_train_smoke(mode):
+    out = _cli("--steps", "3", "--config", "tiny", "--device", "cpu", *(["--token-loop"] if mode == "token-loop" else []))
     assert out.returncode == 0, out.stderr
     assert "step     3 | loss" in out.stdout
     assert "backend auto (ran: eager)" in out.stdout
     assert "100% of tokens converged (tol 0.0001, rel, cap 20): yes" in out.stdout
+    if mode == "token-loop":
+        assert "| sweeps - |" in out.stdout and "(token loop)" in out.stdout
+    else:
+        sweeps = float(out.stdout.split("| sweeps ")[1].split()[0])
+        assert 1 < sweeps <= 12 and "(time-parallel)" in out.stdout
 
 
 def test_cli_compare_smoke():

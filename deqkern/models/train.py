@@ -79,10 +79,10 @@ def train(
     Each log dict (also passed to ``on_log``): ``step``, ``loss`` (mean over the
     interval), ``tokens``, ``seconds``, ``tokens_per_s``, ``mean_nstep``,
     ``max_nstep``, ``converged_fraction``, ``unconverged``, ``contraction`` (max over
-    the interval), ``hist_inj_ratio`` (mean), ``sigma_max`` (largest spectral-norm estimate
-    of the scheduled weights right after the latest clamp, at most the target) and
-    ``sigma_drift`` (largest estimate just before that clamp over its target: how far the
-    weights had grown since the previous one).
+    the interval), ``hist_inj_ratio`` (mean), ``sweeps`` (mean per step; 0 for the token
+    loop), ``sigma_max`` (largest spectral-norm estimate of the scheduled weights right
+    after the latest clamp, at most the target) and ``sigma_drift`` (largest estimate just
+    before that clamp over its target: how far the weights had grown since the previous one).
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +114,7 @@ def train(
                         schedule=schedule, data=data)
 
     losses = torch.zeros(steps, device=device)
-    sums = torch.zeros(3, device=device)          # mean_nstep, hist_inj_ratio, unconverged
+    sums = torch.zeros(4, device=device)          # mean_nstep, hist_inj_ratio, unconverged, sweeps
     maxima = torch.zeros(2, device=device)        # max_nstep, contraction
     logs: list[dict] = []
     tokens_per_step = cfg.batch * cfg.seq_len
@@ -133,7 +133,7 @@ def train(
         optimizer.step()
 
         losses[step] = loss.detach()
-        sums += torch.stack([stats["mean_nstep"], stats["hist_inj_ratio"], stats["unconverged"]])
+        sums += torch.stack([stats["mean_nstep"], stats["hist_inj_ratio"], stats["unconverged"], stats["sweeps"]])
         maxima.copy_(torch.maximum(maxima, torch.stack([stats["max_nstep"], stats["contraction"]])))
         if save is not None and not (step + 1) % save_every:
             write_checkpoint(step + 1)
@@ -150,14 +150,14 @@ def train(
         sigma = torch.stack([schedule.clamped_sigma_tensor().max(), schedule.drift_tensor().max()]).to(device)
         values = torch.cat([losses[first:step + 1].mean()[None], sums, maxima, sigma]).tolist()
         now = time.perf_counter()
-        loss_mean, nstep_sum, ratio_sum, unconverged, max_nstep, contraction, sigma_max, sigma_drift = values
+        loss_mean, nstep_sum, ratio_sum, unconverged, sweeps_sum, max_nstep, contraction, sigma_max, sigma_drift = values
         log = {
             "step": step + 1, "loss": loss_mean, "tokens": count * tokens_per_step,
             "seconds": now - interval_start, "tokens_per_s": count * tokens_per_step / (now - interval_start),
             "mean_nstep": nstep_sum / count, "max_nstep": int(max_nstep),
             "converged_fraction": 1.0 - unconverged / (count * rows_per_step), "unconverged": round(unconverged),
-            "contraction": contraction, "hist_inj_ratio": ratio_sum / count, "sigma_max": sigma_max,
-            "sigma_drift": sigma_drift,
+            "contraction": contraction, "hist_inj_ratio": ratio_sum / count, "sweeps": sweeps_sum / count,
+            "sigma_max": sigma_max, "sigma_drift": sigma_drift,
         }
         logs.append(log)
         if on_log is not None:

@@ -276,6 +276,47 @@ class FrozenContextDEQ(nn.Module):
         info["ctx_rms"] = tuple(ctx_rms)
         return h_star, tuple(new_state), info
 
+    def forward_sequence(
+        self, x: torch.Tensor, state: Optional[State] = None, *, time_parallel: bool = True,
+        warm_start: bool = True, max_sweeps: Optional[int] = None, inner_iter: Optional[int] = None,
+        colors: Optional[int] = None, tol: Optional[float] = None, b_tol: Optional[float] = None,
+    ) -> tuple[torch.Tensor, State, dict]:
+        """Solve the cell for every token of a sequence: token ``t`` sees the providers'
+        states after tokens ``0 .. t-1`` (:mod:`deqkern.nn.sequence`).
+
+        Args:
+            x: ``(B, T, S, d_input)``.
+            state: the providers' states before the first token (``None``: :meth:`init_state`).
+            time_parallel: True: all tokens at once, by sweeps over time and the
+                implicit backward of the joint fixed point. False: the token loop, one
+                :meth:`forward` per token (the reference).
+            warm_start: token loop only: start each token's solve at the previous ``h*``.
+            max_sweeps: sweep cap (default ``T + ceil(max_iter / inner_iter)``), the
+                adjoint's too. inner_iter: cell applications per token and sweep;
+                colors: 1 for Jacobi sweeps, ``p`` for Gauss-Seidel over ``p`` colors
+                of tokens (defaults :data:`~deqkern.nn.sequence.DEFAULT_INNER_ITER`,
+                :data:`~deqkern.nn.sequence.DEFAULT_COLORS`). tol: the joint
+                residual's bound (default the layer's ``tol``, in its ``stop_mode``).
+                b_tol: the adjoint's, relative to the gradient's largest magnitude
+                (default ``tol``).
+
+        Returns:
+            ``h_star`` ``(B, T, S, d_model)``; the states after the last token; ``info``
+            (device tensors unless said): ``residual``, ``converged``, ``nstep``
+            ``(B, T, S)`` (time-parallel: the joint residual of the returned iterate,
+            and the batched cell applications run); ``max_residual``, ``mean_nstep``,
+            ``converged_fraction``, ``contraction``, ``nonfinite_iter`` (); ``sweeps``
+            and ``iterations`` (Python ints; ``sweeps`` is 0 for the token loop);
+            ``inj_rms`` ``(T,)`` and ``ctx_rms`` (one ``(T,)`` per provider). After a
+            time-parallel backward: ``b_residual``, ``b_converged`` ``(B, T, S)``,
+            ``b_max_residual``, ``b_sweeps``, ``b_iterations``, ...
+        """
+        from deqkern.nn import sequence
+
+        return sequence.forward_sequence(self, x, state, time_parallel=time_parallel, warm_start=warm_start,
+                                         max_sweeps=max_sweeps, inner_iter=inner_iter, colors=colors, tol=tol,
+                                         b_tol=b_tol)
+
     def frozen_term(self, inj: torch.Tensor, ctxs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The loop's frozen term from the injection ``inj = self.inj(x)`` ``(..., S, d)``
         and the providers' contexts (each broadcastable to it): what the cell adds to
