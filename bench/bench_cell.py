@@ -34,6 +34,7 @@ interpreter and are checked, not timed, and no CUDA-graph / compile variants run
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -377,7 +378,10 @@ def main(argv=None) -> dict:
     calls, rounds = (3, 2) if args.tiny else (args.calls, args.rounds)
     rows = []
     for i, spec in enumerate(sizes):
-        rows.extend(bench_size(spec, device, calls, rounds, max_iter_study=i == 0))
+        new = bench_size(spec, device, calls, rounds, max_iter_study=i == 0)
+        for row in new:  # as it goes: a run cut short by its time limit keeps what it measured
+            print("row", json.dumps(row, default=str), flush=True)
+        rows.extend(new)
     notes = [f"damping={DAMPING}, ||W||₂={SIGMA}, h0=0, max_iter={MAX_ITER}, tol: "
              + ", ".join(f"{k} {TOL[v]:g}" for k, v in DTYPES.items())
              + f"; {calls} back-to-back calls per round, median of {rounds} rounds (host included)."

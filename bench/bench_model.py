@@ -210,7 +210,8 @@ def bench_scaling(args, cfg: CharLMConfig, device: torch.device, dtype: torch.dt
              f"d_model {cfg.d_model}; median of {args.steps} steps after one warm-up step)\n\n"
              + common.markdown_table(headers, [[r["method"], r["backend"], r["seq_len"], r["batch"],
                                                 r["seconds_per_step"], r["sweeps"], r["loss"]] for r in rows]))
-    plot_scaling(rows, common.results_dir(device) / "model_scaling.png", f"{tokens} tokens per step, {args.dtype}")
+    where = Path(args.out) if args.out else common.results_dir(device)
+    plot_scaling(rows, where / "model_scaling.png", f"{tokens} tokens per step, {args.dtype}")
     return {"config": dataclasses.asdict(cfg), "rows": rows}, table
 
 
@@ -299,6 +300,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--coupling", action="store_true")
     ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     on_gpu = device.type == "cuda"
@@ -319,7 +321,8 @@ def main(argv=None) -> dict:
         payload, table, stem = *bench_training(args, cfg, device, dtype), "model"
     payload = {"environment": common.environment(device), "dtype": args.dtype, "steps": args.steps, **payload}
     stem += "_bf16" if dtype == torch.bfloat16 else ""
-    return common.publish(device, stem, payload, table, quick=args.quick)
+    out = Path(args.out) / f"{stem}.json" if args.out else None
+    return common.publish(device, stem, payload, table, quick=args.quick and out is None, out=out)
 
 
 if __name__ == "__main__":

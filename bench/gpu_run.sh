@@ -7,8 +7,9 @@
 # Steps: setup (carried wheels in .whl/, the C++ extension built with the system g++,
 # environment record) - tests (the test files that run on CUDA; the CPU-only ones run in
 # CI) - dist-tests (the two-GPU test) - cell (bench_cell.py) - solvers (bench_solvers.py) -
-# inr (deq_inr.py) - host, update, iteration, solve, train, model, dropin, spectral
-# (python -m bench suites, one budget each) - seq-scaling (bench_model.py --scaling) -
+# inr (deq_inr.py) - model-fp32, model-bf16 (bench_model.py: time-parallel vs token loops)
+# - seq-scaling (bench_model.py --scaling) - train (bench_solve.py train phase) - host,
+# update, iteration, solve, dropin, spectral (python -m bench suites, one budget each) -
 # dist (bench_distributed.py). A failing step is reported and the next one runs; the
 # tail of each step's log is printed.
 set -uo pipefail
@@ -55,14 +56,19 @@ for spec in "$@"; do
                 --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py ;;
         dist-tests)
             run_step dist-tests "$limit" python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu or cuda" ;;
-        cell) run_step cell "$limit" python bench/bench_cell.py --out "$RES/cell" ;;
+        cell) run_step cell "$limit" python bench/bench_cell.py --rounds 5 --calls 30 --out "$RES/cell" ;;
         solvers) run_step solvers "$limit" python bench/bench_solvers.py --out "$RES/solvers.json" ;;
         inr) run_step inr "$limit" python bench/deq_inr.py --out "$RES/deq_inr.json" ;;
-        seq-scaling) run_step seq-scaling "$limit" python bench/bench_model.py --scaling --out "$RES/scaling" ;;
+        model-fp32|model-bf16)  # the reference model: time-parallel vs the token loops, 20 steps each
+            run_step "$name" "$limit" python bench/bench_model.py --dtype "${name#model-}" --steps 20 \
+                --budget-s "$(( (limit - 60) / 5 ))" --out "$RES/model" ;;
+        seq-scaling) run_step seq-scaling "$limit" python bench/bench_model.py --scaling --steps 3 --out "$RES/scaling" ;;
+        train) run_step train "$limit" python bench/bench_solve.py --phase train --dtype bf16 fp32 \
+                --sizes 256x512 8192x1024 --out "$RES/solve_train.json" ;;
         dist) run_step dist "$limit" python bench/bench_distributed.py --budget-s "$((limit - 30))" --out "$RES/dist" ;;
-        host|update|iteration|solve|train|model|dropin|spectral) suite "$name" "$limit" ;;
+        host|update|iteration|solve|dropin|spectral) suite "$name" "$limit" ;;
         *) echo "unknown step $name" ;;
     esac
 done
-tar czf "$RES.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+tar czf "$RES.tgz" -C "$(dirname "$RES")" "$(basename "$RES")" && rm -rf "$RES"
 echo "packed $RES.tgz"

@@ -83,7 +83,7 @@ def _join(rank: int, world: int, folder: str, backend: str = "gloo") -> torch.de
 
 def _wrap(model: nn.Module, how: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
@@ -93,6 +93,8 @@ def _wrap(model: nn.Module, how: str) -> nn.Module:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if how == "fsdp-nested":   # the DEQ layer its own unit: resharded after each of its calls
         fully_shard(model.deq, mesh=mesh)
+        # FSDP2 gathers a unit's parameters around its forward; other entry points are declared
+        register_fsdp_forward_method(model.deq, "forward_sequence")
     return fully_shard(model, mesh=mesh)
 
 
