@@ -83,7 +83,7 @@ class Problem:
 
     def step(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h_next, residual, _ = update_with_stats(F.linear(h, self.w), self.frozen, h, self.gain, eps=EPS,
-                                                damping=DAMPING, stop_mode="rel")
+                                                damping=DAMPING)
         return h_next, residual
 
     def solve_cell(self, **kw):
@@ -91,7 +91,7 @@ class Problem:
                                   **{"max_iter": MAX_ITER, **kw})
 
     def solve_fused(self, graph: bool, **kw):
-        adjoint = cell_adjoint(self.w, self.gain, self.frozen, damping=DAMPING, eps=EPS, stop_mode="rel")
+        adjoint = cell_adjoint(self.w, self.gain, self.frozen, damping=DAMPING, eps=EPS)
         return solve_fused(self.step, self.h0, adjoint=adjoint, tol=self.tol, graph=graph,
                            **{"max_iter": MAX_ITER, "on_nonconvergence": "ignore" if graph else "warn", **kw})
 

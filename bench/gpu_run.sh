@@ -51,9 +51,10 @@ for spec in "$@"; do
               echo "commit $DEQKERN_COMMIT"; date -u +%FT%TZ; } >"$RES/env.txt" 2>&1
             cat "$RES/env.txt" ;;
         tests)
-            TAIL=45 run_step tests "$limit" python -m pytest -q -p no:cacheprovider -n 16 --timeout 240 tests \
+            TAIL=8 run_step tests "$limit" python -m pytest -v -p no:cacheprovider -n 24 --timeout 150 -rf tests \
                 --ignore=tests/test_distributed.py --ignore=tests/test_checkpoint.py \
-                --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py ;;
+                --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py
+            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60 ;;
         dist-tests)
             run_step dist-tests "$limit" python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu or cuda" ;;
         cell) run_step cell "$limit" python bench/bench_cell.py --rounds 5 --calls 30 --out "$RES/cell" ;;
@@ -65,7 +66,7 @@ for spec in "$@"; do
         seq-scaling) run_step seq-scaling "$limit" python bench/bench_model.py --scaling --steps 3 --out "$RES/scaling" ;;
         train) run_step train "$limit" python bench/bench_solve.py --phase train --dtype bf16 fp32 \
                 --sizes 256x512 8192x1024 --out "$RES/solve_train.json" ;;
-        dist) run_step dist "$limit" python bench/bench_distributed.py --budget-s "$((limit - 30))" --out "$RES/dist" ;;
+        dist) run_step dist "$limit" python bench/bench_distributed.py --budget-s "$((limit - 20))" --sweep --out "$RES/dist" ;;
         host|update|iteration|solve|dropin|spectral) suite "$name" "$limit" ;;
         *) echo "unknown step $name" ;;
     esac

@@ -43,10 +43,12 @@ from deqkern.solver.report import Info, report
 
 __all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_D", "BACKEND"]
 
-#: Largest ``rows * d`` solved by the persistent kernel. Each of its programs streams all
-#: of W from L2 every iteration and at most one block of rows per SM runs at a time, so
-#: past some size the loop's full-GPU GEMM wins. Set from bench/bench_cell.py on the H200.
-PERSISTENT_MAX_ELEMENTS = 2**22
+#: Largest ``rows * d`` solved by the persistent kernel. Measured on the H200
+#: (bench/bench_cell.py, bf16, 5 iterations, wall per call): the one-launch solve beat the
+#: GEMM + update loop at every size run, 8192x1024 (1.07 against 2.25 ms) and 32768x512
+#: (1.20 against 2.89 ms) included; 2**25 (32768x1024) is the largest size it covers
+#: until a larger one is measured.
+PERSISTENT_MAX_ELEMENTS = 2**25
 #: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
 PERSISTENT_MAX_D = 2048
 #: What :func:`deqkern.last_backend` reports after the persistent kernel ran.
