@@ -26,8 +26,11 @@ INFO_KEYS = {"nstep", "residual", "converged", "abs_lowest", "rel_lowest", "max_
 
 @pytest.fixture(autouse=True)
 def _kernels(monkeypatch):
-    """The Triton kernels (interpreted on a CPU, where "auto" runs eager)."""
-    monkeypatch.setenv("DEQKERN_BACKEND", "triton")
+    """On a machine without CUDA, the Triton kernels through the interpreter ("auto"
+    never picks it). With CUDA, "auto": the kernels on CUDA tensors, eager on CPU ones
+    (forcing "triton" there would refuse the CPU tensors these tests use)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DEQKERN_BACKEND", "triton")
 
 def problem(lead, d, dtype, seed, broadcast=False, device="cpu"):
     """(weight, frozen, gain) requiring grad, h0, and a cotangent; rows of h0: ``lead``."""
