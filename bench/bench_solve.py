@@ -433,7 +433,7 @@ def main(argv=None) -> dict:
                "rows": rows, "targets": targets(rows), "skipped_time_budget": skipped}
 
     headers = ["dtype", "N×d", "phase", "variant", "check", "iters", "wall ms", "wall ms / iter",
-               *[f"wall × {column}" for column, _ in BASES["forward"]], "ms", "ms / iter", "peak MiB"]
+               *[f"wall × {column}" for column, _ in BASES["forward"]], "ms", "ms / iter", "peak MiB", "note"]
     table_rows = []
     for r in rows:
         speedups = [r.get(f"xw_{base}", "-") if base else "-" for _, base in BASES[r["phase"]]]
@@ -442,7 +442,9 @@ def main(argv=None) -> dict:
                            r["check"] + (" (not timed)" if "not timed" in r["note"] else ""),
                            r["iterations"] if r["iterations"] is not None else "-", r.get("wall_ms", "-"),
                            r.get("wall_ms_per_iter", "-"), *speedups, r.get("ms", "-"), r.get("ms_per_iter", "-"),
-                           "n/a" if "ms" in r and peak is None else peak or "-"])
+                           "n/a" if "ms" in r and peak is None else peak or "-",
+                           r["note"].replace("; checked, not timed (CPU)", "").replace("checked, not timed (CPU)", "")
+                           or "-"])
     table = "\n".join(f"> {note}" for note in notes) + ("\n\n" if notes else "")
     table += (f"damping={DAMPING}, ||W||₂={SIGMA}, stop_mode={STOP}, tol/max_iter: fp32 {TOL[torch.float32]:g}/"
               f"{MAX_ITER[torch.float32]}, bf16 {TOL[torch.bfloat16]:g}/{MAX_ITER[torch.bfloat16]}; "

@@ -202,7 +202,7 @@ def test_time_parallel_equals_token_loop_fused_float32(length, contexts, monkeyp
     monkeypatch.setenv("DEQKERN_BACKEND", "triton")
     _equivalence(torch.float32, length, contexts, tol=1e-6, h_atol=1e-4, grad_rtol=1e-4, warm_starts=(True,),
                  device=device)
-    assert deqkern.last_backend() == fused_backend_name
+    assert deqkern.last_backend() in (fused_backend_name, "triton-persistent")  # the kernels ran (loop: solve_cell)
 
 
 class _Retrieved(ContextProvider):

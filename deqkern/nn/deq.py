@@ -46,13 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqkern.functional import rmsnorm_adjoint_step, update_with_stats
+from deqkern.functional import update_with_stats
+from deqkern.nn.cell_adjoint import cell_adjoint
 from deqkern.nn.context import ContextProvider
-from deqkern.solver import solve_fused
-from deqkern.solver.config import ADJOINT_STOP_MODE, positive_float, positive_int, validate_options
+from deqkern.solver import solve_cell, solve_fused
+from deqkern.solver.config import positive_float, positive_int, validate_options
 from deqkern.spectral import SpectralNormSchedule
 
-__all__ = ["FrozenContextDEQ", "cell_adjoint"]
+__all__ = ["FrozenContextDEQ", "cell_adjoint"]  # cell_adjoint: re-exported from deqkern.nn.cell_adjoint
 
 State = tuple[Any, ...]
 
@@ -155,6 +156,7 @@ class FrozenContextDEQ(nn.Module):
         # Warm-started power-iteration vector for the sigma(W) in info["lipschitz_bound"].
         self.register_buffer("_sigma_v", torch.empty(d_model, device=device, dtype=torch.float32), persistent=False)
         self._rstd_seen: list[torch.Tensor] = []
+        self._sigma_seen: list = [None, None]  # (W's version, sigma(W)) of the last refresh
         self.reset_parameters()
 
     @torch.no_grad()
@@ -240,28 +242,29 @@ class FrozenContextDEQ(nn.Module):
         elif h0.dtype != frozen.dtype:
             raise TypeError(f"h0 must have dtype {frozen.dtype}; got {h0.dtype}")
 
-        graph = self.solver_options["graph"]
-        if graph:
-            self._stage_frozen(frozen)
-            step = self._graph_step
+        graph, opts = self.solver_options["graph"], self.solver_options
+        self._rstd_seen.clear()
+        if not graph and self.fused_backward and opts["backward"] != "unrolled":
+            # the one-launch solve (and adjoint) of deqkern.solve_cell; it also returns
+            # the row statistic at h* that the Lipschitz bound needs
+            h_star, info = solve_cell(
+                self.weight, frozen, self.gain, h0.detach(), damping=self.damping, eps=self.eps,
+                max_iter=opts["max_iter"], tol=opts["tol"], stop_mode=opts["stop_mode"], backward=opts["backward"],
+                b_max_iter=opts["b_max_iter"], b_tol=opts["b_tol"], on_nonconvergence=opts["on_nonconvergence"],
+                return_rstd=True)
+            rstd = dict.pop(info, "rstd")
         else:
-            step = self._step(frozen)
-        adjoint = None
-        if self.fused_backward:
-            # this call's frozen term: under graph=True the solver copies it into the
-            # adjoint graph's own static buffer when the backward replays
-            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps)
+            h_star, info = self._solve_loop(frozen, h0, graph)
+            # rstd at the returned iterate: the last cell application saw it (the recorded
+            # one at h*, or the loop's last step, whose frozen rows are evaluated at their
+            # committed iterate); a replayed graph without autograd recorded none.
+            if graph and not torch.is_grad_enabled() or not self._rstd_seen:
+                with torch.no_grad():
+                    self._cell(h_star.detach(), frozen.detach())
+            rstd = self._rstd_seen[0]
         self._rstd_seen.clear()
-        h_star, info = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
-        self._frozen_live.clear()  # the recorded application holds what backward needs
-        # rstd at the returned iterate: the last cell application saw it (the recorded
-        # one at h*, or the loop's last step, whose frozen rows are evaluated at their
-        # committed iterate); a replayed graph without autograd recorded none.
-        if graph and not torch.is_grad_enabled() or not self._rstd_seen:
-            with torch.no_grad():
-                self._cell(h_star.detach(), frozen.detach())
-        info["lipschitz_bound"] = self._lipschitz_bound(self._rstd_seen[0])
-        self._rstd_seen.clear()
+        # dict.__setitem__: the solve's info may compute its statistics on first use
+        dict.__setitem__(info, "lipschitz_bound", self._lipschitz_bound(rstd))
 
         new_state = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
@@ -272,8 +275,8 @@ class FrozenContextDEQ(nn.Module):
                 raise ValueError(f"contexts[{i}] ({type(provider).__name__}).update returned {got}; "
                                  f"expected the state's shape {tuple(ref.shape)}")
             new_state.append(new)
-        info["inj_rms"] = _rms(inj)
-        info["ctx_rms"] = tuple(ctx_rms)
+        dict.__setitem__(info, "inj_rms", _rms(inj))
+        dict.__setitem__(info, "ctx_rms", tuple(ctx_rms))
         return h_star, tuple(new_state), info
 
     def forward_sequence(
@@ -317,6 +320,23 @@ class FrozenContextDEQ(nn.Module):
                                          max_sweeps=max_sweeps, inner_iter=inner_iter, colors=colors, tol=tol,
                                          b_tol=b_tol)
 
+    def _solve_loop(self, frozen: torch.Tensor, h0: torch.Tensor, graph: bool) -> tuple[torch.Tensor, dict]:
+        """The GEMM + fused-update loop (:func:`deqkern.solve_fused`): for ``graph=True``,
+        the autograd adjoint (``fused_backward=False``) and ``backward="unrolled"``."""
+        if graph:
+            self._stage_frozen(frozen)
+            step = self._graph_step
+        else:
+            step = self._step(frozen)
+        adjoint = None
+        if self.fused_backward:
+            # this call's frozen term: under graph=True the solver copies it into the
+            # adjoint graph's own static buffer when the backward replays
+            adjoint = cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps)
+        out = solve_fused(step, h0.detach(), adjoint=adjoint, **self.solver_options)
+        self._frozen_live.clear()  # the recorded application holds what backward needs
+        return out
+
     def frozen_term(self, inj: torch.Tensor, ctxs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The loop's frozen term from the injection ``inj = self.inj(x)`` ``(..., S, d)``
         and the providers' contexts (each broadcastable to it): what the cell adds to
@@ -354,14 +374,18 @@ class FrozenContextDEQ(nn.Module):
     @torch.no_grad()
     def _lipschitz_bound(self, rstd: torch.Tensor) -> torch.Tensor:
         """``(1 - damping) + damping * ||gain||_inf * sigma(W) * max(rstd)``, () float32
-        on the device; one warm-started power-iteration step refreshes sigma(W)."""
-        ct = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.detach().to(ct)
-        v = self._sigma_v.to(device=w.device, dtype=ct)
-        v = torch.mv(w.t(), torch.mv(w, v))
-        v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
-        self._sigma_v.copy_(v)
-        sigma = torch.linalg.vector_norm(torch.mv(w, v))
+        on the device; one warm-started power-iteration step refreshes sigma(W) whenever W
+        changed (its version counter: an optimizer step), not at every call."""
+        version = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        if self._sigma_seen[0] != version:  # refreshed once per change of W (an optimizer step)
+            ct = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            w = self.weight.detach().to(ct)
+            v = self._sigma_v.to(device=w.device, dtype=ct)
+            v = torch.mv(w.t(), torch.mv(w, v))
+            v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
+            self._sigma_v.copy_(v)
+            self._sigma_seen[:] = [version, torch.linalg.vector_norm(torch.mv(w, v))]
+        sigma = self._sigma_seen[1]
         gain_max = self.gain.detach().abs().amax().float()
         return (1.0 - self.damping) + self.damping * gain_max * sigma * rstd.detach().float().amax()
 
@@ -373,63 +397,6 @@ class FrozenContextDEQ(nn.Module):
         )
         self._rstd_seen[:] = [rstd]
         return h_next, residual
-
-class cell_adjoint:  # noqa: N801  (used like a function: cell_adjoint(...) -> factory)
-    """The fused implicit-backward iteration of the cell
-    ``f(h) = (1 - damping) h + damping * gain * RMSNorm(h @ weight.T + frozen)``, as the
-    ``adjoint`` argument of :func:`deqkern.solve_fused` (called as ``(h*, v) -> adjoint_step``).
-
-    ``g <- v + J^T g`` with ``J^T g = (1 - damping) g + VJP_z(g) @ W``. The step carries
-    ``dz = VJP_z(g)`` from one call to the next, so each iteration is one GEMM
-    (``u = dz @ W``) plus one kernel (:func:`deqkern.functional.rmsnorm_adjoint_step`)
-    that forms ``g_next``, its residual and the next ``dz``. ``g`` is float32 (the solver
-    upcasts 16-bit gradients); ``z``, ``dz`` and the GEMM stay in the weight's dtype.
-    ``weight`` ``(d, d)``, ``gain`` ``(d,)``, ``frozen`` ``(..., d)`` as in the forward;
-    nothing here is differentiated (the parameter gradients come from the solver's
-    recorded application of the cell).
-
-    ``frozen`` changes from call to call (the weights are updated in place), so it is
-    declared in ``extra_inputs``: under ``graph=True`` the solver copies it into the
-    captured graph's static buffer at each replay and :meth:`rebind` s the adjoint to it.
-
-    The residual it reports is the relative one (``stop_mode="rel"``, what the solver's
-    adjoint solve tests, :data:`deqkern.solver.config.ADJOINT_STOP_MODE`).
-    """
-
-    def __init__(self, weight: torch.Tensor, gain: torch.Tensor, frozen: torch.Tensor, *, damping: float,
-                 eps: float):
-        self.weight, self.gain, self.frozen = weight.detach(), gain.detach(), frozen.detach()
-        self.damping, self.eps = damping, eps
-
-    @property
-    def extra_inputs(self) -> tuple[torch.Tensor, ...]:
-        return (self.frozen,)
-
-    def rebind(self, frozen: torch.Tensor) -> "cell_adjoint":
-        return cell_adjoint(self.weight, self.gain, frozen, damping=self.damping, eps=self.eps)
-
-    def __call__(self, h_star: torch.Tensor, v: torch.Tensor) -> Callable:
-        weight, gain, damping, stop_mode = self.weight, self.gain, self.damping, ADJOINT_STOP_MODE
-        d = weight.shape[-1]
-        with torch.no_grad():
-            z = (F.linear(h_star, weight).float() + self.frozen.float()).reshape(-1, d)
-            rstd = torch.rsqrt(z.pow(2).mean(-1) + self.eps)
-            z = z.to(weight.dtype)
-            v_rows = v.reshape(-1, d)
-            # dz of the starting iterate g = v: one kernel call from g_prev = 0.
-            _, dz, _ = rmsnorm_adjoint_step(None, torch.zeros_like(v_rows), v_rows, z, rstd, gain,
-                                            damping=damping, stop_mode=stop_mode)
-        carried = [dz]
-
-        def adjoint_step(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            u = carried[0] @ weight
-            g_next, carried[0], residual = rmsnorm_adjoint_step(
-                u, g.reshape(-1, d), v_rows, z, rstd, gain, damping=damping, stop_mode=stop_mode,
-            )
-            return g_next.view(g.shape), residual.view(g.shape[:-1])
-
-        return adjoint_step
-
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().pow(2).mean().sqrt()

@@ -136,10 +136,11 @@ def _on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _run_solve(weight, frozen, gain, h0, s: _Settings) -> persistent.Solved:
+def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) -> persistent.Solved:
     """The forward solve by the persistent kernel, or its eager twin where Triton cannot
-    run (``deqkern._backend``). Without ``rstd``: that costs one more GEMM pass."""
-    args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, False)
+    run (``deqkern._backend``). ``with_rstd``: also the rstd of h*'s z (one more GEMM
+    pass inside the same launch)."""
+    args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, with_rstd)
     if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
         _backend.record("eager")
         return persistent.solve_reference(*args)
@@ -259,9 +260,9 @@ _solve_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 # --------------------------------------------------------------------------- the two paths
-def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
+def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool, with_rstd: bool = False):
     """The persistent path: the kernel (through the custom op under tracing), info and the
-    policy, then the requested gradient."""
+    policy, then the requested gradient. ``with_rstd``: ``info["rstd"]`` too."""
     compiling = torch.compiler.is_compiling()
     if compiling:
         with torch.set_grad_enabled(needs_grad and s.backward == "ift"):
@@ -270,8 +271,10 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
         state, parts, info = RowState(*stats), None, {}
     else:
         with torch.no_grad():
-            h, state, _, parts = _run_solve(weight, frozen, gain, h0, s)
+            h, state, rstd, parts = _run_solve(weight, frozen, gain, h0, s, with_rstd)
         info = Info()
+        if rstd is not None:
+            dict.__setitem__(info, "rstd", rstd.view(h.shape[:-1]))
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
     check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
     if check is not None:
@@ -287,7 +290,7 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool):
 
 def _loop(weight, frozen, gain, h0, s: _Settings):
     """Today's GEMM + fused-update loop (:func:`deqkern.solve_fused`), with the layer's fused adjoint."""
-    from deqkern.nn.deq import cell_adjoint  # here: deqkern.nn imports deqkern.solver
+    from deqkern.nn.cell_adjoint import cell_adjoint  # here: deqkern.nn imports deqkern.solver
 
     def step(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h_next, residual, _ = update_with_stats(F.linear(h, weight), frozen, h, gain, eps=s.eps, damping=s.damping,
@@ -318,6 +321,7 @@ def solve_cell(
     b_max_iter: Optional[int] = None,
     b_tol: Optional[float] = None,
     on_nonconvergence: str = "warn",
+    return_rstd: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Solve ``h = (1 - damping) h + damping * gain * RMSNorm(h @ weight.T + frozen)`` per row.
 
@@ -333,6 +337,9 @@ def solve_cell(
             :func:`deqkern.solve`, except that the adjoint's stop test is always the
             relative residual (independent of the loss's scale), and ``"unrolled"``
             runs the loop path.
+        return_rstd: also ``info["rstd"]`` ``(...)`` float32, ``1 / sqrt(mean(z*^2) + eps)``
+            of ``z* = h* @ weight.T + frozen``, the row statistic a Lipschitz bound of the
+            cell needs (the persistent kernel forms it in the same launch).
 
     Returns:
         ``h_star`` ``(..., d)`` in h0's dtype (the autocast dtype under
@@ -362,7 +369,16 @@ def solve_cell(
         validate = _validate
     s = validate(*metas, *scalars)
     d = h0.shape[-1]
+    if not isinstance(return_rstd, bool):
+        raise TypeError(f"return_rstd must be a bool; got {type(return_rstd).__name__}")
     if s.backward == "unrolled" or not use_persistent(h0.numel() // d, d):
-        return _loop(weight, frozen, gain, h0, s)
-    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or frozen.requires_grad or gain.requires_grad)
-    return _persistent(weight, frozen, gain, h0, s, needs_grad)
+        h_star, info = _loop(weight, frozen, gain, h0, s)
+    else:
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or frozen.requires_grad or gain.requires_grad)
+        h_star, info = _persistent(weight, frozen, gain, h0, s, needs_grad,
+                                   return_rstd and not torch.compiler.is_compiling())
+    if return_rstd and not dict.__contains__(info, "rstd"):  # the loop path, or traced: one more GEMM
+        with torch.no_grad():
+            z = F.linear(h_star.detach(), weight.detach()).to(compute_dtype(h_star)) + frozen.detach()
+            dict.__setitem__(info, "rstd", torch.rsqrt(z.pow(2).mean(-1) + s.eps).float())
+    return h_star, info
