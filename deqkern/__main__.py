@@ -68,7 +68,7 @@ import torch
 from deqkern import _backend
 from deqkern.models import checkpoint, distributed
 from deqkern.models.charlm import PRESETS, CharLM, CharLMConfig
-from deqkern.models.generation import load_model, timed_generate
+from deqkern.models.generation import load_model, timed_generate, to_text
 from deqkern.models.train import DEFAULT_SAVE_EVERY, TrainResult, train
 
 BACKENDS = ("auto", "eager", "triton")
@@ -217,11 +217,6 @@ def check(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- generate
-#: Control characters other than tab and newline, shown as U+FFFD (a sampled escape
-#: sequence must not drive the terminal).
-_CONTROL = {code: "\ufffd" for code in (*range(9), *range(11, 32), 127)}
-
-
 def generate(args: argparse.Namespace) -> None:
     """The ``generate`` command (module docstring)."""
     torch.manual_seed(args.seed)
@@ -243,7 +238,7 @@ def generate(args: argparse.Namespace) -> None:
         tokens, stats, timing = timed_generate(model, prompt, args.tokens, temperature=args.temperature,
                                                generator=generator)
         ran = _backend.last_backend()
-    text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace").translate(_CONTROL)
+    text = to_text(tokens[0])
     rule = "-" * 60
     print(f"{rule} sequence 1 of {args.batch}\n{text}\n{rule}")
     mean_nstep, max_nstep, unconverged = (stats[k].item() for k in ("mean_nstep", "max_nstep", "unconverged"))

@@ -14,11 +14,14 @@ import torch
 from deqkern.models import checkpoint
 from deqkern.models.charlm import CharLM, CharLMConfig
 
-__all__ = ["GENERATE_WARMUP", "load_model", "timed_generate"]
+__all__ = ["GENERATE_WARMUP", "load_model", "timed_generate", "to_text"]
 
 #: Tokens left out of the latency median (the first carry one-time costs: allocations,
 #: kernel compilation, CUDA-graph capture).
 GENERATE_WARMUP = 3
+#: Control characters other than tab and newline, shown as U+FFFD by :func:`to_text` (a
+#: sampled escape sequence must not drive the terminal).
+_CONTROL = {code: "\ufffd" for code in (*range(9), *range(11, 32), 127)}
 
 
 def load_model(path: "str | os.PathLike", device: torch.device, graph: bool = False) -> tuple[CharLM, int]:
@@ -64,3 +67,10 @@ def timed_generate(model: CharLM, prompt: torch.Tensor, n_tokens: int, *, temper
     timing = {"latency_ms": 1e3 * statistics.median(durations[skipped:]), "seconds": seconds,
               "tokens_per_s": prompt.shape[0] * n_tokens / seconds, "steps": len(durations), "warmup": skipped}
     return tokens, stats, timing
+
+
+def to_text(tokens: torch.Tensor) -> str:
+    """Printable text of a byte sequence ``tokens`` int64 ``(n,)``: UTF-8 with invalid
+    bytes as U+FFFD (``errors="replace"``), and control characters other than tab and
+    newline as U+FFFD too."""
+    return bytes(tokens.tolist()).decode("utf-8", errors="replace").translate(_CONTROL)
