@@ -75,11 +75,11 @@ def test_generation_matches_the_time_parallel_forward(monkeypatch):
     assert (stats["logits"] - reference).abs().max() <= 1e-3 * reference.abs().max()
 
 
-def test_generation_on_the_fused_kernels(fused, monkeypatch):
+def test_generation_on_the_fused_kernels(fused, monkeypatch, device):
     """float32 on the Triton kernels (interpreted on a CPU): the token loop's logits, and
     eager's within float32 rounding carried through the solves."""
-    model = _model(torch.float32, token_loop=True)
-    prompt = _prompt(2, 3)
+    model = _model(torch.float32, token_loop=True).to(device)
+    prompt = _prompt(2, 3).to(device)
     tokens, stats = model.generate(prompt, 3, temperature=0)
     assert deqkern.last_backend() == fused
     with torch.no_grad():
