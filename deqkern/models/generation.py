@@ -42,8 +42,10 @@ def load_model(path: "str | os.PathLike", device: torch.device, graph: bool = Fa
     return model, int(payload["step"])
 
 
-def timed_generate(model: CharLM, prompt: torch.Tensor, n_tokens: int, *, temperature: float,
-                   generator: Optional[torch.Generator], warmup: int = GENERATE_WARMUP) -> tuple[torch.Tensor, dict, dict]:
+def timed_generate(
+    model: CharLM, prompt: torch.Tensor, n_tokens: int, *, temperature: float, generator: Optional[torch.Generator],
+    warmup: int = GENERATE_WARMUP,
+) -> tuple[torch.Tensor, dict, dict]:
     """:meth:`CharLM.generate` with the device synchronized after every token (so each
     token's time is its true latency). Returns its tokens and stats, and ``timing``:
     ``latency_ms`` (median over the steps after the first ``warmup``; all steps if there
