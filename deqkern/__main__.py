@@ -1,9 +1,11 @@
-"""``python -m deqkern``: train the reference model, or check the fused update.
+"""``python -m deqkern``: train the reference model, sample from it, or check the fused update.
 
     python -m deqkern [--config tiny|small|gpu] [--steps N] [--backend auto|eager|triton] [--graph] [--token-loop]
                       [--device cpu|cuda] [--seed S] [--compare] [--batch B]
                       [--save PATH [--save-every N]] [--resume PATH] [--metrics PATH]
     torchrun --nproc_per_node=N -m deqkern [same options] [--fsdp]
+    python -m deqkern generate [--resume PATH | --config tiny|small|gpu] [--prompt TEXT] [--tokens N] [--batch B]
+                               [--temperature T] [--seed S] [--device cpu|cuda] [--backend ...] [--graph]
     python -m deqkern check [--device cpu|cuda]
 
 ``train`` (the default) trains :class:`deqkern.models.CharLM` (a byte-level LM on Python
@@ -27,6 +29,18 @@ global batch (``--batch``, default the preset's) is split across ranks, rank 0 p
 the global batch's figures and writes checkpoints and metrics. DDP, or FSDP2 with
 ``--fsdp``.
 
+``generate`` samples ``--tokens`` bytes after ``--prompt`` (:meth:`CharLM.generate`: one
+solve of the DEQ layer per token, warm-started from the previous token's fixed point;
+``--temperature 0`` is greedy) from the model of a training checkpoint (``--resume
+PATH``: its configuration, parameters and dtype; the optimizer is not read) or, without
+one, from a fresh model built from ``--config`` and ``--seed`` (untrained: it prints
+noise, and says so). ``--batch`` sequences share the prompt; the first is printed
+(bytes decoded as UTF-8 with replacement characters, control characters other than
+newline and tab shown as replacement characters too), then the per-token latency
+(median after :data:`~deqkern.models.generation.GENERATE_WARMUP` tokens, the device
+synchronized after every token) and tokens/s (``batch * tokens`` over the seconds of the
+sampling steps). ``--seed`` also seeds the sampling.
+
 ``check`` compares :func:`deqkern.frozen_rmsnorm_update` with a float64 reference on
 each backend that can run here, and times it.
 
@@ -42,6 +56,7 @@ import argparse
 import dataclasses
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,11 +66,16 @@ from typing import Callable, Iterator
 import torch
 
 from deqkern import _backend
-from deqkern.models import distributed
-from deqkern.models.charlm import PRESETS, CharLMConfig
+from deqkern.models import checkpoint, distributed
+from deqkern.models.charlm import PRESETS, CharLM, CharLMConfig
+from deqkern.models.generation import load_model, timed_generate, to_text
 from deqkern.models.train import DEFAULT_SAVE_EVERY, TrainResult, train
 
 BACKENDS = ("auto", "eager", "triton")
+GENERATE_DEFAULTS = {"prompt": "def ", "tokens": 200, "temperature": 0.8}
+#: Training options that ``generate`` refuses (name, the value meaning "not given").
+TRAIN_ONLY = (("steps", None), ("log_every", None), ("token_loop", False), ("compare", False), ("save", None),
+              ("save_every", DEFAULT_SAVE_EVERY), ("metrics", None), ("fsdp", False))
 
 
 @contextlib.contextmanager
@@ -196,11 +216,44 @@ def check(device: torch.device) -> None:
                       f"residual {res_err:.2e}, {timing}")
 
 
+# --------------------------------------------------------------------------- generate
+def generate(args: argparse.Namespace) -> None:
+    """The ``generate`` command (module docstring)."""
+    torch.manual_seed(args.seed)
+    if args.resume:
+        model, step = load_model(args.resume, args.device, graph=args.graph)
+        origin = f"checkpoint {args.resume} (step {step})"
+    else:
+        cfg = dataclasses.replace(PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")](),
+                                  graph=args.graph)
+        model = CharLM(cfg).to(args.device)  # initialized as training's step 0 with this seed
+        origin = f"a fresh model from seed {args.seed} (untrained: it prints noise; --resume PATH loads a trained one)"
+    prompt_bytes = args.prompt.encode("utf-8")
+    prompt = torch.tensor(list(prompt_bytes), device=args.device).repeat(args.batch, 1)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    print(f"deqkern generate on {args.device}: {origin}\n  model: {model.cfg}\n"
+          f"  prompt {args.prompt!r} ({len(prompt_bytes)} bytes), {args.tokens} tokens, batch {args.batch}, "
+          f"temperature {args.temperature:g}, seed {args.seed}")
+    with forced_backend(args.backend):
+        tokens, stats, timing = timed_generate(model, prompt, args.tokens, temperature=args.temperature,
+                                               generator=generator)
+        ran = _backend.last_backend()
+    text = to_text(tokens[0])
+    rule = "-" * 60
+    print(f"{rule} sequence 1 of {args.batch}\n{text}\n{rule}")
+    mean_nstep, max_nstep, unconverged = (stats[k].item() for k in ("mean_nstep", "max_nstep", "unconverged"))
+    print(f"{args.tokens} tokens x batch {args.batch} in {timing['seconds']:.3f} s: "
+          f"{timing['tokens_per_s']:,.1f} tokens/s | latency per token: median {timing['latency_ms']:.3f} ms "
+          f"({timing['steps'] - timing['warmup']} of {timing['steps']} steps, after {timing['warmup']} warm-up; "
+          f"device synchronized every token) | backend {args.backend} (ran: {ran}) | Picard iterations per row: "
+          f"mean {mean_nstep:.2f}, max {max_nstep:.0f} | rows that missed tol: {unconverged:.0f}")
+
+
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m deqkern", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", nargs="?", default="train", choices=("train", "check"))
+    ap.add_argument("command", nargs="?", default="train", choices=("train", "check", "generate"))
     ap.add_argument("--config", choices=sorted(PRESETS), default=None,
                     help="model preset (default: gpu on CUDA, small on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
@@ -225,8 +278,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="continue from the checkpoint at PATH (same config), up to --steps steps in all")
     ap.add_argument("--metrics", default=None, metavar="PATH", help="write the logs and every step's loss as JSON")
     ap.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    ap.add_argument("--prompt", default=None, metavar="TEXT",
+                    help=f"generate: the text to continue (default {GENERATE_DEFAULTS['prompt']!r})")
+    ap.add_argument("--tokens", type=int, default=None, metavar="N",
+                    help=f"generate: bytes to sample (default {GENERATE_DEFAULTS['tokens']})")
+    ap.add_argument("--temperature", type=float, default=None, metavar="T",
+                    help=f"generate: sampling temperature >= 0, 0 greedy (default {GENERATE_DEFAULTS['temperature']})")
     args = ap.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.command == "generate":
+        _check_generate_args(ap, args)
+    else:
+        given = [f"--{name}" for name in GENERATE_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            ap.error(f"{', '.join(given)}: options of the generate command (python -m deqkern generate ...)")
     for name in ("batch", "save_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -240,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--steps must be >= 1; got {args.steps}")
     if args.log_every is not None and args.log_every < 1:
         ap.error(f"--log-every must be >= 1; got {args.log_every}")
-    if args.command == "train" and (args.backend == "triton" or args.compare) and not fused_available(args.device):
+    if args.command != "check" and (args.backend == "triton" or args.compare) and not fused_available(args.device):
         what = "--compare" if args.compare else "--backend triton"
         ap.error(f"{what} needs the Triton kernels, which cannot run on {args.device} here "
                  "(use a CUDA device, or TRITON_INTERPRET=1 on the CPU)")
@@ -249,12 +314,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _check_generate_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``generate``'s options: its own filled with their defaults and checked; training's refused."""
+    given = [f"--{name.replace('_', '-')}" for name, unset in TRAIN_ONLY if getattr(args, name) != unset]
+    if given:
+        ap.error(f"generate does not train: {', '.join(given)} are training options")
+    if distributed.launched():
+        ap.error("generate runs in one process: python -m deqkern generate ..., not under torchrun")
+    if args.resume and args.config:
+        ap.error("--config builds a fresh model; with --resume the checkpoint's configuration is used")
+    for name, default in GENERATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.batch = 1 if args.batch is None else args.batch
+    if not args.prompt:
+        ap.error("--prompt must be a non-empty text (the model has no start token)")
+    if args.tokens < 1:
+        ap.error(f"--tokens must be >= 1; got {args.tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        ap.error(f"--temperature must be a finite number >= 0 (0: greedy); got {args.temperature}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device.type == "cpu":
         torch.set_num_threads(1)
     if args.command == "check":
         check(args.device)
+        return 0
+    if args.command == "generate":
+        try:
+            generate(args)
+        except (FileNotFoundError, checkpoint.CheckpointError) as err:
+            raise SystemExit(f"python -m deqkern generate: {err}") from err
         return 0
     cfg = PRESETS[args.config or ("gpu" if args.device.type == "cuda" else "small")]()
     if args.graph or args.token_loop:
