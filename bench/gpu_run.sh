@@ -8,7 +8,7 @@
 # environment record) - tests (the test files that run on CUDA; the CPU-only ones run in
 # CI) - dist-tests (the two-GPU test) - cell (bench_cell.py) - solvers (bench_solvers.py) -
 # inr (deq_inr.py) - model-fp32, model-bf16 (bench_model.py: time-parallel vs token loops)
-# - seq-scaling (bench_model.py --scaling) - train (bench_solve.py train phase) - host,
+# - generate (bench_generate.py) - seq-scaling (bench_model.py --scaling) - train (bench_solve.py train phase) - host,
 # update, iteration, solve, dropin, spectral (python -m bench suites, one budget each) -
 # dist (bench_distributed.py). A failing step is reported and the next one runs; the
 # tail of each step's log is printed.
@@ -63,6 +63,7 @@ for spec in "$@"; do
         model-fp32|model-bf16)  # the reference model: time-parallel vs the token loops, 20 steps each
             run_step "$name" "$limit" python bench/bench_model.py --dtype "${name#model-}" --steps 20 \
                 --budget-s "$(( (limit - 60) / 5 ))" --out "$RES/model" ;;
+        generate) run_step generate "$limit" python bench/bench_generate.py --out "$RES/generate" ;;
         seq-scaling) run_step seq-scaling "$limit" python bench/bench_model.py --scaling --steps 3 --out "$RES/scaling" ;;
         train) run_step train "$limit" python bench/bench_solve.py --phase train --dtype bf16 fp32 \
                 --sizes 256x512 8192x1024 --out "$RES/solve_train.json" ;;
