@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -159,25 +157,6 @@ def captured(fn: Callable[[], object]) -> Callable[[], object]:
     return replay
 
 
-def wall_ms(fn: Callable[[], object], device: torch.device, calls: int, rounds: int) -> float:
-    """Median over rounds of (wall time of ``calls`` back-to-back calls) / calls."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    sync()
-    samples = []
-    for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3 / calls)
-    return statistics.median(samples)
-
-
 class Persistent:
     """Within the block, solve_cell takes the persistent kernel whatever the size."""
 
@@ -212,7 +191,7 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     def record(phase: str, variant: str, status: str, fn: Optional[Callable], iterations=None, note: str = ""):
         row = {**base, "phase": phase, "variant": variant, "check": status, "iterations": iterations, "note": note}
         if status == "ok" and fn is not None and (on_gpu or variant in CPU_TIMED):
-            row["ms"] = wall_ms(fn, device, calls, rounds)
+            row["ms"] = common.wall_ms(fn, device, calls=calls, rounds=rounds)
         elif status == "ok":
             row["note"] = (note + "; " if note else "") + "checked, not timed (CPU)"
         rows.append(row)
