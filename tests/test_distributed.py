@@ -71,6 +71,15 @@ def run_ranks(worker, folder: Path, *args, world: int = WORLD, timeout: float = 
             pytest.fail(f"{worker.__name__} did not finish within {timeout:.0f} s (deadlock?)")
 
 
+def _leave() -> None:
+    """End a worker: every rank done, the group destroyed, then exit without running
+    interpreter teardown (gloo's threads at exit aborted a rank now and then on a loaded
+    CPU: "terminate called without an active exception", after all results were saved)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def _join(rank: int, world: int, folder: str, backend: str = "gloo") -> torch.device:
     torch.set_num_threads(1)
     os.environ["DEQKERN_BACKEND"] = "eager" if backend == "gloo" else "auto"
@@ -186,7 +195,7 @@ def _parity_worker(rank: int, world: int, folder: str, backend: str, cases: list
         dist.barrier()
     if rank == 0:
         torch.save(results, Path(folder) / f"parity-{backend}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def _schedule_worker(rank: int, world: int, folder: str, steps: int) -> None:
@@ -219,7 +228,7 @@ def _schedule_worker(rank: int, world: int, folder: str, steps: int) -> None:
         out[wrap] = gathered
     if rank == 0:
         torch.save(out, Path(folder) / "schedule.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def _train_worker(rank: int, world: int, folder: str) -> None:
@@ -236,7 +245,7 @@ def _train_worker(rank: int, world: int, folder: str) -> None:
         out[name + "-resumed"] = train(TINY, steps=4, seed=0, log_every=2, fsdp=fsdp, resume=path).losses
     if rank == 0:
         torch.save(out, Path(folder) / "train.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 # --------------------------------------------------------------------------- layer parity
@@ -351,7 +360,10 @@ def test_training_on_two_ranks(tmp_path, monkeypatch):
                           [theirs["hist_inj_ratio"], theirs["contraction"]], rel=1e-2), (ours, theirs)
             assert (ours["max_nstep"], ours["unconverged"], ours["tokens"]) == \
                 (theirs["max_nstep"], theirs["unconverged"], theirs["tokens"])
-        assert out[wrap + "-saved"] + out[wrap + "-resumed"] == out[wrap], wrap
+        if wrap == "ddp":
+            assert out[wrap + "-saved"] + out[wrap + "-resumed"] == out[wrap], wrap  # bit for bit
+        else:  # FSDP2's reduce-scatter on gloo sums in varying order: equal to float rounding
+            assert _close(out[wrap + "-saved"] + out[wrap + "-resumed"], out[wrap], rel=1e-6), wrap
         assert on_one[wrap].start_step == 2
         assert _close(on_one[wrap].losses, out[wrap + "-resumed"]), (wrap, on_one[wrap].losses)
 
