@@ -11,9 +11,34 @@ import torch
 
 from deqkern.ops.launch import STOP_MODES
 
-__all__ = ["FLOAT_DTYPES", "check_tensor", "check_eps", "validate_update", "validate_norm", "raise_non_finite"]
+__all__ = ["FLOAT_DTYPES", "check_tensor", "positive_float", "positive_int", "one_of", "check_damping",
+           "validate_update", "validate_norm", "raise_non_finite"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def positive_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
+def one_of(name: str, value: object, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def check_damping(damping: object) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
+    return float(damping)
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
@@ -46,11 +71,9 @@ def validate_update(
         )
     if gain.shape != (d,):
         raise ValueError(f"gain must have shape ({d},) (the feature width of signal); got {tuple(gain.shape)}")
-    check_eps(eps)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of 'abs', 'rel', 'max'; got {stop_mode!r}")
+    positive_float("eps", eps)
+    check_damping(damping)
+    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
 
 
 def raise_non_finite(residual: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
@@ -76,10 +99,6 @@ def validate_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional
         check_tensor("weight", weight)
         if weight.shape != (d,) or weight.device != x.device:
             raise ValueError(f"weight must have shape ({d},) on {x.device}; got {tuple(weight.shape)} on {weight.device}")
-    check_eps(eps)
+    positive_float("eps", eps)
     return eps
 
-
-def check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite float > 0; got {eps!r}")

@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from deqkern._validation import positive_int
+
 __all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "DecayScan", "decay_scan"]
 
 
@@ -88,7 +90,7 @@ class MambaMemory(ContextProvider):
 
     def __init__(self, d_model: int, *, init_decay: float = 0.9, init_gate: float = 0.5):
         super().__init__()
-        _check_width(d_model)
+        positive_int("d_model", d_model)
         if not 0.0 < init_decay < 1.0:
             raise ValueError(f"init_decay must be in (0, 1); got {init_decay!r}")
         if not 0.0 < init_gate < 1.0:
@@ -161,7 +163,7 @@ class SlotAttentionContext(ContextProvider):
 
     def __init__(self, d_model: int, *, n_heads: int = 1):
         super().__init__()
-        _check_width(d_model)
+        positive_int("d_model", d_model)
         if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"n_heads must be >= 1 and divide d_model={d_model}; got {n_heads!r}")
         self.d_model, self.n_heads = d_model, n_heads
@@ -285,11 +287,6 @@ def _decay_matrix(index: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
 
 def _scan_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _check_width(d_model: object) -> None:
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"d_model must be an int >= 1; got {d_model!r}")
 
 
 def _check_last_dim(name: str, t: torch.Tensor, d: int, ndim: int) -> None:

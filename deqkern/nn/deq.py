@@ -50,7 +50,8 @@ from deqkern.functional import update_with_stats
 from deqkern.nn.cell_adjoint import cell_adjoint
 from deqkern.nn.context import ContextProvider
 from deqkern.solver import solve_cell, solve_fused
-from deqkern.solver.config import positive_float, positive_int, validate_options
+from deqkern._validation import check_damping, positive_float, positive_int
+from deqkern.solver.config import validate_options
 from deqkern.spectral import SpectralNormSchedule
 
 __all__ = ["FrozenContextDEQ", "cell_adjoint"]  # cell_adjoint: re-exported from deqkern.nn.cell_adjoint
@@ -119,8 +120,7 @@ class FrozenContextDEQ(nn.Module):
         d_input = d_model if d_input is None else d_input
         for name, value in (("d_model", d_model), ("d_input", d_input)):
             positive_int(name, value)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-            raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
+        check_damping(damping)
         positive_float("spectral_target", spectral_target)
         positive_float("eps", eps)
         positive_float("injection_scale", injection_scale)

@@ -53,6 +53,7 @@ from typing import Optional
 
 import torch
 
+from deqkern._validation import positive_float, positive_int
 from deqkern.ops.residual import row_residual
 from deqkern.solver.adjoint import Equilibrium
 from deqkern.solver.loop import Check, enforce, raise_if_nonfinite
@@ -291,24 +292,15 @@ def forward_sequence(layer, x: torch.Tensor, state, *, time_parallel: bool, warm
     if opts["backward"] == "unrolled" and torch.is_grad_enabled():
         raise ValueError("backward='unrolled' differentiates through every iteration of a token's solve; "
                          "use time_parallel=False for it ('ift' and 'onestep' run time-parallel)")
-    inner_iter = _positive_int("inner_iter", DEFAULT_INNER_ITER if inner_iter is None else inner_iter)
-    colors = _positive_int("colors", DEFAULT_COLORS if colors is None else colors)
-    max_sweeps = _positive_int("max_sweeps", default_max_sweeps(length, opts["max_iter"], inner_iter)
+    inner_iter = positive_int("inner_iter", DEFAULT_INNER_ITER if inner_iter is None else inner_iter)
+    colors = positive_int("colors", DEFAULT_COLORS if colors is None else colors)
+    max_sweeps = positive_int("max_sweeps", default_max_sweeps(length, opts["max_iter"], inner_iter)
                                if max_sweeps is None else max_sweeps)
     tol = opts["tol"] if tol is None else tol
     b_tol = tol if b_tol is None else b_tol
-    for name, value in (("tol", tol), ("b_tol", b_tol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
-    sweep = SweepOptions(max_sweeps, inner_iter, colors, float(tol), float(b_tol), opts["stop_mode"],
-                         opts["on_nonconvergence"], opts["backward"])
+    sweep = SweepOptions(max_sweeps, inner_iter, colors, positive_float("tol", tol), positive_float("b_tol", b_tol),
+                         opts["stop_mode"], opts["on_nonconvergence"], opts["backward"])
     return solve_sequence(layer, x, tuple(state), sweep)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
 
 
 @torch.compiler.disable(reason="FrozenContextDEQ.forward_sequence: each sweep's stopping test syncs with the host")

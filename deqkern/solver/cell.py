@@ -34,10 +34,11 @@ from deqkern import _backend
 from deqkern.functional import update_with_stats
 from deqkern.ops import persistent, persistent_adjoint
 from deqkern.ops.commit import RowState
-from deqkern.ops.launch import STOP_MODES, compute_dtype
+from deqkern.ops.launch import compute_dtype
 from deqkern.solver.adjoint import Equilibrium
 from deqkern.solver.api import solve_fused
-from deqkern.solver.config import BACKWARD_MODES, FLOAT_DTYPES, POLICIES, one_of, positive_float, positive_int
+from deqkern._validation import check_damping, check_tensor, positive_float
+from deqkern.solver.config import validate_options
 from deqkern.solver.loop import enforce
 from deqkern.solver.report import Info, report
 
@@ -93,14 +94,10 @@ def _validate(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta:
     if weight_meta[1] != dtype:
         raise TypeError(f"weight must have h0's dtype {dtype} (the storage dtype of the solve); got {weight_meta[1]}")
     positive_float("eps", eps)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be a float in (0, 1]; got {damping!r}")
-    max_iter, tol = positive_int("max_iter", max_iter), positive_float("tol", tol)
-    one_of("stop_mode", stop_mode, tuple(STOP_MODES))
-    one_of("backward", backward, BACKWARD_MODES)
-    one_of("on_nonconvergence", on_nonconvergence, POLICIES)
-    b_max_iter = max_iter if b_max_iter is None else positive_int("b_max_iter", b_max_iter)
-    b_tol = tol if b_tol is None else positive_float("b_tol", b_tol)
+    check_damping(damping)
+    max_iter, tol, b_max_iter, b_tol, _ = validate_options(
+        max_iter=max_iter, tol=tol, stop_mode=stop_mode, backward=backward, b_max_iter=b_max_iter, b_tol=b_tol,
+        check_every=None, on_nonconvergence=on_nonconvergence)
     return _Settings(float(eps), float(damping), max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
                      on_nonconvergence)
 
@@ -109,10 +106,7 @@ _validate_cached = functools.lru_cache(maxsize=256)(_validate)
 
 
 def _meta(name: str, t: object) -> tuple:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    check_tensor(name, t)
     return tuple(t.shape), t.dtype, t.device
 
 

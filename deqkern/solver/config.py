@@ -3,12 +3,12 @@ a step returns, and the autocast policy of the iterate."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from deqkern._validation import FLOAT_DTYPES, check_tensor, one_of, positive_float, positive_int
 from deqkern.ops.launch import STOP_MODES
 
 __all__ = ["ADJOINT_STOP_MODE", "Config", "Method", "PICARD", "validate", "validate_options", "positive_int",
@@ -32,7 +32,6 @@ BACKWARD_MODES = ("ift", "onestep", "unrolled")
 #: adjoint before it starts; the relative one takes the same steps at any loss scale.
 ADJOINT_STOP_MODE = "rel"
 POLICIES = ("warn", "raise", "ignore")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: ``step(h) -> (h_next, residual_or_None)``; residual: float32, shape ``h.shape[:-1]``.
 Step = Callable[[torch.Tensor], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
@@ -70,28 +69,6 @@ class Config:
     b_method: Method = PICARD
     return_iterate: str = "last"
     trace: bool = False
-
-
-def is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite float > 0; got {value!r}")
-    return float(value)
-
-
-def positive_int(name: str, value: object) -> int:
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return int(value)
-
-
-def one_of(name: str, value: object, allowed: tuple) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
 
 
 def validate_options(*, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, check_every,
@@ -142,10 +119,7 @@ def validate(
     """All argument checks, metadata only (no sync)."""
     if not callable(fn):
         raise TypeError(f"{fn_name} must be callable; got {type(fn).__name__}")
-    if not isinstance(h0, torch.Tensor):
-        raise TypeError(f"h0 must be a torch.Tensor; got {type(h0).__name__}")
-    if h0.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"h0 must be float16, bfloat16, float32 or float64; got {h0.dtype}")
+    check_tensor("h0", h0)
     if h0.dim() < 1 or h0.shape[-1] < 1:
         raise ValueError(f"h0 must have shape (..., d) with d >= 1; got {tuple(h0.shape)}")
     max_iter, tol, b_max_iter, b_tol, check_every = validate_options(
