@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from deqkern.ops.launch import STOP_MODES
+from deqkern.ops.launch import STOP_MODES, compute_dtype
 
 __all__ = ["FLOAT_DTYPES", "check_tensor", "positive_float", "positive_int", "one_of", "check_damping",
            "validate_update", "validate_norm", "raise_non_finite"]
@@ -94,7 +94,7 @@ def validate_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional
         raise ValueError(f"x must have shape (..., d) with d >= 1; got {tuple(x.shape)}")
     d = x.shape[-1]
     if eps is None:
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(compute_dtype(x)).eps
     if weight is not None:
         check_tensor("weight", weight)
         if weight.shape != (d,) or weight.device != x.device:

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from deqkern.nn import FrozenContextDEQ, MambaMemory, SlotAttentionContext
+from deqkern.ops.launch import compute_dtype
 
 __all__ = ["CharLMConfig", "CharLM", "PRESETS", "STDLIB_MODULES", "corpus", "batches", "Batches"]
 
@@ -342,6 +343,6 @@ def _sample(logits: torch.Tensor, temperature: float, generator: Optional[torch.
     argmax, never ``inf / inf``."""
     if temperature == 0:
         return logits.argmax(-1)
-    scaled = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    scaled = logits.to(compute_dtype(logits))
     probs = ((scaled - scaled.amax(-1, keepdim=True)) / temperature).softmax(-1)
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from deqkern._validation import positive_int
+from deqkern.ops.launch import compute_dtype
 
 __all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "DecayScan", "decay_scan"]
 
@@ -146,7 +147,7 @@ class MambaMemory(ContextProvider):
         """``M_T = a^T M_0 + sum_t a^(T-t) u_t``: one weighted sum, no scan."""
         inputs = self._inputs(h, state)
         length = h.shape[1]
-        log_decay = nn.functional.logsigmoid(self.decay_logit).to(_scan_dtype(inputs))
+        log_decay = nn.functional.logsigmoid(self.decay_logit).to(compute_dtype(inputs))
         lags = torch.arange(length - 1, -1, -1, device=h.device, dtype=log_decay.dtype)
         weights = torch.exp(lags[:, None] * log_decay)                           # (T, d), <= 1
         memory = torch.exp(length * log_decay) * state + torch.einsum("td,btd->bd", weights, inputs.to(log_decay.dtype))
@@ -236,7 +237,7 @@ class DecayScan:
     """
 
     def __init__(self, log_decay: torch.Tensor, length: int):
-        dtype = _scan_dtype(log_decay)
+        dtype = compute_dtype(log_decay)
         log_decay = log_decay.to(dtype)
         self.length = length
         self.chunk = math.isqrt(max(length, 1) - 1) + 1
@@ -283,10 +284,6 @@ def _decay_matrix(index: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     lag = index[:, None] - index[None, :]
     factors = torch.exp(lag.clamp_min(0)[None] * log_decay[:, None, None])
     return torch.where(lag >= 0, factors, torch.zeros_like(factors))
-
-
-def _scan_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_last_dim(name: str, t: torch.Tensor, d: int, ndim: int) -> None:

@@ -49,6 +49,7 @@ from torch import nn
 from deqkern.functional import update_with_stats
 from deqkern.nn.cell_adjoint import cell_adjoint
 from deqkern.nn.context import ContextProvider
+from deqkern.ops.launch import compute_dtype
 from deqkern.solver import solve_cell, solve_fused
 from deqkern._validation import check_damping, positive_float, positive_int
 from deqkern.solver.config import validate_options
@@ -347,7 +348,7 @@ class FrozenContextDEQ(nn.Module):
         if not self.injection_norm:
             return frozen
         # float32 arithmetic for 16-bit storage, as the update kernel does
-        u = frozen.to(torch.float64 if frozen.dtype == torch.float64 else torch.float32)
+        u = frozen.to(compute_dtype(frozen))
         return (u * (self.injection_scale * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + self.eps))).to(frozen.dtype)
 
     def _stage_frozen(self, frozen: torch.Tensor) -> None:
@@ -378,7 +379,7 @@ class FrozenContextDEQ(nn.Module):
         changed (its version counter: an optimizer step), not at every call."""
         version = (self.weight._version, self.weight.data_ptr(), self.weight.device)
         if self._sigma_seen[0] != version:  # refreshed once per change of W (an optimizer step)
-            ct = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            ct = compute_dtype(self.weight)
             w = self.weight.detach().to(ct)
             v = self._sigma_v.to(device=w.device, dtype=ct)
             v = torch.mv(w.t(), torch.mv(w, v))
