@@ -203,8 +203,9 @@ class FrozenContextDEQ(nn.Module):
             context, float32; ``lipschitz_bound`` () float32: the largest, over rows, of
             ``(1 - damping) + damping * ||gain||_inf * sigma(W) * rstd`` at the
             returned iterate (module docstring; < 1 certifies that the cell contracts
-            there), with ``sigma(W)`` from a warm-started power iteration (one step per
-            call, on the device) and ``rstd`` the fused kernel's own row statistic.
+            there), with ``sigma(W)`` from a warm-started power iteration (one step
+            each time W changes, on the device) and ``rstd`` the kernel's own row
+            statistic at ``h*`` (``solve_cell(return_rstd=True)``, same launch).
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
