@@ -29,6 +29,16 @@ from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
 
 @triton.jit
+def rmsnorm_vjp_tl(dyg, n, rstd, d):
+    """RMSNorm's vector-Jacobian product at ``n = z * rstd`` for the cotangent already
+    scaled by the gain (``dyg = dy * gain``), float32 tiles: ``rstd * (dyg - n *
+    mean(dyg * n))`` per row. The one device definition: the update's backward, this
+    adjoint step and the persistent adjoint call it."""
+    proj = tl.sum(dyg * n, axis=1) / d
+    return rstd[:, None] * (dyg - n * proj[:, None])
+
+
+@triton.jit
 def _adjoint_kernel(
     U, GP, GO, Z, RSTD, GAIN, GN, DZ, RES,
     n_rows, d,
@@ -60,10 +70,7 @@ def _adjoint_kernel(
     z = tl.load(Z + r64 * stride_z + c, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     g = tl.load(GAIN + cols, mask=col_ok, other=0.0).to(tl.float32)
-    n = z * rstd[:, None]
-    dyg = damping * gn * g[None, :]
-    proj = tl.sum(dyg * n, axis=1) / d
-    dz = rstd[:, None] * (dyg - n * proj[:, None])
+    dz = rmsnorm_vjp_tl(damping * gn * g[None, :], z * rstd[:, None], rstd, d)
     tl.store(DZ + r64 * stride_dz + c, dz.to(DZ.dtype.element_ty), mask=mask)
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deqkern.ops.adjoint import rmsnorm_vjp_tl
 from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
 from deqkern.ops.launch import cdiv, compute_dtype, frozen_rows, rows
 from deqkern.ops.persistent import (any_active, block_check_tl, cell_rstd, cell_z, commit_state_tl, config_for,
@@ -33,10 +34,7 @@ _REL: tl.constexpr = tl.constexpr(1)  # deqkern.ops.launch.STOP_MODES["rel"]
 @triton.jit
 def _vjp(g, z, rstd, gain, damping, d):
     """RMSNorm's VJP of the cell at ``z``: ``rstd * (dyg - n * mean(dyg * n))``."""
-    n = z * rstd[:, None]
-    dyg = damping * g * gain[None, :]
-    proj = tl.sum(dyg * n, axis=1) / d
-    return rstd[:, None] * (dyg - n * proj[:, None])
+    return rmsnorm_vjp_tl(damping * g * gain[None, :], z * rstd[:, None], rstd, d)
 
 
 @triton.jit

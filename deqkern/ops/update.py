@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deqkern.ops.adjoint import rmsnorm_vjp_tl
 from deqkern.ops.launch import (AS_IS, STOP_MODES, Launch, as_rows, cdiv, compute_dtype, launch_config, row_mode,
                                 sm_count)
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
@@ -113,9 +114,7 @@ def _update_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         n = (s + f) * rstd[:, None]
         dy = damping * dh
-        dyg = dy * g[None, :]
-        proj = tl.sum(dyg * n, axis=1) / d
-        dz = rstd[:, None] * (dyg - n * proj[:, None])
+        dz = rmsnorm_vjp_tl(dy * g[None, :], n, rstd, d)
         tl.store(DZ + r64 * stride_dz + c, dz.to(DZ.dtype.element_ty), mask=mask)
         if STORE_DF:
             tl.store(DF + r64 * stride_df + c, dz.to(DF.dtype.element_ty), mask=mask)
