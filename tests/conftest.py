@@ -14,6 +14,16 @@ import deqkern  # noqa: E402,F401  (imports triton after the variable is set)
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread (what the CLI uses on a CPU): tiny matrices, where more threads
+    only slow a shared CPU down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def device() -> torch.device:
     """The device the fused kernels run on here: the GPU if there is one, else the CPU
     (kernels interpreted)."""

@@ -22,13 +22,9 @@ TINY = CharLMConfig.tiny()
 
 
 @pytest.fixture(autouse=True)
-def eager_one_thread(monkeypatch):
+def eager_one_thread(monkeypatch, one_thread):
     """What the CLI runs on a CPU (eager, one thread): the resumed subprocess must match it bit for bit."""
     monkeypatch.setenv("DEQKERN_BACKEND", "eager")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,16 +17,9 @@ from deqkern.models.checkpoint import CheckpointError
 from deqkern.models.generation import load_model, timed_generate, to_text
 from deqkern.models.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one intra-op thread
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only slow a shared CPU down (main() sets 1 too)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _model(dtype=torch.float64, seed=0, **overrides) -> CharLM:

@@ -17,15 +17,6 @@ from deqkern.nn.sequence import DEFAULT_INNER_ITER
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def one_thread():
-    """The model's matrices are tiny; intra-op threads only slow a shared CPU down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module", params=["time-parallel", "token-loop"])
 def trained(request):
     """The tiny config trained for 40 steps on the eager backend, time-parallel (the

@@ -11,6 +11,8 @@ from deqkern.nn import ContextProvider, FrozenContextDEQ, MambaMemory, SlotAtten
 from deqkern.nn.context import decay_scan
 from numerics import case_seed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one intra-op thread
+
 D = 12
 PROVIDERS = {
     "none": lambda d: [],
@@ -18,15 +20,6 @@ PROVIDERS = {
     "slots": lambda d: [SlotAttentionContext(d, n_heads=2)],
     "both": lambda d: [MambaMemory(d), SlotAttentionContext(d, n_heads=2)],
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only slow a shared CPU down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_layer(contexts="both", *, dtype=torch.float64, seed=0, d=D, **kw):

@@ -33,15 +33,6 @@ def spectral_backend(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: intra-op threads only slow a shared CPU down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def true_sigma(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(weight.detach().reshape(weight.shape[0], -1).float(), ord=2)
 
