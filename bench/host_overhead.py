@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import deqkern  # noqa: E402
+from deqkern.__main__ import forced_backend  # noqa: E402
 from deqkern.functional import rms_norm  # noqa: E402
 from deqkern.nn import FusedRMSNorm  # noqa: E402
 from deqkern.ops import commit as commit_module  # noqa: E402
@@ -79,19 +80,6 @@ def launches_stubbed(active: bool):
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def backend(mode: str):
-    saved = os.environ.get("DEQKERN_BACKEND")
-    os.environ["DEQKERN_BACKEND"] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("DEQKERN_BACKEND", None)
-        else:
-            os.environ["DEQKERN_BACKEND"] = saved
 
 
 def python_calls(fn) -> tuple[int, int | None]:
@@ -166,7 +154,7 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
     for name, fn, fused, cuda_only, mode in cases:
         if cuda_only and not on_gpu:
             continue
-        with backend(mode), launches_stubbed(stubbed and fused):
+        with forced_backend(mode), launches_stubbed(stubbed and fused):
             calls, frames = python_calls(fn)
             us = 1e3 * common.wall_ms(fn, device)
         rows.append({"entry": name, "us_per_call": us, "python_calls": calls, "frames_to_launch": frames,
@@ -185,7 +173,7 @@ def solve_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
                        lambda: deqkern.solve_fused(cell.step, cell.h0, max_iter=20, **kw)),
                       ("solve, per iteration (20 iterations, no graph)",
                        lambda: deqkern.solve(cell.fused, cell.h0, max_iter=20, **kw))):
-        with torch.no_grad(), backend("triton"), launches_stubbed(stubbed):
+        with torch.no_grad(), forced_backend("triton"), launches_stubbed(stubbed):
             calls, _ = python_calls(run)
             us = 1e3 * common.wall_ms(run, device) / 20
         rows.append({"entry": name, "us_per_call": us, "python_calls": calls / 20, "frames_to_launch": None,
@@ -229,7 +217,7 @@ def norm_sweep(sizes: list[str], dtype: torch.dtype, device: torch.device) -> li
         row = {"n": n, "d": d, "elements": n * d, "torch_ms": common.wall_ms(run(reference), device)}
         modes = ("triton", "auto") if device.type == "cuda" else ("auto",)
         for mode in modes:
-            with backend(mode):
+            with forced_backend(mode):
                 row[f"{mode}_ms"] = common.wall_ms(run(fused), device)
                 row[f"{mode}_x_torch"] = row["torch_ms"] / row[f"{mode}_ms"]
         rows.append(row)
