@@ -14,6 +14,8 @@ Forward (no grad):
   loop           ``deqkern.solve_fused`` with the GEMM + fused update step (as FrozenContextDEQ)
   loop-graph     the same with ``graph=True`` (``max_iter`` iterations, on_nonconvergence="ignore")
   cell           ``deqkern.solve_cell``, the persistent kernel forced, on_nonconvergence="ignore"
+                 (the split kernel where the size takes it: the note says which)
+  cell-block     the same with the whole-row block kernel forced (sizes that take the split one)
   cell-warn      the same with the default "warn" (one host sync per call)
   cell-auto      ``solve_cell`` as its size heuristic chooses (the backend it ran is in the note)
 Adjoint (the backward of ``sum(h* . v)``: the adjoint solve and the parameter gradients):
@@ -48,6 +50,7 @@ import common  # noqa: E402
 import deqkern  # noqa: E402
 from deqkern.functional import update_with_stats  # noqa: E402
 from deqkern.nn import cell_adjoint  # noqa: E402
+from deqkern.ops import persistent_split  # noqa: E402
 from deqkern.solver import cell as cell_mod  # noqa: E402
 from deqkern.solver import solve_fused  # noqa: E402
 
@@ -158,14 +161,28 @@ def captured(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 class Persistent:
-    """Within the block, solve_cell takes the persistent kernel whatever the size."""
+    """Within the block, solve_cell takes the persistent kernel whatever the size, and
+    ``kernel`` ("auto", "block", "split") picks which one (deqkern.ops.persistent_split.KERNEL)."""
+
+    def __init__(self, kernel: str = "auto"):
+        self.kernel = kernel
 
     def __enter__(self):
-        self.saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D
+        self.saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
         cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D = 2**62, 2**62
+        persistent_split.KERNEL = self.kernel
 
     def __exit__(self, *exc):
-        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D = self.saved
+        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = self.saved
+
+
+def kernel_note(p: "Problem") -> str:
+    """Which one-launch kernel the size takes, with the split tile."""
+    n, d = p.h0.shape
+    if not persistent_split.use_split(n, d, p.h0):
+        return "block kernel"
+    c = persistent_split.config_of(n, d, p.h0)
+    return f"split kernel {c['BLOCK_M']}x{c['BLOCK_N']}, {c['SPLIT']} per group"
 
 
 # --------------------------------------------------------------------------- one size
@@ -212,6 +229,8 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
             if isinstance(iterations, dict):
                 iterations = iterations["iterations"]
             note = f"backend {deqkern.last_backend()}" if variant == "cell-auto" else ""
+            if variant in ("cell", "cell-block"):
+                note = kernel_note(p) if variant == "cell" else "block kernel"
 
             def timed():
                 with torch.no_grad():
@@ -241,6 +260,10 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     with Persistent():
         forward("cell", lambda: p.solve_cell(on_nonconvergence="ignore"))
         forward("cell-warn", lambda: p.solve_cell())
+    split = persistent_split.use_split(n, d, p.h0)
+    if split:
+        with Persistent("block"):
+            forward("cell-block", lambda: p.solve_cell(on_nonconvergence="ignore"))
     forward("cell-auto", lambda: p.solve_cell())
 
     # ---------------- adjoint (backward)
@@ -279,6 +302,9 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     with Persistent():
         adjoint("cell", through(lambda: p.solve_cell(on_nonconvergence="ignore")))
         adjoint("cell-warn", through(lambda: p.solve_cell()))
+    if split:
+        with Persistent("block"):
+            adjoint("cell-block", through(lambda: p.solve_cell(on_nonconvergence="ignore")))
     adjoint("cell-auto", through(lambda: p.solve_cell()))
 
     if max_iter_study:

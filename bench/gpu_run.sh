@@ -5,8 +5,8 @@
 #   DEQKERN_COMMIT=<sha> bash bench/gpu_run.sh RESULTS STEP[:SECONDS] [STEP[:SECONDS] ...]
 #
 # Steps: setup (carried wheels in .whl/, the C++ extension built with the system g++,
-# environment record) - tests (the test files that run on CUDA; the CPU-only ones run in
-# CI) - dist-tests (the two-GPU test) - cell (bench_cell.py) - solvers (bench_solvers.py) -
+# environment record) - env (the environment record alone) - tests (the test files that run
+# on CUDA; the CPU-only ones run in CI) - cell-tests (the one-launch solve's test files) - dist-tests (the two-GPU test) - cell (bench_cell.py) - solvers (bench_solvers.py) -
 # inr (deq_inr.py) - model-fp32, model-bf16 (bench_model.py: time-parallel vs token loops)
 # - generate (bench_generate.py) - seq-scaling (bench_model.py --scaling) - train (bench_solve.py train phase) - host,
 # update, iteration, solve, dropin, spectral (python -m bench suites, one budget each) -
@@ -55,9 +55,18 @@ for spec in "$@"; do
                 --ignore=tests/test_distributed.py --ignore=tests/test_checkpoint.py \
                 --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60 ;;
+        cell-tests)  # the one-launch solves and what calls them
+            TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 120 -rf \
+                tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py
+            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60 ;;
+        env)
+            { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+              python -c "import torch, triton, platform; print('torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| python', platform.python_version(), '| GPUs', torch.cuda.device_count())"
+              echo "commit $DEQKERN_COMMIT"; date -u +%FT%TZ; } >"$RES/env.txt" 2>&1
+            cat "$RES/env.txt" ;;
         dist-tests)
             run_step dist-tests "$limit" python -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu or cuda" ;;
-        cell) run_step cell "$limit" python bench/bench_cell.py --rounds 5 --calls 30 --out "$RES/cell" ;;
+        cell) run_step cell "$limit" python bench/bench_cell.py --rounds 5 --calls 30 --out "$RES/cell" ${CELL_SIZES:+--sizes $CELL_SIZES} ;;
         solvers) run_step solvers "$limit" python bench/bench_solvers.py --out "$RES/solvers.json" ;;
         inr) run_step inr "$limit" python bench/deq_inr.py --out "$RES/deq_inr.json" ;;
         model-fp32|model-bf16)  # the reference model: time-parallel vs the token loops, 20 steps each

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deqkern.functional import update_with_stats
-from deqkern.ops import persistent, persistent_adjoint
+from deqkern.ops import persistent, persistent_adjoint, persistent_split
 from deqkern.ops.commit import FLT_MAX
 from deqkern.solver import solve_fused
 from deqkern.solver.report import read_check
@@ -60,16 +60,47 @@ def assert_rows_close(out, eager, ref, dtype, what, units=8):
     assert bool((err <= bound).all()), f"{what} ({dtype}): row {worst} error {err[worst]:.3e} > {bound[worst]:.3e}"
 
 
+class Kernels:
+    """One pair of one-launch kernels: the whole-row block kernels or the split kernels
+    (:mod:`deqkern.ops.persistent_split`; under the interpreter with SPLIT 1)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def solve(self, *args, **kwargs):
+        if self.name == "block":
+            return persistent.solve_triton(*args, **kwargs)
+        self._need_tile(args[3])
+        return persistent_split.solve_split(*args, **kwargs)
+
+    def adjoint(self, *args, **kwargs):
+        if self.name == "block":
+            return persistent_adjoint.adjoint_triton(*args, **kwargs)
+        self._need_tile(args[3])
+        return persistent_split.adjoint_split(*args, **kwargs)
+
+    @staticmethod
+    def _need_tile(h):
+        d = h.shape[-1]
+        if persistent_split.config_of(h.numel() // d, d, h) is None:
+            pytest.skip(f"no split tile for d={d} at this size (the dispatcher takes the block kernel)")
+
+
+@pytest.fixture(params=["block", "split"])
+def kernel(request) -> Kernels:
+    return Kernels(request.param)
+
+
 CASES = [(21, 20, "rel", True), (5, 3, "abs", False), (19, 33, "max", True), (3, 1, "rel", False)]
 
 
 @pytest.mark.parametrize("n_rows,d,stop_mode,with_rstd", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_parity(dtype, n_rows, d, stop_mode, with_rstd, device):
+def test_forward_parity(kernel, dtype, n_rows, d, stop_mode, with_rstd, device):
     gen = torch.Generator().manual_seed(case_seed("fwd", dtype, n_rows, d, stop_mode))
     f64, cast = make_cell(n_rows, d, dtype, gen, device=device)
     tol, max_iter = TOL[dtype], 25
-    h, state, rstd, _ = persistent.solve_triton(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
+    h, state, rstd, _ = kernel.solve(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
     h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, max_iter, tol, stop_mode, with_rstd)
 
     assert h.dtype == dtype and h.shape == (n_rows, d)
@@ -95,14 +126,14 @@ def test_forward_parity(dtype, n_rows, d, stop_mode, with_rstd, device):
 
 @pytest.mark.parametrize("n_rows,d", [(21, 20), (5, 3), (19, 33)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_adjoint_parity(dtype, n_rows, d, device):
+def test_adjoint_parity(kernel, dtype, n_rows, d, device):
     gen = torch.Generator().manual_seed(case_seed("adj", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, device=device)
     w64, frozen64, gain64, _ = f64
     h_star = fixed_point64(*f64).to(dtype)
     v = torch.randn(n_rows, d, generator=gen).to(device) * torch.logspace(-3, 3, n_rows)[:, None].to(device)
     args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
-    g, state, dz, rstd, d_gain, _ = persistent_adjoint.adjoint_triton(*args)
+    g, state, dz, rstd, d_gain, _ = kernel.adjoint(*args)
     g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
     g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
                                                                     v.double(), EPS, DAMPING, 400, 1e-14)
@@ -130,14 +161,14 @@ def counts(check):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-def test_nonfinite_row_and_max_iter(device):
+def test_nonfinite_row_and_max_iter(kernel, device):
     """A NaN row freezes at step 1 with a NaN residual, rows that cannot converge stop at
     max_iter, the others are unaffected; same for the adjoint with a NaN row in v."""
     gen = torch.Generator().manual_seed(case_seed("nan"))
     _, (w, frozen, gain, h0) = make_cell(21, 12, torch.float32, gen, device=device)
     frozen[4, 3] = float("nan")
     max_iter = 6
-    h, state, _, parts = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
+    h, state, _, parts = kernel.solve(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
     h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, max_iter, 1e-6, "rel", True)
     assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
     others = torch.arange(21, device=device) != 4
@@ -154,25 +185,25 @@ def test_nonfinite_row_and_max_iter(device):
     v = torch.randn(21, 12, generator=gen).to(device)
     v[7, 0] = float("inf")
     frozen[4, 3] = 0.0
-    out = persistent_adjoint.adjoint_triton(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
+    out = kernel.adjoint(w, frozen, gain, h_e.nan_to_num(), v, EPS, DAMPING, 4, 1e-9)
     assert out.state.nstep[7] == 1 and torch.isnan(out.state.residual[7])
     assert bool((out.state.nstep[torch.arange(21, device=device) != 7] == 4).all())
     assert counts(read_check(out.check)[0]) == counts(host_check(check_vector(out.state, 1e-9))) == (21, 1, 1)
 
     frozen[4, 3] = 1.0  # all finite, the rows converge: the parts agree with check_vector again
-    solved = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-4, "abs", False)
+    solved = kernel.solve(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-4, "abs", False)
     check, iterations = read_check(solved.check)
     assert check == host_check(check_vector(solved.state, 1e-4)) and check.unconverged == 0
     assert iterations == int(solved.state.nstep.max())
 
 
-def test_matches_the_loop_path(device):
+def test_matches_the_loop_path(kernel, device):
     """float32: the loop path (F.linear + fused update + commit, deqkern.solve_fused) takes
     the same steps per row and lands on the same iterate."""
     gen = torch.Generator().manual_seed(case_seed("loop"))
     _, (w, frozen, gain, h0) = make_cell(40, 24, torch.float32, gen, device=device)
     tol, max_iter = 1e-5, 30
-    h, state, rstd, _ = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, max_iter, tol, "rel", False)
+    h, state, rstd, _ = kernel.solve(w, frozen, gain, h0, EPS, DAMPING, max_iter, tol, "rel", False)
 
     def step(x):
         return update_with_stats(x @ w.T, frozen, x, gain, eps=EPS, damping=DAMPING, stop_mode="rel")[:2]
@@ -187,38 +218,77 @@ def test_matches_the_loop_path(device):
 @cuda_only
 @pytest.mark.parametrize("n_rows,d", [(1000, 777), (4100, 2048), (300, 512)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_sizes_match_eager(dtype, n_rows, d):
+def test_gpu_sizes_match_eager(kernel, dtype, n_rows, d):
     """Multi-tile GEMMs, several phase-B sub-blocks, 16..128-row blocks."""
     gen = torch.Generator().manual_seed(case_seed("gpu", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cuda")
     tol = TOL[dtype]
-    h, state, _, _ = persistent.solve_triton(*cast, EPS, DAMPING, 40, tol, "rel", False)
+    h, state, _, _ = kernel.solve(*cast, EPS, DAMPING, 40, tol, "rel", False)
     h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, "rel", False)
     assert bool((state.residual < tol).all())
     assert int((state.nstep - state_e.nstep).abs().max()) <= 1
     assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
     v = torch.randn(n_rows, d, device="cuda")
-    out = persistent_adjoint.adjoint_triton(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    out = kernel.adjoint(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
     ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
     assert bool((out.state.residual < tol).all())
     assert float(row_err(out.g, ref.g.double()).max()) < 20 * tol
 
 
 @cuda_only
-def test_captured_in_a_cuda_graph():
+def test_captured_in_a_cuda_graph(kernel):
     """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
     gen = torch.Generator().manual_seed(case_seed("graph"))
     _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
     args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
-    h_ref, state_ref, _, _ = persistent.solve_triton(*args)
+    h_ref, state_ref, _, _ = kernel.solve(*args)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        persistent.solve_triton(*args)
+        kernel.solve(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        h, state, _, _ = persistent.solve_triton(*args)
+        h, state, _, _ = kernel.solve(*args)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)
+
+
+def forced_split(n_rows, d, block_m, block_n, element_size):
+    """A split configuration chosen by hand (the programs must fit on the GPU at once)."""
+    split = -(-d // block_n)
+    assert -(-n_rows // block_m) * split <= torch.cuda.get_device_properties(0).multi_processor_count
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(),
+                BLOCK_K=64 if element_size <= 2 else 32, num_warps=4, num_stages=2)
+
+
+@cuda_only
+@pytest.mark.parametrize("n_rows,d,block_m,block_n,stop_mode", [
+    (300, 512, 128, 16, "rel"),  # 32 programs per group
+    (100, 777, 32, 128, "max"),  # 7 per group: not a power of two, the last one partly masked
+    (257, 96, 16, 32, "abs"),    # 3 per group; 17 groups, the last of one row
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_groups_on_the_gpu(dtype, n_rows, d, block_m, block_n, stop_mode):
+    """Groups of programs meeting at the barrier give the eager twin's steps and iterates,
+    forward and adjoint, with the row state and host check written by each group's first."""
+    gen = torch.Generator().manual_seed(case_seed("split", dtype, n_rows, d))
+    f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
+    cfg = forced_split(n_rows, d, block_m, block_n, cast[0].element_size())
+    tol = TOL[dtype]
+    h, state, rstd, parts = persistent_split.solve_split(*cast, EPS, DAMPING, 40, tol, stop_mode, True, config=cfg)
+    h_e, state_e, rstd_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
+    assert bool((state.residual < tol).all())
+    assert int((state.nstep - state_e.nstep).abs().max()) <= (0 if dtype == torch.float32 else 1)
+    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
+    torch.testing.assert_close(rstd, rstd_e.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0)
+    check, iterations = read_check(parts)
+    assert check == host_check(check_vector(state, tol)) and iterations == int(state.nstep.max())
+    v = torch.randn(n_rows, d, device="cuda") * torch.logspace(-3, 3, n_rows, device="cuda")[:, None]
+    out = persistent_split.adjoint_split(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol, config=cfg)
+    ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
+    assert bool((out.state.residual < tol).all())
+    assert int((out.state.nstep - ref.state.nstep).abs().max()) <= (0 if dtype == torch.float32 else 1)
+    assert float(row_err(out.g, ref.g.double()).max()) < 20 * tol
+    torch.testing.assert_close(out.d_gain, ref.d_gain.float(), rtol=20 * tol, atol=20 * tol * float(ref.d_gain.abs().max()))

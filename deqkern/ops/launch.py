@@ -98,8 +98,8 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 class Launch:
     """One kernel launch whose grid, scalar arguments (every argument after the tensors,
-    constexprs included, in the kernel's order) and ``num_warps`` are fixed: what a call
-    signature determines. ``launch(*tensors)`` runs it.
+    constexprs included, in the kernel's order), ``num_warps`` and other compile options
+    (``num_stages``) are fixed: what a call signature determines. ``launch(*tensors)`` runs it.
 
     Why not ``kernel[grid](...)``: ``JITFunction.run`` re-derives per launch what is fixed
     here -- it binds and specializes every argument, builds its cache key (a ``str`` of
@@ -120,10 +120,11 @@ class Launch:
     relies on (the same on triton 3.6 and 3.9).
     """
 
-    __slots__ = ("kernel", "grid", "scalars", "num_warps", "device_index", "function", "metadata", "run")
+    __slots__ = ("kernel", "grid", "scalars", "num_warps", "options", "device_index", "function", "metadata", "run")
 
-    def __init__(self, kernel: Any, grid: tuple, scalars: tuple, num_warps: int, device: torch.device):
-        self.kernel, self.scalars, self.num_warps = kernel, scalars, num_warps
+    def __init__(self, kernel: Any, grid: tuple, scalars: tuple, num_warps: int, device: torch.device,
+                 **options: Any):
+        self.kernel, self.scalars, self.num_warps, self.options = kernel, scalars, num_warps, options
         self.grid = (*grid, 1, 1)[:3]
         self.device_index = device.index if device.type == "cuda" else None
         # The compiled kernel's launcher and handles, once a launch with aligned pointers returned them.
@@ -148,7 +149,7 @@ class Launch:
             self._jit_run(tensors)
 
     def _jit_run(self, tensors: tuple) -> None:
-        compiled = self.kernel[self.grid](*tensors, *self.scalars, num_warps=self.num_warps)
+        compiled = self.kernel[self.grid](*tensors, *self.scalars, num_warps=self.num_warps, **self.options)
         if (self.run is None and self.device_index is not None and _DRIVER.bind()
                 and all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
                 and all(t.data_ptr() % 16 == 0 for t in tensors)):

@@ -246,7 +246,7 @@ def dot_args(t: torch.Tensor) -> dict:
     precision argument, Triton's default "tf32", only concerns float32 operands); float32
     uses TF32 where torch allows it for matmuls, else :data:`FP32_DOT`; bfloat16 is upcast
     under the interpreter (see ``product_tl``)."""
-    exact = t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    exact = t.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"  # allow_tf32, cheaper
     return dict(PRECISION=FP32_DOT if exact else "tf32", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
 
 

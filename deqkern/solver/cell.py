@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from deqkern import _backend
 from deqkern.functional import update_with_stats
-from deqkern.ops import persistent, persistent_adjoint
+from deqkern.ops import persistent, persistent_adjoint, persistent_split
 from deqkern.ops.commit import RowState
 from deqkern.ops.launch import compute_dtype
 from deqkern.solver.adjoint import Equilibrium
@@ -102,12 +102,35 @@ def _validate(h0_meta: tuple, weight_meta: tuple, frozen_meta: tuple, gain_meta:
                      on_nonconvergence)
 
 
-_validate_cached = functools.lru_cache(maxsize=256)(_validate)
-
-
 def _meta(name: str, t: object) -> tuple:
     check_tensor(name, t)
     return tuple(t.shape), t.dtype, t.device
+
+
+#: Checked settings by call signature (tensor metadata and the scalar arguments); bounded.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _plan(weight, frozen, gain, h0, scalars: tuple) -> _Settings:
+    """The call's settings: looked up by metadata alone (no check repeated), else
+    validated (with the messages of :func:`_validate`) and stored. Under tracing, or with
+    an unhashable argument, validated each call."""
+    try:
+        key = (h0.shape, h0.dtype, h0.device, weight.shape, weight.dtype, weight.device, frozen.shape, frozen.dtype,
+               frozen.device, gain.shape, gain.dtype, gain.device, scalars)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable scalar: the checks say which
+        key = plan = None
+    if plan is not None and not torch.compiler.is_compiling():
+        return plan
+    plan = _validate(_meta("h0", h0), _meta("weight", weight), _meta("frozen", frozen), _meta("gain", gain),
+                     *scalars)
+    if key is not None and not torch.compiler.is_compiling():
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def _autocast(weight: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +160,12 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) 
     args = (weight, frozen, gain, h0, s.eps, s.damping, s.max_iter, s.tol, s.stop_mode, with_rstd)
     if _backend.select(h0.device, h0.dtype, h0.shape[-1]) == "eager":
         _backend.record("eager")
-        return persistent.solve_reference(*args)
-    _backend.record(BACKEND)
+        with torch.no_grad():
+            return persistent.solve_reference(*args)
+    _backend.record(BACKEND)  # the kernels record no autograd graph
     with _on_device(h0):
+        if persistent_split.use_split(h0.numel() // h0.shape[-1], h0.shape[-1], h0):
+            return persistent_split.solve_split(*args)
         return persistent.solve_triton(*args)
 
 
@@ -152,6 +178,8 @@ def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol
         return persistent_adjoint.adjoint_reference(*args)
     _backend.record(BACKEND)
     with _on_device(h_star):
+        if persistent_split.use_split(h_star.numel() // h_star.shape[-1], h_star.shape[-1], h_star):
+            return persistent_split.adjoint_split(*args)
         return persistent_adjoint.adjoint_triton(*args)
 
 
@@ -264,8 +292,7 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool, with_r
                                   s.b_max_iter, s.b_tol)
         state, parts, info = RowState(*stats), None, {}
     else:
-        with torch.no_grad():
-            h, state, rstd, parts = _run_solve(weight, frozen, gain, h0, s, with_rstd)
+        h, state, rstd, parts = _run_solve(weight, frozen, gain, h0, s, with_rstd)
         info = Info()
         if rstd is not None:
             dict.__setitem__(info, "rstd", rstd.view(h.shape[:-1]))
@@ -354,17 +381,11 @@ def solve_cell(
     """
     if isinstance(weight, torch.Tensor) and isinstance(h0, torch.Tensor):
         weight, h0 = _autocast(weight, h0)
-    metas = (_meta("h0", h0), _meta("weight", weight), _meta("frozen", frozen), _meta("gain", gain))
-    scalars = (eps, damping, max_iter, tol, stop_mode, backward, b_max_iter, b_tol, on_nonconvergence)
-    try:
-        validate = _validate if torch.compiler.is_compiling() else _validate_cached
-        hash(scalars)
-    except TypeError:  # an unhashable argument: validated (and rejected) without the cache
-        validate = _validate
-    s = validate(*metas, *scalars)
-    d = h0.shape[-1]
-    if not isinstance(return_rstd, bool):
+    s = _plan(weight, frozen, gain, h0, (eps, damping, max_iter, tol, stop_mode, backward, b_max_iter, b_tol,
+                                        on_nonconvergence))
+    if return_rstd is not False and return_rstd is not True:
         raise TypeError(f"return_rstd must be a bool; got {type(return_rstd).__name__}")
+    d = h0.shape[-1]
     if s.backward == "unrolled" or not use_persistent(h0.numel() // d, d):
         h_star, info = _loop(weight, frozen, gain, h0, s)
     else:

@@ -1,0 +1,539 @@
+"""The one-launch solves for small batches: each row block's columns split over a group of
+programs that meet at a group barrier, so that a few hundred rows still fill the GPU.
+
+The block kernels (:mod:`deqkern.ops.persistent`, :mod:`deqkern.ops.persistent_adjoint`)
+give each program whole rows: at R=256 that is 16 programs of 16 rows on a 132-SM GPU, each
+streaming all of ``W`` from L2 every iteration. Here a row block of ``BLOCK_M`` rows is
+solved by ``SPLIT`` programs, program ``(i, j)`` owning the ``BLOCK_N`` columns ``j`` of rows
+``i``: it keeps its slice of the iterate in registers, reads its ``BLOCK_N`` rows of ``W``
+(L1-resident across iterations) and the block's full iterate rows (L2), and exchanges
+per-row partial sums with the other programs of its group through global scratch.
+
+Per iteration of the forward (two group barriers)::
+
+    z      = h[rows] @ W[cols].T + frozen[rows, cols]       (float32 accumulation)
+    partial sum(z**2) -> barrier -> rstd (all programs of the group: identical sums)
+    h_next = (1 - damping) * h + damping * gain * z * rstd
+    partial residual statistics; h_next written back        -> barrier -> residual, commit
+
+and of the adjoint (``g <- v + J^T g`` at h*, z and n = z * rstd computed once)::
+
+    u      = dz[rows] @ W[:, cols]
+    g_next = v + (1 - damping) * g + u
+    partial residual statistics and sum(dyg_next * z)       -> barrier -> residual, commit,
+    dz     = rstd * (dyg - n * mean(dyg * n)) written back  -> barrier
+
+The residual is :func:`~deqkern.ops.residual.row_residual_tl`'s, assembled from per-program
+parts: each part is the column slice's max magnitude ``m``, scaled sum of squares
+``sum((x/m)^2)`` and non-finite flag; the row's norm is ``M * sqrt(sum(s * (m/M)^2))``, so it
+stays overflow-safe and any NaN/Inf still makes the residual NaN. Every program of a group
+reduces the same parts in the same order, so all take the same decisions (which rows are
+active, when to stop) and leave the loop together; the bookkeeping lives in registers and
+program ``(i, 0)`` writes it out.
+
+The group barrier is an arrival counter per row block in global memory (release on
+arrival, acquire while polling). It needs the group's programs to be resident together:
+the launcher keeps the grid within the GPU's SM count, and a group's programs are adjacent
+in launch order. A program that polls ``MAX_SPINS`` times without the group arriving gives
+up and writes NaN into its rows (the solve then reports non-finite rows instead of hanging).
+Under Triton's interpreter, whose programs run one after another, ``SPLIT`` is 1 and the
+barriers compile away.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from deqkern.ops.commit import FLT_MAX, RowState
+from deqkern.ops.launch import STOP_MODES, Launch, cdiv, frozen_rows, next_power_of_2, rows, sm_count
+from deqkern.ops.persistent import Solved, block_check_tl, dot_args
+from deqkern.ops.persistent_adjoint import Adjoint
+from deqkern.ops.residual import REL_EPS
+
+__all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "KERNEL"]
+
+#: Which one-launch kernel :func:`use_split` picks: "auto" (the split kernel where a GPU
+#: would leave at least half its SMs idle with whole-row blocks), "split" or "block"
+#: (``DEQKERN_PERSISTENT_KERNEL``; for tests and benchmarks).
+KERNEL = os.environ.get("DEQKERN_PERSISTENT_KERNEL", "auto")
+#: Polls of a group barrier before a program gives up (about a second or more).
+MAX_SPINS = 1 << 22
+#: Statistics per row and program of the residual's parts: diff (m, s, bad), h_next (m, s,
+#: bad), and the adjoint's sum(dyg * z).
+_NSTAT: tl.constexpr = tl.constexpr(8)
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def group_sync_tl(BAR, target, SPLIT: tl.constexpr, SPINS: tl.constexpr):
+    """Wait until the group's arrival counter ``BAR`` reaches ``target`` after adding this
+    program's arrival; True unless the wait gave up after ``SPINS`` polls. The CTA barriers
+    around it order the program's global stores before its arrival and its later loads
+    after the group's arrivals."""
+    ok = tl.full((), 1, tl.int1)
+    if SPLIT > 1:
+        tl.debug_barrier()
+        tl.atomic_add(BAR, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+        spins = tl.full((), 0, tl.int32)
+        while (seen < target) & (spins < SPINS):
+            seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
+            spins += 1
+        tl.debug_barrier()
+        ok = seen >= target
+    return ok
+
+
+@triton.jit
+def _part_norm(x):
+    """Per-row ``(m, s, bad)`` of a float32 tile (masked entries 0): max magnitude, scaled
+    sum of squares ``sum((x/m)^2)``, 1.0 if any entry is not finite."""
+    m = tl.max(tl.abs(x), axis=1)
+    safe = tl.where(m > 0.0, m, 1.0)
+    q = x / safe[:, None]
+    bad = tl.max(tl.where(tl.abs(x) <= 3.4028234663852886e38, 0.0, 1.0), axis=1)
+    return m, tl.sum(q * q, axis=1), bad
+
+
+@triton.jit
+def _combine_norm(m, s):
+    """The row norm from its parts ``(BLOCK_M, SPLIT)``: ``M * sqrt(sum(s * (m/M)^2))``."""
+    big = tl.max(m, axis=1)
+    safe = tl.where(big > 0.0, big, 1.0)
+    q = m / safe[:, None]
+    return big * tl.sqrt(tl.sum(s * q * q, axis=1))
+
+
+@triton.jit
+def _store_parts(ST, r64, ok, pid_s, diff, h_next, extra, SPLIT: tl.constexpr):
+    """This program's residual parts of ``diff`` and ``h_next`` and one extra per-row sum."""
+    base = ST + (r64 * SPLIT + pid_s) * _NSTAT
+    md, sd, bd = _part_norm(diff)
+    mh, sh, bh = _part_norm(h_next)
+    tl.store(base + 0, md, mask=ok)
+    tl.store(base + 1, sd, mask=ok)
+    tl.store(base + 2, bd, mask=ok)
+    tl.store(base + 3, mh, mask=ok)
+    tl.store(base + 4, sh, mask=ok)
+    tl.store(base + 5, bh, mask=ok)
+    tl.store(base + 6, extra, mask=ok)
+
+
+@triton.jit
+def _load_parts(ST, r64, ok, j, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """Statistic ``j`` of every program of the group, ``(BLOCK_M, SPLIT_P2)`` float32 (0 past SPLIT)."""
+    sp = tl.arange(0, SPLIT_P2)
+    return tl.load(ST + (r64[:, None] * SPLIT + sp[None, :]) * _NSTAT + j, mask=ok[:, None] & (sp < SPLIT)[None, :],
+                   other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """:func:`~deqkern.ops.residual.row_residual_tl` of the whole rows, from the parts."""
+    bad = tl.max(_load_parts(ST, r64, ok, 2, SPLIT, SPLIT_P2), axis=1)
+    md = _load_parts(ST, r64, ok, 0, SPLIT, SPLIT_P2)
+    if STOP_MODE == 2:
+        res = tl.max(md, axis=1)
+    else:
+        res = _combine_norm(md, _load_parts(ST, r64, ok, 1, SPLIT, SPLIT_P2))
+        if STOP_MODE == 1:
+            norm = _combine_norm(_load_parts(ST, r64, ok, 3, SPLIT, SPLIT_P2),
+                                 _load_parts(ST, r64, ok, 4, SPLIT, SPLIT_P2))
+            bad = tl.maximum(bad, tl.max(_load_parts(ST, r64, ok, 5, SPLIT, SPLIT_P2), axis=1))
+            res = res / (norm + rel_eps)
+            bad = tl.maximum(bad, tl.where(norm <= 3.4028234663852886e38, 0.0, 1.0))
+        bad = tl.maximum(bad, tl.where(res <= 3.4028234663852886e38, 0.0, 1.0))
+    return tl.where(bad > 0.0, float("nan"), res)
+
+
+@triton.jit
+def _slice_product(A, stride_a, W, stride_wn, stride_wk, r64, row_ok, cn, n_ok, d,
+                   PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """``A[rows] @ B[:, cols]`` in float32, ``B[k, n]`` at ``W + n * stride_wn + k * stride_wk``;
+    ``A`` is read past L1 (other programs of the group write it between barriers)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ck = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ck < d
+        a = tl.load(A + r64[:, None] * stride_a + ck[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                    cache_modifier=".cg")
+        b = tl.load(W + cn[None, :] * stride_wn + ck[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res, prev, lowest, nstep, tol, flt_max,
+                 BLOCK_M: tl.constexpr):
+    """Program ``(i, 0)``: the row block's bookkeeping and its part of the host check."""
+    tl.store(RES + r, res, mask=ok)
+    tl.store(PREV + r, prev, mask=ok)
+    tl.store(LOWEST + r, lowest, mask=ok)
+    tl.store(NSTEP + r, nstep, mask=ok)
+    tl.debug_barrier()
+    block_check_tl(RES, NSTEP, CHECK, pid_m, first, n_rows, tol, flt_max, BLOCK_M)
+
+
+@triton.jit
+def _buffers(BUF, n_rows, BLOCK_M: tl.constexpr):
+    """The layout of the float32 buffer ``BUF`` (:func:`_views` on the host): the row state
+    (residual, prev, lowest, nstep as int32), rstd, the host check ``(row blocks, 5)``, and
+    where the kernel's own scratch starts."""
+    check = BUF + 5 * n_rows
+    nstep = (BUF + 3 * n_rows).to(tl.pointer_type(tl.int32), bitcast=True)
+    return BUF, BUF + n_rows, BUF + 2 * n_rows, nstep, BUF + 4 * n_rows, check, check + 5 * tl.cdiv(n_rows, BLOCK_M)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _solve_split_kernel(
+    H0, W, F, GAIN, H, BUF, BAR,
+    n_rows, d, stride_h0, stride_w, stride_f,
+    eps, damping, tol, max_iter, flt_max, rel_eps,
+    STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The forward solve of rows ``i`` and columns ``j`` for program ``(i, j)`` (module
+    docstring). H (R, d) holds the iterate; BUF (float32) the row state, rstd, host check
+    and the exchanged parts (``_buffers``); BAR (row blocks,) int32 zeros are the group
+    barriers. WITH_RSTD: iterate until an iteration commits nothing, whose rstd is h*'s."""
+    RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
+    ST = SS + n_rows * SPLIT
+    pid_s = tl.program_id(0)  # a group's programs adjacent in launch order
+    pid_m = tl.program_id(1)
+    first = pid_m * BLOCK_M
+    r = first + tl.arange(0, BLOCK_M)
+    ok = r < n_rows
+    r64 = r.to(tl.int64)
+    cn = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cn < d
+    m = ok[:, None] & n_ok[None, :]
+    here = r64[:, None] * d + cn[None, :]
+    bar = BAR + pid_m
+
+    h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
+    tl.store(H + here, h, mask=m)
+    h = h.to(tl.float32)
+    gain = tl.load(GAIN + cn, mask=n_ok, other=0.0).to(tl.float32)
+    res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
+    prev = res_old
+    lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
+    nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
+    target = tl.full((), SPLIT, tl.int32)
+    alive = group_sync_tl(bar, target, SPLIT, SPINS)
+
+    k = tl.full((), 0, tl.int32)
+    pending = tl.full((), 1, tl.int32)
+    while pending > 0:
+        z = _slice_product(H, d, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
+        target += SPLIT
+        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        sp = tl.arange(0, SPLIT_P2)
+        ss = tl.sum(tl.load(SS + r64[:, None] * SPLIT + sp[None, :], mask=ok[:, None] & (sp < SPLIT)[None, :],
+                            other=0.0, cache_modifier=".cg"), axis=1)
+        rstd = tl.rsqrt(ss / d + eps)
+        if WITH_RSTD:
+            if pid_s == 0:
+                tl.store(RSTD + r, rstd, mask=ok)
+        # (a vector compare: the interpreter mistypes a vector-and-scalar boolean &)
+        active = ok & (res_old >= tol) & (res_old <= flt_max) & (tl.zeros_like(r) + k < max_iter)
+        am = active[:, None] & n_ok[None, :]
+        h_next = tl.where(am, (1.0 - damping) * h + damping * (z * rstd[:, None] * gain[None, :]), 0.0)
+        h_prev = tl.where(am, h, 0.0)
+        _store_parts(ST, r64, ok, pid_s, h_next - h_prev, h_next, 0.0, SPLIT)
+        tl.store(H + here, h_next.to(H.dtype.element_ty), mask=am)
+        h = tl.where(am, h_next.to(H.dtype.element_ty).to(tl.float32), h)
+        target += SPLIT
+        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        res = _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE, SPLIT, SPLIT_P2)
+        prev = tl.where(active, res_old, prev)
+        lowest = tl.where(active & (res < lowest), res, lowest)
+        nstep = tl.where(active, nstep + 1, nstep)
+        res_old = tl.where(active, res, res_old)
+        n_commit = tl.sum(active.to(tl.int32), axis=0)
+        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        k += 1
+        if WITH_RSTD:
+            pending = n_commit
+        else:
+            pending = tl.where(k < max_iter, n_active, 0)
+        pending = tl.where(alive, pending, 0)
+    if not alive:
+        tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
+        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+    if pid_s == 0:
+        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
+                     tol, flt_max, BLOCK_M)
+
+
+@triton.jit
+def _adjoint_split_kernel(
+    HS, W, F, GAIN, V, G, DZ, BUF, BAR,
+    n_rows, d, stride_hs, stride_w, stride_f, stride_v,
+    eps, damping, tol, max_iter, flt_max, rel_eps,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The adjoint solve of rows ``i`` and columns ``j`` for program ``(i, j)`` (module
+    docstring; the math of :mod:`deqkern.ops.persistent_adjoint`). G (R, d) float32 gets
+    the solution, DZ (R, d) in W's dtype its VJP; BUF as the forward's, then each row
+    block's part of d_gain (DGAIN_PART, (row blocks, d))."""
+    RES, PREV, LOWEST, NSTEP, RSTD, CHECK, DGAIN_PART = _buffers(BUF, n_rows, BLOCK_M)
+    SS = DGAIN_PART + tl.cdiv(n_rows, BLOCK_M) * d
+    ST = SS + n_rows * SPLIT * 2
+    pid_s = tl.program_id(0)  # a group's programs adjacent in launch order
+    pid_m = tl.program_id(1)
+    first = pid_m * BLOCK_M
+    r = first + tl.arange(0, BLOCK_M)
+    ok = r < n_rows
+    r64 = r.to(tl.int64)
+    cn = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cn < d
+    m = ok[:, None] & n_ok[None, :]
+    here = r64[:, None] * d + cn[None, :]
+    bar = BAR + pid_m
+    sp = tl.arange(0, SPLIT_P2)
+
+    z = _slice_product(HS, stride_hs, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    bgain = damping * tl.load(GAIN + cn, mask=n_ok, other=0.0).to(tl.float32)
+    g = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(SS + (r64 * SPLIT + pid_s) * 2, tl.sum(z * z, axis=1), mask=ok)
+    tl.store(SS + (r64 * SPLIT + pid_s) * 2 + 1, tl.sum(bgain[None, :] * g * z, axis=1), mask=ok)
+    target = tl.full((), SPLIT, tl.int32)
+    alive = group_sync_tl(bar, target, SPLIT, SPINS)
+    parts = SS + (r64[:, None] * SPLIT + sp[None, :]) * 2
+    pm = ok[:, None] & (sp < SPLIT)[None, :]
+    ss = tl.sum(tl.load(parts, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+    dyz = tl.sum(tl.load(parts + 1, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+    rstd = tl.rsqrt(ss / d + eps)
+    n = z * rstd[:, None]
+    # dz = rstd * (dyg - n * mean(dyg * n)), mean(dyg * n) = rstd * sum(dyg * z) / d
+    dz = rstd[:, None] * (bgain[None, :] * g - n * (rstd * dyz / d)[:, None])
+    tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=m)
+    target += SPLIT
+    alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+
+    res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
+    prev = res_old
+    lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
+    nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
+    k = tl.full((), 0, tl.int32)
+    pending = tl.where(alive, 1, 0)
+    while pending > 0:
+        u = _slice_product(DZ, d, W, 1, stride_w, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        active = ok & (res_old >= tol) & (res_old <= flt_max)
+        am = active[:, None] & n_ok[None, :]
+        v = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=am, other=0.0).to(tl.float32)
+        g_prev = tl.where(am, g, 0.0)
+        g_next = tl.where(am, v + (1.0 - damping) * g + u, 0.0)
+        _store_parts(ST, r64, ok, pid_s, g_next - g_prev, g_next, tl.sum(bgain[None, :] * g_next * z, axis=1), SPLIT)
+        target += SPLIT
+        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        res = _residual_from_parts(ST, r64, ok, rel_eps, 1, SPLIT, SPLIT_P2)
+        dyz = tl.sum(_load_parts(ST, r64, ok, 6, SPLIT, SPLIT_P2), axis=1)
+        dz = rstd[:, None] * (bgain[None, :] * g_next - n * (rstd * dyz / d)[:, None])
+        tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=am)
+        g = tl.where(am, g_next, g)
+        prev = tl.where(active, res_old, prev)
+        lowest = tl.where(active & (res < lowest), res, lowest)
+        nstep = tl.where(active, nstep + 1, nstep)
+        res_old = tl.where(active, res, res_old)
+        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        target += SPLIT
+        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        k += 1
+        pending = tl.where(alive & (k < max_iter), n_active, 0)
+    if not alive:
+        g = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32)
+        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+    tl.store(G + here, g, mask=m)
+    tl.store(DGAIN_PART + pid_m.to(tl.int64) * d + cn, tl.sum(tl.where(m, damping * g * n, 0.0), axis=0), mask=n_ok)
+    if pid_s == 0:
+        tl.store(RSTD + r, rstd, mask=ok)
+        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
+                     tol, flt_max, BLOCK_M)
+
+
+# --------------------------------------------------------------------------- launch configuration
+#: Cost model of one iteration of a program (seconds), used only to rank configurations:
+#: bytes it reads from L2 per second, tensor-core flop/s of one SM at tl.dot's small
+#: tiles, and the cost of a group barrier.
+_L2_BYTES_PER_SM = 100e9
+_FLOPS_PER_SM = 4e12
+_SYNC_SECONDS = 1.5e-6
+#: Largest BLOCK_M x BLOCK_N a program holds (a handful of float32 tiles of it live at once).
+_MAX_TILE = 8192
+
+
+@functools.lru_cache(maxsize=1024)
+def split_config(n_rows: int, d: int, element_size: int, n_sm: int, interpreted: bool) -> Optional[dict]:
+    """``BLOCK_M`` rows by ``BLOCK_N`` (a power of two) columns per program, ``SPLIT =
+    cdiv(d, BLOCK_N)`` programs per row block and, when ``SPLIT > 1``, at most ``n_sm``
+    programs (the group barrier needs them resident together), ranked by the cost model
+    above; None if no tile fits (``d`` too large for a whole row at ``SPLIT`` 1 and too
+    few SMs to split it). The interpreter gets ``SPLIT`` 1 (its programs run in turn)."""
+    best, best_cost = None, float("inf")
+    for block_m in (16, 32, 64, 128):
+        row_blocks = cdiv(n_rows, block_m)
+        block_n = max(16, next_power_of_2(d))
+        while block_n >= 16:
+            split = cdiv(d, block_n)
+            if interpreted and split > 1:
+                break
+            if (split == 1 or row_blocks * split <= n_sm) and block_m * block_n <= _MAX_TILE:
+                cost = ((block_m + block_n) * d * element_size / _L2_BYTES_PER_SM
+                        + 2.0 * block_m * block_n * d / _FLOPS_PER_SM + (2 * _SYNC_SECONDS if split > 1 else 0.0))
+                if cost < best_cost:
+                    best_cost = cost
+                    best = dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=next_power_of_2(split),
+                                BLOCK_K=min(64 if element_size <= 2 else 32, max(16, next_power_of_2(d))),
+                                num_warps=4 if block_m * block_n <= 2048 else 8, num_stages=2)
+            block_n //= 2
+        if row_blocks == 1:
+            break
+    return best
+
+
+def config_of(n_rows: int, d: int, t: torch.Tensor) -> Optional[dict]:
+    """:func:`split_config` for rows like ``t`` on its device."""
+    return _resolve(n_rows, d, t.element_size(), t.device, None)
+
+
+def use_split(n_rows: int, d: int, t: torch.Tensor) -> bool:
+    """Whether the one-launch solves of ``n_rows`` rows like ``t`` take the split kernels
+    (:data:`KERNEL`): on a GPU by default when whole-row blocks of 16 would leave at least
+    half of the SMs idle and a split tile fits."""
+    return _use_split(n_rows, d, t.element_size(), t.device, KERNEL)
+
+
+@functools.lru_cache(maxsize=1024)
+def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, kernel: str) -> bool:
+    if kernel == "block" or n_rows == 0:
+        return False
+    cpu = device.type == "cpu"
+    n_sm = 1 if cpu else sm_count(device.index or 0)
+    if split_config(n_rows, d, element_size, n_sm, cpu) is None:
+        return False
+    return kernel == "split" or (not cpu and 2 * cdiv(n_rows, 16) <= n_sm)
+
+
+# --------------------------------------------------------------------------- launchers
+class _Plan:
+    """A launch of one kernel for one call signature, and the layout of its buffer."""
+
+    __slots__ = ("launch", "n_rows", "blocks", "sizes")
+
+    def __init__(self, launch: Launch, n_rows: int, blocks: int, extra: int, scratch: int):
+        self.launch, self.n_rows, self.blocks = launch, n_rows, blocks
+        # residual, prev, lowest, nstep, rstd, check, then ``extra`` (the adjoint's d_gain parts) and scratch
+        self.sizes = (n_rows, n_rows, n_rows, n_rows, n_rows, 5 * blocks, extra + scratch)
+
+    def views(self, buf: torch.Tensor) -> tuple:
+        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``)."""
+        res, prev, lowest, nstep, rstd, check, rest = buf.split_with_sizes(self.sizes)
+        return RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest
+
+
+def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, config: Optional[tuple]) -> dict:
+    """The given configuration (``tuple(dict.items())``), else :func:`split_config`'s."""
+    if config is not None:
+        return dict(config)
+    cpu = device.type == "cpu"
+    return split_config(n_rows, d, element_size, 1 if cpu else sm_count(device.index or 0), cpu)
+
+
+@functools.lru_cache(maxsize=256)
+def _solve_plan(n_rows: int, d: int, element_size: int, device: torch.device, strides: tuple, eps: float,
+                damping: float, tol: float, max_iter: int, stop_mode: str, with_rstd: bool, dots: tuple,
+                config: Optional[tuple]) -> _Plan:
+    cfg = _resolve(n_rows, d, element_size, device, config)
+    blocks = cdiv(n_rows, cfg["BLOCK_M"])
+    launch = Launch(_solve_split_kernel, (cfg["SPLIT"], blocks),
+                    (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS, STOP_MODES[stop_mode],
+                     with_rstd, *dots, cfg["SPLIT"], cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                     cfg["BLOCK_K"]),
+                    cfg["num_warps"], device, num_stages=cfg["num_stages"])
+    return _Plan(launch, n_rows, blocks, 0, n_rows * cfg["SPLIT"] * (1 + _NSTAT.value))
+
+
+@functools.lru_cache(maxsize=256)
+def _adjoint_plan(n_rows: int, d: int, element_size: int, device: torch.device, strides: tuple, eps: float,
+                  damping: float, tol: float, max_iter: int, dots: tuple, config: Optional[tuple]) -> _Plan:
+    cfg = _resolve(n_rows, d, element_size, device, config)
+    blocks = cdiv(n_rows, cfg["BLOCK_M"])
+    launch = Launch(_adjoint_split_kernel, (cfg["SPLIT"], blocks),
+                    (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS, *dots,
+                     cfg["SPLIT"],
+                     cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]),
+                    cfg["num_warps"], device, num_stages=cfg["num_stages"])
+    return _Plan(launch, n_rows, blocks, blocks * d, n_rows * cfg["SPLIT"] * (2 + _NSTAT.value))
+
+
+def _dots(t: torch.Tensor) -> tuple:
+    args = dot_args(t)
+    return args["PRECISION"], args["DOT_F32"]
+
+
+def solve_split(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
+    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool, config: Optional[dict] = None,
+) -> Solved:
+    """:func:`deqkern.ops.persistent.solve_triton` by the split kernel (same arguments and
+    outputs; ``check`` has one row per row block). ``config``: :func:`split_config`'s
+    choice unless given (tests and benchmarks). The launch is planned once per call
+    signature (:class:`~deqkern.ops.launch.Launch`); a call allocates h*, one float32
+    buffer and the barrier counters."""
+    d = weight.shape[0]
+    h_in = rows(h0, d)
+    f, stride_f = frozen_rows(frozen, d)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    n_rows = h_in.shape[0]
+    device = h0.device
+    plan = _solve_plan(n_rows, d, h0.element_size(), device, (h_in.stride(0), w.stride(0), stride_f), eps, damping,
+                       tol, max_iter, stop_mode, with_rstd, _dots(h0), config and tuple(config.items()))
+    h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
+    buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
+    plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf,
+                torch.zeros(plan.blocks, dtype=torch.int32, device=device))
+    state, rstd, check, _ = plan.views(buf)
+    return Solved(h, state, rstd if with_rstd else None, check)
+
+
+def adjoint_split(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
+    eps: float, damping: float, max_iter: int, tol: float, config: Optional[dict] = None,
+) -> Adjoint:
+    """:func:`deqkern.ops.persistent_adjoint.adjoint_triton` by the split kernel (``config``
+    as in :func:`solve_split`)."""
+    d = weight.shape[0]
+    hs, vv = rows(h_star, d), rows(v, d)
+    f, stride_f = frozen_rows(frozen, d)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    n_rows = hs.shape[0]
+    device = h_star.device
+    plan = _adjoint_plan(n_rows, d, h_star.element_size(), device, (hs.stride(0), w.stride(0), stride_f, vv.stride(0)),
+                         eps, damping, tol, max_iter, _dots(weight), config and tuple(config.items()))
+    g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
+    dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
+    buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
+    plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
+                torch.zeros(plan.blocks, dtype=torch.int32, device=device))
+    state, rstd, check, rest = plan.views(buf)
+    parts = rest[:plan.blocks * d].view(plan.blocks, d)
+    return Adjoint(g, state, dz, rstd, parts[0] if plan.blocks == 1 else parts.sum(0), check)
