@@ -57,8 +57,9 @@ for spec in "$@"; do
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60 ;;
         cell-tests)  # the one-launch solves and what calls them
             TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 120 -rf \
-                tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py
+                ${CELL_TESTS:-tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py}
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60 ;;
+        probe) run_step probe "$limit" python bench/probe_split.py --out "$RES/probe_split.json" ;;
         env)
             { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
               python -c "import torch, triton, platform; print('torch', torch.__version__, '| triton', triton.__version__, '| CUDA', torch.version.cuda, '| python', platform.python_version(), '| GPUs', torch.cuda.device_count())"

@@ -61,8 +61,9 @@ def assert_rows_close(out, eager, ref, dtype, what, units=8):
 
 
 class Kernels:
-    """One pair of one-launch kernels: the whole-row block kernels or the split kernels
-    (:mod:`deqkern.ops.persistent_split`; under the interpreter with SPLIT 1)."""
+    """One pair of one-launch kernels: the whole-row block kernels, or the split kernels
+    (:mod:`deqkern.ops.persistent_split`; under the interpreter with SPLIT 1) with their
+    own tile choice ("split") or with the product as a loop over K tiles ("split-kloop")."""
 
     def __init__(self, name):
         self.name = name
@@ -70,23 +71,22 @@ class Kernels:
     def solve(self, *args, **kwargs):
         if self.name == "block":
             return persistent.solve_triton(*args, **kwargs)
-        self._need_tile(args[3])
-        return persistent_split.solve_split(*args, **kwargs)
+        return persistent_split.solve_split(*args, **kwargs, config=self._config(args[3]))
 
     def adjoint(self, *args, **kwargs):
         if self.name == "block":
             return persistent_adjoint.adjoint_triton(*args, **kwargs)
-        self._need_tile(args[3])
-        return persistent_split.adjoint_split(*args, **kwargs)
+        return persistent_split.adjoint_split(*args, **kwargs, config=self._config(args[3]))
 
-    @staticmethod
-    def _need_tile(h):
+    def _config(self, h):
         d = h.shape[-1]
-        if persistent_split.config_of(h.numel() // d, d, h) is None:
+        config = persistent_split.config_of(h.numel() // d, d, h)
+        if config is None:
             pytest.skip(f"no split tile for d={d} at this size (the dispatcher takes the block kernel)")
+        return {**config, "ONE_DOT": False} if self.name == "split-kloop" else config
 
 
-@pytest.fixture(params=["block", "split"])
+@pytest.fixture(params=["block", "split", "split-kloop"])
 def kernel(request) -> Kernels:
     return Kernels(request.param)
 
@@ -260,7 +260,7 @@ def forced_split(n_rows, d, block_m, block_n, element_size):
     split = -(-d // block_n)
     assert -(-n_rows // block_m) * split <= torch.cuda.get_device_properties(0).multi_processor_count
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(),
-                BLOCK_K=64 if element_size <= 2 else 32, num_warps=4, num_stages=2)
+                BLOCK_K=64 if element_size <= 2 else 32, ONE_DOT=block_m * block_n <= 1024, num_warps=4, num_stages=2)
 
 
 @cuda_only

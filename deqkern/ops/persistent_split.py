@@ -174,6 +174,37 @@ def _slice_product(A, stride_a, W, stride_wn, stride_wk, r64, row_ok, cn, n_ok, 
 
 
 @triton.jit
+def _resident_operand(W, stride_wn, stride_wk, cn, n_ok, d, DOT_F32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``B[:, cols]`` whole (``(BLOCK_D, BLOCK_N)``, ``B[k, n]`` as in ``_slice_product``), loaded
+    once before the loop (ONE_DOT)."""
+    kk = tl.arange(0, BLOCK_D)
+    b = tl.load(W + cn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=(kk < d)[:, None] & n_ok[None, :],
+                other=0.0)
+    if DOT_F32:
+        b = b.to(tl.float32)
+    return b
+
+
+@triton.jit
+def _product(A, stride_a, W, stride_wn, stride_wk, b, r64, row_ok, cn, n_ok, d,
+             PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``A[rows] @ B[:, cols]``: ONE_DOT, one ``tl.dot`` of the whole rows (one load, one
+    latency) with the resident operand ``b``; else ``_slice_product``'s loop over K tiles."""
+    if ONE_DOT:
+        kk = tl.arange(0, BLOCK_D)
+        a = tl.load(A + r64[:, None] * stride_a + kk[None, :], mask=row_ok[:, None] & (kk < d)[None, :], other=0.0,
+                    cache_modifier=".cg")
+        if DOT_F32:
+            a = a.to(tl.float32)
+        acc = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        acc = _slice_product(A, stride_a, W, stride_wn, stride_wk, r64, row_ok, cn, n_ok, d, PRECISION, DOT_F32,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res, prev, lowest, nstep, tol, flt_max,
                  BLOCK_M: tl.constexpr):
     """Program ``(i, 0)``: the row block's bookkeeping and its part of the host check."""
@@ -203,7 +234,7 @@ def _solve_split_kernel(
     eps, damping, tol, max_iter, flt_max, rel_eps,
     STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_DOT: tl.constexpr,
 ):
     """The forward solve of rows ``i`` and columns ``j`` for program ``(i, j)`` (module
     docstring). H (R, d) holds the iterate; BUF (float32) the row state, rstd, host check
@@ -227,6 +258,7 @@ def _solve_split_kernel(
     tl.store(H + here, h, mask=m)
     h = h.to(tl.float32)
     gain = tl.load(GAIN + cn, mask=n_ok, other=0.0).to(tl.float32)
+    wt = _resident_operand(W, stride_w, 1, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -237,7 +269,8 @@ def _solve_split_kernel(
     k = tl.full((), 0, tl.int32)
     pending = tl.full((), 1, tl.int32)
     while pending > 0:
-        z = _slice_product(H, d, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        z = _product(H, d, W, stride_w, 1, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
+                     BLOCK_K, BLOCK_D)
         z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
         target += SPLIT
@@ -286,7 +319,7 @@ def _adjoint_split_kernel(
     n_rows, d, stride_hs, stride_w, stride_f, stride_v,
     eps, damping, tol, max_iter, flt_max, rel_eps,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_DOT: tl.constexpr,
 ):
     """The adjoint solve of rows ``i`` and columns ``j`` for program ``(i, j)`` (module
     docstring; the math of :mod:`deqkern.ops.persistent_adjoint`). G (R, d) float32 gets
@@ -329,6 +362,7 @@ def _adjoint_split_kernel(
     target += SPLIT
     alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
 
+    wt = _resident_operand(W, 1, stride_w, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -336,7 +370,8 @@ def _adjoint_split_kernel(
     k = tl.full((), 0, tl.int32)
     pending = tl.where(alive, 1, 0)
     while pending > 0:
-        u = _slice_product(DZ, d, W, 1, stride_w, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
+        u = _product(DZ, d, W, 1, stride_w, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
+                     BLOCK_K, BLOCK_D)
         active = ok & (res_old >= tol) & (res_old <= flt_max)
         am = active[:, None] & n_ok[None, :]
         v = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=am, other=0.0).to(tl.float32)
@@ -377,6 +412,8 @@ def _adjoint_split_kernel(
 _L2_BYTES_PER_SM = 100e9
 _FLOPS_PER_SM = 4e12
 _SYNC_SECONDS = 1.5e-6
+#: Largest operands (bytes) of a single whole-row ``tl.dot`` with W's slice resident (ONE_DOT).
+_ONE_DOT_BYTES = 64 * 1024
 #: Largest BLOCK_M x BLOCK_N a program holds (a handful of float32 tiles of it live at once).
 _MAX_TILE = 8192
 
@@ -403,6 +440,7 @@ def split_config(n_rows: int, d: int, element_size: int, n_sm: int, interpreted:
                     best_cost = cost
                     best = dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=next_power_of_2(split),
                                 BLOCK_K=min(64 if element_size <= 2 else 32, max(16, next_power_of_2(d))),
+                                ONE_DOT=(block_m + block_n) * next_power_of_2(d) * element_size <= _ONE_DOT_BYTES,
                                 num_warps=4 if block_m * block_n <= 2048 else 8, num_stages=2)
             block_n //= 2
         if row_blocks == 1:
@@ -459,30 +497,34 @@ def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, confi
 
 
 @functools.lru_cache(maxsize=256)
-def _solve_plan(n_rows: int, d: int, element_size: int, device: torch.device, strides: tuple, eps: float,
+def _solve_plan(n_rows: int, d: int, dtypes: tuple, device: torch.device, strides: tuple, eps: float,
                 damping: float, tol: float, max_iter: int, stop_mode: str, with_rstd: bool, dots: tuple,
                 config: Optional[tuple]) -> _Plan:
-    cfg = _resolve(n_rows, d, element_size, device, config)
+    cfg = _resolve(n_rows, d, dtypes[0].itemsize, device, config)
     blocks = cdiv(n_rows, cfg["BLOCK_M"])
     launch = Launch(_solve_split_kernel, (cfg["SPLIT"], blocks),
                     (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS, STOP_MODES[stop_mode],
-                     with_rstd, *dots, cfg["SPLIT"], cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"],
-                     cfg["BLOCK_K"]),
+                     with_rstd, *dots, *_tiles(cfg, d)),
                     cfg["num_warps"], device, num_stages=cfg["num_stages"])
     return _Plan(launch, n_rows, blocks, 0, n_rows * cfg["SPLIT"] * (1 + _NSTAT.value))
 
 
 @functools.lru_cache(maxsize=256)
-def _adjoint_plan(n_rows: int, d: int, element_size: int, device: torch.device, strides: tuple, eps: float,
+def _adjoint_plan(n_rows: int, d: int, dtypes: tuple, device: torch.device, strides: tuple, eps: float,
                   damping: float, tol: float, max_iter: int, dots: tuple, config: Optional[tuple]) -> _Plan:
-    cfg = _resolve(n_rows, d, element_size, device, config)
+    cfg = _resolve(n_rows, d, dtypes[0].itemsize, device, config)
     blocks = cdiv(n_rows, cfg["BLOCK_M"])
     launch = Launch(_adjoint_split_kernel, (cfg["SPLIT"], blocks),
                     (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS, *dots,
-                     cfg["SPLIT"],
-                     cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]),
+                     *_tiles(cfg, d)),
                     cfg["num_warps"], device, num_stages=cfg["num_stages"])
     return _Plan(launch, n_rows, blocks, blocks * d, n_rows * cfg["SPLIT"] * (2 + _NSTAT.value))
+
+
+def _tiles(cfg: dict, d: int) -> tuple:
+    """The kernels' trailing constexprs, SPLIT to ONE_DOT."""
+    return (cfg["SPLIT"], cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_power_of_2(d),
+            cfg["ONE_DOT"])
 
 
 def _dots(t: torch.Tensor) -> tuple:
@@ -505,7 +547,8 @@ def solve_split(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     n_rows = h_in.shape[0]
     device = h0.device
-    plan = _solve_plan(n_rows, d, h0.element_size(), device, (h_in.stride(0), w.stride(0), stride_f), eps, damping,
+    # every tensor's dtype is in the key: the launch reuses one compiled kernel
+    plan = _solve_plan(n_rows, d, (h0.dtype, w.dtype, f.dtype, gain.dtype), device, (h_in.stride(0), w.stride(0), stride_f), eps, damping,
                        tol, max_iter, stop_mode, with_rstd, _dots(h0), config and tuple(config.items()))
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
     buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
@@ -527,7 +570,7 @@ def adjoint_split(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     n_rows = hs.shape[0]
     device = h_star.device
-    plan = _adjoint_plan(n_rows, d, h_star.element_size(), device, (hs.stride(0), w.stride(0), stride_f, vv.stride(0)),
+    plan = _adjoint_plan(n_rows, d, (h_star.dtype, w.dtype, f.dtype, gain.dtype, vv.dtype), device, (hs.stride(0), w.stride(0), stride_f, vv.stride(0)),
                          eps, damping, tol, max_iter, _dots(weight), config and tuple(config.items()))
     g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)

@@ -1,0 +1,128 @@
+"""Where the one-launch solve's time goes: device time per iteration and per launch of the
+split and block kernels, and the host's share of a call.
+
+    python bench/probe_split.py [--sizes bf16:256x512 ...] [--out FILE]
+
+For each size and kernel configuration: the forward solve captured in a CUDA graph at
+``max_iter`` 1, 5 and 10 with ``tol=0`` (every iteration runs), replayed back to back
+between two CUDA events: device microseconds per launch, and their slope per iteration.
+Then wall microseconds per call (back-to-back calls, host included) of the bare launcher
+(``solve_split`` / ``solve_triton``) and of ``deqkern.solve_cell(on_nonconvergence="ignore")``
+at ``max_iter`` 5: what the host adds on top of the device. CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import deqkern  # noqa: E402
+from deqkern.ops import persistent, persistent_split  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SIZES = ["bf16:256x512", "fp32:256x512", "bf16:1024x1024"]
+EPS, DAMPING = 1e-6, 0.85
+
+
+def device_us(fn, replays: int = 200) -> float:
+    """Device microseconds per call of ``fn`` replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, 1e3 * start.elapsed_time(end) / replays)
+    return best
+
+
+def candidates(n: int, d: int, h: torch.Tensor) -> list[tuple[str, dict | None]]:
+    auto = persistent_split.config_of(n, d, h)
+    out: list[tuple[str, dict | None]] = [("block", None)]
+    if auto is not None:
+        out.append((f"split auto {auto['BLOCK_M']}x{auto['BLOCK_N']}/{auto['SPLIT']} one-dot {auto['ONE_DOT']}", auto))
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    for bm, bn in ((16, 64), (32, 32), (32, 64), (64, 128)):
+        split = -(-d // bn)
+        if -(-n // bm) * split > n_sm or (auto and (bm, bn) == (auto["BLOCK_M"], auto["BLOCK_N"])):
+            continue
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(),
+                   BLOCK_K=64 if h.element_size() <= 2 else 32, num_warps=4 if bm * bn <= 2048 else 8, num_stages=2,
+                   ONE_DOT=False)
+        out.append((f"split {bm}x{bn}/{split} kloop", cfg))
+        if (bm + bn) * d * h.element_size() <= 128 * 1024:
+            out.append((f"split {bm}x{bn}/{split} one-dot", {**cfg, "ONE_DOT": True}))
+            out.append((f"split {bm}x{bn}/{split} one-dot w8", {**cfg, "ONE_DOT": True, "num_warps": 8}))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=SIZES)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for spec in args.sizes:
+        name, size = spec.split(":")
+        n, d = (int(x) for x in size.split("x"))
+        dtype = DTYPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w = torch.randn(d, d, device="cuda", generator=gen)
+        w = (0.5 * w / torch.linalg.matrix_norm(w, 2)).to(dtype)
+        frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
+        gain = torch.ones(d, device="cuda", dtype=dtype)
+        h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
+        for label, cfg in candidates(n, d, h0):
+            def solve(m, cfg=cfg):
+                if cfg is None:
+                    return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, 0.0, "rel", False)
+                return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, 0.0, "rel", False, config=cfg)
+
+            try:
+                dev = {m: device_us(lambda m=m: solve(m)) for m in (1, 5, 10)}
+                wall5 = 1e3 * common.wall_ms(lambda: solve(5), torch.device("cuda"), calls=50, rounds=5)
+                row = {"dtype": name, "n": n, "d": d, "kernel": label, "device_us_1": dev[1], "device_us_5": dev[5],
+                       "device_us_10": dev[10], "us_per_iteration": (dev[10] - dev[5]) / 5,
+                       "launch_wall_us_5": wall5}
+            except Exception as err:  # noqa: BLE001
+                row = {"dtype": name, "n": n, "d": d, "kernel": label, "error": f"{type(err).__name__}: {err}"[:200]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        saved = persistent_split.KERNEL
+        for kernel in ("auto", "block"):
+            persistent_split.KERNEL = kernel
+            with torch.no_grad():
+                us = 1e3 * common.wall_ms(lambda: deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS,
+                                                                      max_iter=5, tol=0.0, on_nonconvergence="ignore"),
+                                          torch.device("cuda"), calls=50, rounds=5)
+            row = {"dtype": name, "n": n, "d": d, "kernel": f"solve_cell ({kernel})", "solve_cell_wall_us_5": us}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        persistent_split.KERNEL = saved
+    payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
