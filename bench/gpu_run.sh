@@ -51,14 +51,17 @@ for spec in "$@"; do
               echo "commit $DEQKERN_COMMIT"; date -u +%FT%TZ; } >"$RES/env.txt" 2>&1
             cat "$RES/env.txt" ;;
         tests)
-            TAIL=8 run_step tests "$limit" python -m pytest -v -p no:cacheprovider -n 24 --timeout 150 -rf tests \
+            DEQKERN_FAILURE_LOG="$RES/tests-failures.log" TAIL=8 run_step tests "$limit" python -m pytest -v -p no:cacheprovider -n 24 --timeout 150 -rf tests \
                 --ignore=tests/test_distributed.py --ignore=tests/test_checkpoint.py \
                 --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py
-            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60 ;;
+            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60
+            [ -f "$RES/tests-failures.log" ] && grep -aE "^(=====|E )" "$RES/tests-failures.log" | head -80 ;;
         cell-tests)  # the one-launch solves and what calls them
-            TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 120 -rf \
-                ${CELL_TESTS:-tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py}
-            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60 ;;
+            DEQKERN_FAILURE_LOG="$RES/cell-tests-failures.log" TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 120 -rf \
+                ${CELL_TESTS:-tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py} \
+                ${CELL_K:+-k "$CELL_K"}
+            echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60
+            [ -f "$RES/cell-tests-failures.log" ] && grep -aE "^(=====|E )" "$RES/cell-tests-failures.log" | head -80 ;;
         probe) run_step probe "$limit" python bench/probe_split.py --out "$RES/probe_split.json" ;;
         env)
             { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -4,7 +4,7 @@ split and block kernels, and the host's share of a call.
     python bench/probe_split.py [--sizes bf16:256x512 ...] [--out FILE]
 
 For each size and kernel configuration: the forward solve captured in a CUDA graph at
-``max_iter`` 1, 5 and 10 with ``tol=0`` (every iteration runs), replayed back to back
+``max_iter`` 1, 5 and 10 with ``tol=1e-30`` (every iteration runs), replayed back to back
 between two CUDA events: device microseconds per launch, and their slope per iteration.
 Then wall microseconds per call (back-to-back calls, host included) of the bare launcher
 (``solve_split`` / ``solve_triton``) and of ``deqkern.solve_cell(on_nonconvergence="ignore")``
@@ -29,6 +29,7 @@ from deqkern.ops import persistent, persistent_split  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIZES = ["bf16:256x512", "fp32:256x512", "bf16:1024x1024"]
 EPS, DAMPING = 1e-6, 0.85
+TOL = 1e-30  # below any residual: every iteration runs
 
 
 def device_us(fn, replays: int = 200) -> float:
@@ -55,13 +56,31 @@ def device_us(fn, replays: int = 200) -> float:
     return best
 
 
+def host_profile(fn, calls: int = 2000) -> None:
+    """cProfile of ``calls`` calls (host functions by own time), printed."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def candidates(n: int, d: int, h: torch.Tensor) -> list[tuple[str, dict | None]]:
     auto = persistent_split.config_of(n, d, h)
     out: list[tuple[str, dict | None]] = [("block", None)]
     if auto is not None:
         out.append((f"split auto {auto['BLOCK_M']}x{auto['BLOCK_N']}/{auto['SPLIT']} one-dot {auto['ONE_DOT']}", auto))
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    for bm, bn in ((16, 64), (32, 32), (32, 64), (64, 128)):
+    for bm, bn in ((16, 64), (32, 32), (32, 64), (64, 128), (16, 512)):
         split = -(-d // bn)
         if -(-n // bm) * split > n_sm or (auto and (bm, bn) == (auto["BLOCK_M"], auto["BLOCK_N"])):
             continue
@@ -94,8 +113,8 @@ def main(argv=None) -> dict:
         for label, cfg in candidates(n, d, h0):
             def solve(m, cfg=cfg):
                 if cfg is None:
-                    return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, 0.0, "rel", False)
-                return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, 0.0, "rel", False, config=cfg)
+                    return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False)
+                return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False, config=cfg)
 
             try:
                 dev = {m: device_us(lambda m=m: solve(m)) for m in (1, 5, 10)}
@@ -112,12 +131,15 @@ def main(argv=None) -> dict:
             persistent_split.KERNEL = kernel
             with torch.no_grad():
                 us = 1e3 * common.wall_ms(lambda: deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS,
-                                                                      max_iter=5, tol=0.0, on_nonconvergence="ignore"),
+                                                                      max_iter=5, tol=TOL, on_nonconvergence="ignore"),
                                           torch.device("cuda"), calls=50, rounds=5)
             row = {"dtype": name, "n": n, "d": d, "kernel": f"solve_cell ({kernel})", "solve_cell_wall_us_5": us}
             print(json.dumps(row), flush=True)
             rows.append(row)
         persistent_split.KERNEL = saved
+        if spec == args.sizes[0]:
+            host_profile(lambda: deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, max_iter=5, tol=TOL,
+                                                    on_nonconvergence="ignore"))
     payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(payload, indent=1, default=str))

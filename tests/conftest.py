@@ -54,3 +54,12 @@ def backend(request, monkeypatch) -> str:
 def pytest_report_header(config):
     mode = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, Triton interpreter"
     return f"deqkern fused kernels run on: {mode}"
+
+
+def pytest_runtest_logreport(report):
+    """With ``DEQKERN_FAILURE_LOG=FILE``, each failure's report is appended to FILE as it
+    happens (a GPU run cut short by its time limit keeps the tracebacks it got)."""
+    path = os.environ.get("DEQKERN_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

@@ -75,9 +75,12 @@ def group_sync_tl(BAR, target, SPLIT: tl.constexpr, SPINS: tl.constexpr):
     """Wait until the group's arrival counter ``BAR`` reaches ``target`` after adding this
     program's arrival; True unless the wait gave up after ``SPINS`` polls. The CTA barriers
     around it order the program's global stores before its arrival and its later loads
-    after the group's arrivals."""
+    after the group's arrivals. With SPLIT 1 only the CTA barrier remains: the parts are
+    still exchanged through memory, between the program's own threads."""
     ok = tl.full((), 1, tl.int1)
-    if SPLIT > 1:
+    if SPLIT == 1:
+        tl.debug_barrier()  # the exchange within the program: its threads read what others stored
+    else:
         tl.debug_barrier()
         tl.atomic_add(BAR, 1, sem="release", scope="gpu")
         seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
