@@ -276,19 +276,27 @@ def test_split_groups_on_the_gpu(dtype, n_rows, d, block_m, block_n, stop_mode):
     gen = torch.Generator().manual_seed(case_seed("split", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
     cfg = forced_split(n_rows, d, block_m, block_n, cast[0].element_size())
-    tol = TOL[dtype]
+    tol = TOL[dtype] * (d**0.5 if stop_mode == "abs" else 1.0)  # an absolute residual grows with ||h|| ~ sqrt(d)
     h, state, rstd, parts = persistent_split.solve_split(*cast, EPS, DAMPING, 40, tol, stop_mode, True, config=cfg)
     h_e, state_e, rstd_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
     assert bool((state.residual < tol).all())
-    assert int((state.nstep - state_e.nstep).abs().max()) <= (0 if dtype == torch.float32 else 1)
+    assert_same_steps(state.nstep, state_e.nstep)
     assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
     torch.testing.assert_close(rstd, rstd_e.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0)
     check, iterations = read_check(parts)
     assert check == host_check(check_vector(state, tol)) and iterations == int(state.nstep.max())
     v = torch.randn(n_rows, d, device="cuda") * torch.logspace(-3, 3, n_rows, device="cuda")[:, None]
-    out = persistent_split.adjoint_split(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol, config=cfg)
-    ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
-    assert bool((out.state.residual < tol).all())
-    assert int((out.state.nstep - ref.state.nstep).abs().max()) <= (0 if dtype == torch.float32 else 1)
-    assert float(row_err(out.g, ref.g.double()).max()) < 20 * tol
-    torch.testing.assert_close(out.d_gain, ref.d_gain.float(), rtol=20 * tol, atol=20 * tol * float(ref.d_gain.abs().max()))
+    out = persistent_split.adjoint_split(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, TOL[dtype], config=cfg)
+    ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, TOL[dtype])
+    assert bool((out.state.residual < TOL[dtype]).all())
+    assert_same_steps(out.state.nstep, ref.state.nstep)
+    assert float(row_err(out.g, ref.g.double()).max()) < 20 * TOL[dtype]
+    scale = float(ref.d_gain.abs().max())
+    torch.testing.assert_close(out.d_gain, ref.d_gain.float(), rtol=20 * TOL[dtype], atol=20 * TOL[dtype] * scale)
+
+
+def assert_same_steps(nstep, expected):
+    """Split sums round differently from torch's: a row whose residual lands within a
+    rounding of ``tol`` may take one step more or less; at most 2% of the rows do."""
+    diff = (nstep - expected).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02, diff.tolist()

@@ -31,10 +31,12 @@ reduces the same parts in the same order, so all take the same decisions (which 
 active, when to stop) and leave the loop together; the bookkeeping lives in registers and
 program ``(i, 0)`` writes it out.
 
-The group barrier is an arrival counter per row block in global memory (release on
-arrival, acquire while polling). It needs the group's programs to be resident together:
-the launcher keeps the grid within the GPU's SM count, and a group's programs are adjacent
-in launch order. A program that polls ``MAX_SPINS`` times without the group arriving gives
+The group barrier (``group_sync_tl``) is a sense-reversing barrier on two int32 counters
+per row block in global memory (release on arrival, acquire while polling). Its counters
+return to zero after every barrier, so one zeroed buffer per device and stream serves every
+launch (``_barrier_counters``; a launch being captured in a CUDA graph gets its own). It
+needs the group's programs to be resident together: the launcher keeps the grid within the
+GPU's SM count, and a group's programs are adjacent in launch order. A program that polls ``MAX_SPINS`` times without the group arriving gives
 up and writes NaN into its rows (the solve then reports non-finite rows instead of hanging).
 Under Triton's interpreter, whose programs run one after another, ``SPLIT`` is 1 and the
 barriers compile away.
@@ -71,25 +73,31 @@ _NSTAT: tl.constexpr = tl.constexpr(8)
 
 # --------------------------------------------------------------------------- device helpers
 @triton.jit
-def group_sync_tl(BAR, target, SPLIT: tl.constexpr, SPINS: tl.constexpr):
-    """Wait until the group's arrival counter ``BAR`` reaches ``target`` after adding this
-    program's arrival; True unless the wait gave up after ``SPINS`` polls. The CTA barriers
-    around it order the program's global stores before its arrival and its later loads
-    after the group's arrivals. With SPLIT 1 only the CTA barrier remains: the parts are
-    still exchanged through memory, between the program's own threads."""
+def group_sync_tl(BAR, SPLIT: tl.constexpr, SPINS: tl.constexpr):
+    """A sense-reversing barrier of the group's SPLIT programs on ``BAR = (count, generation)``
+    (int32): each program notes the generation, then arrives; the last to arrive resets the
+    count and advances the generation, which the others wait for. The count is back at 0
+    after every barrier, so the counters are reused from launch to launch without a reset.
+    True unless the wait gave up after ``SPINS`` polls. The CTA barriers around it order the
+    program's global stores before its arrival and its later loads after the group's. With
+    SPLIT 1 only the CTA barrier remains (the parts are still exchanged through memory,
+    between the program's own threads)."""
     ok = tl.full((), 1, tl.int1)
-    if SPLIT == 1:
-        tl.debug_barrier()  # the exchange within the program: its threads read what others stored
-    else:
+    tl.debug_barrier()
+    if SPLIT > 1:
+        gen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
+        arrived = tl.atomic_add(BAR, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(BAR + 1, 1, sem="release", scope="gpu")
+        else:
+            seen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
+            spins = tl.full((), 0, tl.int32)
+            while (seen == gen) & (spins < SPINS):
+                seen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
+                spins += 1
+            ok = seen != gen
         tl.debug_barrier()
-        tl.atomic_add(BAR, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
-        spins = tl.full((), 0, tl.int32)
-        while (seen < target) & (spins < SPINS):
-            seen = tl.atomic_add(BAR, 0, sem="acquire", scope="gpu")
-            spins += 1
-        tl.debug_barrier()
-        ok = seen >= target
     return ok
 
 
@@ -241,7 +249,7 @@ def _solve_split_kernel(
 ):
     """The forward solve of rows ``i`` and columns ``j`` for program ``(i, j)`` (module
     docstring). H (R, d) holds the iterate; BUF (float32) the row state, rstd, host check
-    and the exchanged parts (``_buffers``); BAR (row blocks,) int32 zeros are the group
+    and the exchanged parts (``_buffers``); BAR (2 * row blocks,) int32 the group
     barriers. WITH_RSTD: iterate until an iteration commits nothing, whose rstd is h*'s."""
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
     ST = SS + n_rows * SPLIT
@@ -255,7 +263,7 @@ def _solve_split_kernel(
     n_ok = cn < d
     m = ok[:, None] & n_ok[None, :]
     here = r64[:, None] * d + cn[None, :]
-    bar = BAR + pid_m
+    bar = BAR + 2 * pid_m
 
     h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
     tl.store(H + here, h, mask=m)
@@ -266,8 +274,7 @@ def _solve_split_kernel(
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
     nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
-    target = tl.full((), SPLIT, tl.int32)
-    alive = group_sync_tl(bar, target, SPLIT, SPINS)
+    alive = group_sync_tl(bar, SPLIT, SPINS)
 
     k = tl.full((), 0, tl.int32)
     pending = tl.full((), 1, tl.int32)
@@ -276,8 +283,7 @@ def _solve_split_kernel(
                      BLOCK_K, BLOCK_D)
         z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
-        target += SPLIT
-        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
         sp = tl.arange(0, SPLIT_P2)
         ss = tl.sum(tl.load(SS + r64[:, None] * SPLIT + sp[None, :], mask=ok[:, None] & (sp < SPLIT)[None, :],
                             other=0.0, cache_modifier=".cg"), axis=1)
@@ -293,8 +299,7 @@ def _solve_split_kernel(
         _store_parts(ST, r64, ok, pid_s, h_next - h_prev, h_next, 0.0, SPLIT)
         tl.store(H + here, h_next.to(H.dtype.element_ty), mask=am)
         h = tl.where(am, h_next.to(H.dtype.element_ty).to(tl.float32), h)
-        target += SPLIT
-        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
         res = _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE, SPLIT, SPLIT_P2)
         prev = tl.where(active, res_old, prev)
         lowest = tl.where(active & (res < lowest), res, lowest)
@@ -341,7 +346,7 @@ def _adjoint_split_kernel(
     n_ok = cn < d
     m = ok[:, None] & n_ok[None, :]
     here = r64[:, None] * d + cn[None, :]
-    bar = BAR + pid_m
+    bar = BAR + 2 * pid_m
     sp = tl.arange(0, SPLIT_P2)
 
     z = _slice_product(HS, stride_hs, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32,
@@ -351,8 +356,7 @@ def _adjoint_split_kernel(
     g = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(SS + (r64 * SPLIT + pid_s) * 2, tl.sum(z * z, axis=1), mask=ok)
     tl.store(SS + (r64 * SPLIT + pid_s) * 2 + 1, tl.sum(bgain[None, :] * g * z, axis=1), mask=ok)
-    target = tl.full((), SPLIT, tl.int32)
-    alive = group_sync_tl(bar, target, SPLIT, SPINS)
+    alive = group_sync_tl(bar, SPLIT, SPINS)
     parts = SS + (r64[:, None] * SPLIT + sp[None, :]) * 2
     pm = ok[:, None] & (sp < SPLIT)[None, :]
     ss = tl.sum(tl.load(parts, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
@@ -362,8 +366,7 @@ def _adjoint_split_kernel(
     # dz = rstd * (dyg - n * mean(dyg * n)), mean(dyg * n) = rstd * sum(dyg * z) / d
     dz = rstd[:, None] * (bgain[None, :] * g - n * (rstd * dyz / d)[:, None])
     tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=m)
-    target += SPLIT
-    alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+    alive = alive & group_sync_tl(bar, SPLIT, SPINS)
 
     wt = _resident_operand(W, 1, stride_w, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
@@ -381,8 +384,7 @@ def _adjoint_split_kernel(
         g_prev = tl.where(am, g, 0.0)
         g_next = tl.where(am, v + (1.0 - damping) * g + u, 0.0)
         _store_parts(ST, r64, ok, pid_s, g_next - g_prev, g_next, tl.sum(bgain[None, :] * g_next * z, axis=1), SPLIT)
-        target += SPLIT
-        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
         res = _residual_from_parts(ST, r64, ok, rel_eps, 1, SPLIT, SPLIT_P2)
         dyz = tl.sum(_load_parts(ST, r64, ok, 6, SPLIT, SPLIT_P2), axis=1)
         dz = rstd[:, None] * (bgain[None, :] * g_next - n * (rstd * dyz / d)[:, None])
@@ -393,8 +395,7 @@ def _adjoint_split_kernel(
         nstep = tl.where(active, nstep + 1, nstep)
         res_old = tl.where(active, res, res_old)
         n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
-        target += SPLIT
-        alive = alive & group_sync_tl(bar, target, SPLIT, SPINS)
+        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
         k += 1
         pending = tl.where(alive & (k < max_iter), n_active, 0)
     if not alive:
@@ -409,14 +410,16 @@ def _adjoint_split_kernel(
 
 
 # --------------------------------------------------------------------------- launch configuration
-#: Cost model of one iteration of a program (seconds), used only to rank configurations:
-#: bytes it reads from L2 per second, tensor-core flop/s of one SM at tl.dot's small
-#: tiles, and the cost of a group barrier.
+#: Cost model of one iteration of a program (seconds), used only to rank configurations,
+#: fitted to device time per iteration on an H200 (bench/probe_split.py, bf16 256x512):
+#: bytes it reads from L2 per second; flop/s of one SM's tl.dot at BLOCK_M = 16 (latency
+#: bound: about sqrt(BLOCK_M / 16) times more at taller tiles); and the cost per program
+#: of a group barrier (the arrivals on one counter are serialized; two barriers an iteration).
 _L2_BYTES_PER_SM = 100e9
-_FLOPS_PER_SM = 4e12
-_SYNC_SECONDS = 1.5e-6
+_FLOPS_PER_SM = 0.6e12
+_SYNC_SECONDS_PER_PROGRAM = 0.22e-6
 #: Largest operands (bytes) of a single whole-row ``tl.dot`` with W's slice resident (ONE_DOT).
-_ONE_DOT_BYTES = 64 * 1024
+_ONE_DOT_BYTES = 96 * 1024
 #: Largest BLOCK_M x BLOCK_N a program holds (a handful of float32 tiles of it live at once).
 _MAX_TILE = 8192
 
@@ -438,12 +441,14 @@ def split_config(n_rows: int, d: int, element_size: int, n_sm: int, interpreted:
                 break
             if (split == 1 or row_blocks * split <= n_sm) and block_m * block_n <= _MAX_TILE:
                 cost = ((block_m + block_n) * d * element_size / _L2_BYTES_PER_SM
-                        + 2.0 * block_m * block_n * d / _FLOPS_PER_SM + (2 * _SYNC_SECONDS if split > 1 else 0.0))
+                        + 2.0 * block_m * block_n * d / (_FLOPS_PER_SM * (block_m / 16) ** 0.5)
+                        + (2 * _SYNC_SECONDS_PER_PROGRAM * split if split > 1 else 0.0))
                 if cost < best_cost:
                     best_cost = cost
                     best = dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=next_power_of_2(split),
                                 BLOCK_K=min(64 if element_size <= 2 else 32, max(16, next_power_of_2(d))),
-                                ONE_DOT=(block_m + block_n) * next_power_of_2(d) * element_size <= _ONE_DOT_BYTES,
+                                ONE_DOT=(block_m + block_n) * max(16, next_power_of_2(d)) * element_size
+                                <= _ONE_DOT_BYTES,
                                 num_warps=4 if block_m * block_n <= 2048 else 8, num_stages=2)
             block_n //= 2
         if row_blocks == 1:
@@ -526,8 +531,30 @@ def _adjoint_plan(n_rows: int, d: int, dtypes: tuple, device: torch.device, stri
 
 def _tiles(cfg: dict, d: int) -> tuple:
     """The kernels' trailing constexprs, SPLIT to ONE_DOT."""
-    return (cfg["SPLIT"], cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_power_of_2(d),
-            cfg["ONE_DOT"])
+    return (cfg["SPLIT"], cfg["SPLIT_P2"], MAX_SPINS, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+            max(16, next_power_of_2(d)), cfg["ONE_DOT"])  # tl.dot's K >= 16
+
+
+#: Zeroed barrier counters by (device, stream): ``group_sync_tl`` leaves them at zero.
+_BARRIERS: dict = {}
+
+
+def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Two int32 counters per row block for a launch on the current stream of ``device``:
+    the stream's cached zeroed buffer (launches on one stream run one after another, and
+    each leaves the counters at zero), or a new one while a CUDA graph is being captured
+    (a memset in the graph: the graph's launches then use memory of the graph's own)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(2 * blocks, dtype=torch.int32, device=device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (device, 0)
+    counters = _BARRIERS.get(key)
+    if counters is None or counters.numel() < 2 * blocks:
+        counters = _BARRIERS[key] = torch.zeros(max(2 * blocks, 512), dtype=torch.int32, device=device)
+    return counters
 
 
 def _dots(t: torch.Tensor) -> tuple:
@@ -556,7 +583,7 @@ def solve_split(
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
     buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
     plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf,
-                torch.zeros(plan.blocks, dtype=torch.int32, device=device))
+                _barrier_counters(device, plan.blocks))
     state, rstd, check, _ = plan.views(buf)
     return Solved(h, state, rstd if with_rstd else None, check)
 
@@ -579,7 +606,7 @@ def adjoint_split(
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
     buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
     plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
-                torch.zeros(plan.blocks, dtype=torch.int32, device=device))
+                _barrier_counters(device, plan.blocks))
     state, rstd, check, rest = plan.views(buf)
     parts = rest[:plan.blocks * d].view(plan.blocks, d)
     return Adjoint(g, state, dz, rstd, parts[0] if plan.blocks == 1 else parts.sum(0), check)

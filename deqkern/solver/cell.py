@@ -163,9 +163,9 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) 
         with torch.no_grad():
             return persistent.solve_reference(*args)
     _backend.record(BACKEND)  # the kernels record no autograd graph
+    if persistent_split.use_split(h0.numel() // h0.shape[-1], h0.shape[-1], h0):
+        return persistent_split.solve_split(*args)  # its launch handles a device that is not the current one
     with _on_device(h0):
-        if persistent_split.use_split(h0.numel() // h0.shape[-1], h0.shape[-1], h0):
-            return persistent_split.solve_split(*args)
         return persistent.solve_triton(*args)
 
 
@@ -177,9 +177,9 @@ def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol
         _backend.record("eager")
         return persistent_adjoint.adjoint_reference(*args)
     _backend.record(BACKEND)
+    if persistent_split.use_split(h_star.numel() // h_star.shape[-1], h_star.shape[-1], h_star):
+        return persistent_split.adjoint_split(*args)
     with _on_device(h_star):
-        if persistent_split.use_split(h_star.numel() // h_star.shape[-1], h_star.shape[-1], h_star):
-            return persistent_split.adjoint_split(*args)
         return persistent_adjoint.adjoint_triton(*args)
 
 
