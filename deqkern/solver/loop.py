@@ -229,24 +229,22 @@ def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol:
     :func:`deqkern.ops.stats.summary_reference` defines them. Where the kernels run: the
     row norms (one torch op, not for ``"max"``) and one launch."""
     lead = h.shape[:-1]
-    with torch.no_grad():
-        residual = state.lowest if lowest else state.residual
-        nstep = state.lowest_step if lowest else state.nstep
-        norm = None if stop_mode == "max" else row_norm(h.detach()).reshape(-1)
-        if residual.shape[0] and state_backend(residual.device) != "eager":
-            stats = summary_triton(residual, nstep, state.residual, state.nstep, state.prev, norm, tol, stop_mode)
-        else:
-            stats = summary_reference(residual, nstep, state.residual, state.prev, norm, check_vector, tol,
-                                      stop_mode)
-        info = {"nstep": nstep.view(lead), "residual": residual.view(lead)}
-        for name in ("converged", "abs_lowest", "rel_lowest"):
-            info[name] = stats[name].view(lead)
-        for name in (*SUMMARY_SCALARS, "nonfinite_iter"):
-            info[name] = stats[name]
-        if traces is not None:
-            info["abs_trace"] = traces[0].view(*lead, traces.shape[-1])
-            info["rel_trace"] = traces[1].view(*lead, traces.shape[-1])
-        return info
+    residual = state.lowest if lowest else state.residual  # the state holds no autograd history
+    nstep = state.lowest_step if lowest else state.nstep
+    norm = None if stop_mode == "max" else row_norm(h.detach()).reshape(-1)
+    if residual.shape[0] and state_backend(residual.device) != "eager":
+        stats = summary_triton(residual, nstep, state.residual, state.nstep, state.prev, norm, tol, stop_mode)
+    else:
+        stats = summary_reference(residual, nstep, state.residual, state.prev, norm, check_vector, tol, stop_mode)
+    per_row = {"nstep": nstep, "residual": residual, "converged": stats["converged"],
+               "abs_lowest": stats["abs_lowest"], "rel_lowest": stats["rel_lowest"]}
+    if len(lead) != 1:  # (R,) already for a 2-D h: a view each costs the host microseconds
+        per_row = {name: value.view(lead) for name, value in per_row.items()}
+    info = {**per_row, **{name: stats[name] for name in (*SUMMARY_SCALARS, "nonfinite_iter")}}
+    if traces is not None:
+        info["abs_trace"] = traces[0].view(*lead, traces.shape[-1])
+        info["rel_trace"] = traces[1].view(*lead, traces.shape[-1])
+    return info
 
 
 def result_info(result: LoopResult, tol: float, stop_mode: str) -> dict[str, torch.Tensor]:
