@@ -98,7 +98,11 @@ _FIELD_DTYPES = (torch.float32, torch.float32, torch.float32, torch.int32, torch
 def state_backend(device: torch.device) -> str:
     """The backend of the solver's bookkeeping on ``device`` (the per-row statistics are
     float32/int32 whatever the iterate's dtype). Not a user-facing op: where
-    ``DEQKERN_BACKEND=triton`` cannot run the kernels it falls back to eager instead of failing."""
+    ``DEQKERN_BACKEND=triton`` cannot run the kernels it falls back to eager instead of
+    failing, and under ``torch.compile`` (a solve traced into a graph, as
+    :func:`deqkern.solve_cell`'s statistics are) it is eager torch ops the graph can hold."""
+    if torch.compiler.is_compiling():
+        return "eager"
     try:
         return _backend.select(device, torch.float32, 1)
     except RuntimeError:
