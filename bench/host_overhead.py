@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ from deqkern.__main__ import forced_backend  # noqa: E402
 from deqkern.functional import rms_norm  # noqa: E402
 from deqkern.nn import FusedRMSNorm  # noqa: E402
 from deqkern.ops import commit as commit_module  # noqa: E402
+from deqkern.ops import stats as stats_module  # noqa: E402
 from deqkern.ops.commit import RowState  # noqa: E402
 from deqkern.ops.launch import Launch  # noqa: E402
 from deqkern.ops.update import update_reference  # noqa: E402
@@ -64,22 +66,28 @@ def _empty_kernel(X, n, BLOCK: tl.constexpr):
 
 @contextlib.contextmanager
 def launches_stubbed(active: bool):
-    """Every deqkern kernel launch a no-op (CPU: the Python side alone, no interpreter)."""
+    """Every deqkern kernel launch a no-op (CPU: the Python side alone, no interpreter),
+    except that the solver's state starts as RowState.start says and its host check reads
+    "one row unconverged, nothing non-finite" (one CPU fill or copy each): a solve then
+    runs all its iterations instead of stopping on uninitialized memory."""
     if not active:
         yield
         return
-    saved = Launch._jit_run, commit_module._commit_kernel
-    Launch._jit_run = lambda self, tensors: None
-    commit_module._commit_kernel = _NoLaunch()
+    saved = Launch._jit_run
+    unconverged = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+
+    def stub(self, tensors):
+        if self.kernel is commit_module._start_kernel:
+            for t, value in zip(tensors, (commit_module.FLT_MAX, commit_module.FLT_MAX, math.inf, 0, 0)):
+                t.fill_(value)
+        elif self.kernel is stats_module._check_kernel:
+            tensors[-1].copy_(unconverged)
+
+    Launch._jit_run = stub
     try:
         yield
     finally:
-        Launch._jit_run, commit_module._commit_kernel = saved
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        Launch._jit_run = saved
 
 
 def python_calls(fn) -> tuple[int, int | None]:
@@ -163,12 +171,39 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
     return rows
 
 
+def loop_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool,
+              kw: dict) -> list[dict]:
+    """The solver's own host cost, without a step's: ``solve_fused`` of a step that returns
+    the same two tensors every time. Per iteration (its share of the host checks
+    included): the time of 20 iterations less that of 4, over 16; per solve: the rest
+    (validation, RowState.start, the last check, ``info``)."""
+    h_next = torch.randn(n, d, device=device).to(dtype)
+    residual = torch.ones(n, device=device)
+    h0 = torch.randn(n, d, device=device).to(dtype)
+    times, calls = {}, {}
+    with torch.no_grad(), forced_backend("triton"), launches_stubbed(stubbed):
+        for max_iter in (4, 20):
+            def run(max_iter=max_iter):
+                return deqkern.solve_fused(lambda h: (h_next, residual), h0, max_iter=max_iter, **kw)
+
+            calls[max_iter], _ = python_calls(run)
+            times[max_iter] = 1e3 * common.wall_ms(run, device)
+    per_iteration = (times[20] - times[4]) / 16
+    calls_per_iteration = (calls[20] - calls[4]) / 16
+    note = "launches stubbed (Python side only)" if stubbed else ""
+    return [{"entry": "solve_fused loop alone, per iteration (a step that returns fixed tensors)",
+             "us_per_call": per_iteration, "python_calls": calls_per_iteration, "frames_to_launch": None,
+             "note": note},
+            {"entry": "  per solve (validation, state, last check, info)", "us_per_call": times[4] - 4 * per_iteration,
+             "python_calls": calls[4] - 4 * calls_per_iteration, "frames_to_launch": None, "note": note}]
+
+
 def solve_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool) -> list[dict]:
     import bench_solve
 
     cell = bench_solve.Cell(n, d, dtype, device)
-    rows = []
     kw = dict(tol=1e-30, on_nonconvergence="ignore")  # no early exit: exactly max_iter iterations
+    rows = loop_rows(n, d, dtype, device, stubbed, kw)
     for name, run in (("solve_fused, per iteration (20 iterations, no graph)",
                        lambda: deqkern.solve_fused(cell.step, cell.h0, max_iter=20, **kw)),
                       ("solve, per iteration (20 iterations, no graph)",

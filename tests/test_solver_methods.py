@@ -400,8 +400,8 @@ def test_auto_never_picks_the_interpreter(monkeypatch):
     monkeypatch.delenv("DEQKERN_BACKEND", raising=False)
     assert _backend.select(torch.device("cpu"), torch.float32, 8) == "eager"
     launched = []
-    original = commit_ops.commit_triton
-    monkeypatch.setattr(loop_mod, "commit_triton", lambda *a: launched.append(1) or original(*a))
+    original = commit_ops.CommitPlan.__call__
+    monkeypatch.setattr(commit_ops.CommitPlan, "__call__", lambda *a: launched.append(1) or original(*a))
     gen = fresh_gen("auto-eager")
     step, _, _ = rms_cell((4,), 8, torch.float32, gen)
     with torch.no_grad():

@@ -27,6 +27,7 @@ Triton interpreter, and is what the tests compare the kernel with.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -35,10 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from deqkern.ops.launch import STOP_MODES, cdiv, launch_config, rows
+from deqkern import _backend
+from deqkern.ops.launch import GPU_TILE, INTERPRETER_TILE, STOP_MODES, Launch, cdiv, launch_config, rows
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
-__all__ = ["RowState", "commit_triton", "commit_reference", "FLT_MAX"]
+__all__ = ["RowState", "CommitPlan", "commit_plan", "commit_triton", "commit_reference", "state_backend", "FLT_MAX"]
 
 #: A row's residual before its first step (see the module docstring).
 FLT_MAX = torch.finfo(torch.float32).max
@@ -67,19 +69,69 @@ class RowState:
 
     @classmethod
     def start(cls, n_rows: int, device: torch.device, best: Optional[torch.Tensor] = None) -> "RowState":
-        """``best``: ``h0`` as ``(R, d)`` to keep the lowest-residual iterate (copied)."""
+        """``best``: ``h0`` as ``(R, d)`` to keep the lowest-residual iterate (copied).
+        One launch of :func:`_start_kernel` where the Triton kernels run (:func:`state_backend`),
+        five fills otherwise."""
+        best = None if best is None else best.detach().clone(memory_format=torch.contiguous_format)
+        if n_rows and state_backend(device) != "eager":
+            fields = [torch.empty((n_rows,), dtype=dt, device=device) for dt in _FIELD_DTYPES]
+            _start_launch(n_rows, device)(*fields)
+            return cls(*fields, best=best)
         return cls(
             residual=torch.full((n_rows,), FLT_MAX, dtype=torch.float32, device=device),
             prev=torch.full((n_rows,), FLT_MAX, dtype=torch.float32, device=device),
             lowest=torch.full((n_rows,), math.inf, dtype=torch.float32, device=device),
             nstep=torch.zeros((n_rows,), dtype=torch.int32, device=device),
             lowest_step=torch.zeros((n_rows,), dtype=torch.int32, device=device),
-            best=None if best is None else best.detach().clone(memory_format=torch.contiguous_format),
+            best=best,
         )
 
     def active(self, tol: float) -> torch.Tensor:
         """``(R,)`` bool: rows still iterating (``tol <= residual <= FLT_MAX``)."""
         return (self.residual >= tol) & (self.residual <= FLT_MAX)
+
+
+#: The dtypes of RowState's per-row fields, in order (residual, prev, lowest, nstep, lowest_step).
+_FIELD_DTYPES = (torch.float32, torch.float32, torch.float32, torch.int32, torch.int32)
+
+
+def state_backend(device: torch.device) -> str:
+    """The backend of the solver's bookkeeping on ``device`` (the per-row statistics are
+    float32/int32 whatever the iterate's dtype). Not a user-facing op: where
+    ``DEQKERN_BACKEND=triton`` cannot run the kernels it falls back to eager instead of
+    failing, and under ``torch.compile`` (a solve traced into a graph, as
+    :func:`deqkern.solve_cell`'s statistics are) it is eager torch ops the graph can hold."""
+    if torch.compiler.is_compiling():
+        return "eager"
+    try:
+        return _backend.select(device, torch.float32, 1)
+    except RuntimeError:
+        return "eager"
+
+
+def row_block(device: torch.device) -> int:
+    """Rows per step of a kernel that walks every row's statistics in one program (a few
+    scalars a row: one tile's worth of them)."""
+    return INTERPRETER_TILE if device.type == "cpu" else GPU_TILE
+
+
+@triton.jit
+def _start_kernel(RES, PREV, LOWEST, NSTEP, LOWEST_STEP, n_rows, flt_max, BLOCK: tl.constexpr):
+    """RowState.start: residual and prev flt_max, lowest inf, nstep and lowest_step 0."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    start = tl.zeros([BLOCK], dtype=tl.float32) + flt_max
+    tl.store(RES + rows, start, mask=ok)
+    tl.store(PREV + rows, start, mask=ok)
+    tl.store(LOWEST + rows, tl.full([BLOCK], float("inf"), tl.float32), mask=ok)
+    tl.store(NSTEP + rows, tl.zeros([BLOCK], dtype=tl.int32), mask=ok)
+    tl.store(LOWEST_STEP + rows, tl.zeros([BLOCK], dtype=tl.int32), mask=ok)
+
+
+@functools.lru_cache(maxsize=256)
+def _start_launch(n_rows: int, device: torch.device) -> Launch:
+    block = row_block(device)
+    return Launch(_start_kernel, (cdiv(n_rows, block),), (n_rows, FLT_MAX, block), 4, device)
 
 
 # --------------------------------------------------------------------------- commit
@@ -143,6 +195,67 @@ def _commit_kernel(
     tl.store(NSTEP + rows, nstep + 1, mask=active)
 
 
+class CommitPlan:
+    """The host work of :func:`commit_triton` for one signature (rows, width, device,
+    ``tol``, ``stop_mode``, ``in_place``, whether a lowest-residual copy is kept), done once: the grid and launch configuration, and a cached
+    :class:`~deqkern.ops.launch.Launch` per layout of the operands (row strides, the
+    step's dtype, whether it gave a residual) -- in a solve, one or two. A solve takes
+    its plan once; each step then costs the views and the launch."""
+
+    __slots__ = ("n_rows", "d", "in_place", "keep_best", "grid", "fixed", "num_warps", "device", "launches")
+
+    def __init__(self, n_rows: int, d: int, device: torch.device, tol: float, stop_mode: str, in_place: bool,
+                 keep_best: bool):
+        self.n_rows, self.d, self.in_place, self.keep_best, self.device = n_rows, d, in_place, keep_best, device
+        block_d, block_m, self.num_warps = launch_config(n_rows, d, device.type == "cpu")
+        self.grid = (cdiv(n_rows, block_m),)
+        self.fixed = (float(tol), FLT_MAX, REL_EPS, STOP_MODES[stop_mode], block_m, block_d)
+        self.launches: dict[tuple, Launch] = {}
+
+    def __call__(self, x: torch.Tensor, h_next: torch.Tensor, residual: Optional[torch.Tensor],
+                 state: RowState) -> torch.Tensor:
+        """:func:`commit_triton` for ``x`` of this plan's signature."""
+        d = self.d
+        if self.in_place:
+            out = h_next if h_next.is_contiguous() else h_next.contiguous()
+            hn = out_rows = out.view(-1, d)
+        else:
+            hn = rows(h_next, d)
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            out_rows = out.view(-1, d)
+        if self.n_rows == 0:
+            return out
+        xr = rows(x, d)
+        best = state.best if self.keep_best else out_rows
+        key = (hn.stride(0), xr.stride(0), best.stride(0), hn.dtype, residual is None)
+        launch = self.launches.get(key)
+        if launch is None:
+            launch = self.launches[key] = self._launch(key)
+        launch(hn, xr, out_rows, state.residual if residual is None else residual.reshape(-1).contiguous(),
+               state.residual, state.prev, state.lowest, state.nstep, state.lowest_step, best)
+        return out
+
+    def _launch(self, key: tuple) -> Launch:
+        stride_hn, stride_x, stride_best, _, no_residual = key  # the dtype: a compiled kernel per dtype
+        tol, flt_max, rel_eps, stop_mode, block_m, block_d = self.fixed
+        in_place, has_residual = self.in_place, not no_residual
+        stride_out = stride_hn if in_place else self.d
+        return Launch(_commit_kernel, self.grid,
+                      (self.n_rows, self.d, stride_hn, stride_x, stride_out, stride_best, tol, flt_max, rel_eps,
+                       has_residual, in_place, self.keep_best,
+                       not (in_place and has_residual and not self.keep_best),  # LOAD_HN
+                       stop_mode, block_m, block_d),
+                      self.num_warps, self.device)
+
+
+@functools.lru_cache(maxsize=256)
+def commit_plan(n_rows: int, d: int, device: torch.device, tol: float, stop_mode: str, in_place: bool,
+                keep_best: bool) -> CommitPlan:
+    """The cached :class:`CommitPlan` of a signature (its launches keep their compiled
+    kernels from one solve to the next)."""
+    return CommitPlan(n_rows, d, device, tol, stop_mode, in_place, keep_best)
+
+
 def commit_triton(
     x: torch.Tensor, h_next: torch.Tensor, residual: Optional[torch.Tensor], state: RowState,
     tol: float, stop_mode: str, in_place: bool,
@@ -150,30 +263,8 @@ def commit_triton(
     """Launch :func:`_commit_kernel`; returns the committed iterate: ``h_next`` written in
     place (made contiguous first if it was not) with ``in_place``, else a new tensor."""
     d = x.shape[-1]
-    if in_place:
-        out = h_next if h_next.is_contiguous() else h_next.contiguous()
-        hn = out.view(-1, d)
-        out_rows = hn
-    else:
-        hn = rows(h_next, d)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        out_rows = out.view(-1, d)
-    xr = rows(x, d)
-    n_rows = xr.shape[0]
-    if n_rows == 0:
-        return out
-    res_in = state.residual if residual is None else residual.reshape(-1).contiguous()
-    best = state.best if state.best is not None else out_rows
-    block_d, block_m, num_warps = launch_config(n_rows, d, x.device.type == "cpu")
-    _commit_kernel[(cdiv(n_rows, block_m),)](
-        hn, xr, out_rows, res_in, state.residual, state.prev, state.lowest, state.nstep, state.lowest_step, best,
-        n_rows, d, hn.stride(0), xr.stride(0), out_rows.stride(0), best.stride(0),
-        float(tol), FLT_MAX, REL_EPS,
-        HAS_RESIDUAL=residual is not None, IN_PLACE=in_place, KEEP_BEST=state.best is not None,
-        LOAD_HN=not (in_place and residual is not None and state.best is None),
-        STOP_MODE=STOP_MODES[stop_mode], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    return out
+    plan = commit_plan(x.shape[:-1].numel(), d, x.device, float(tol), stop_mode, in_place, state.best is not None)
+    return plan(x, h_next, residual, state)
 
 
 def commit_reference(

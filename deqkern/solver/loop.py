@@ -15,24 +15,54 @@ or, with ``return_iterate="lowest"``, each row's lowest-residual one.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from deqkern import _backend
-from deqkern.ops.commit import FLT_MAX, RowState, commit_reference, commit_triton
+from deqkern.ops.commit import RowState, commit_plan, commit_reference, state_backend
 from deqkern.ops.launch import compute_dtype
 from deqkern.ops.residual import REL_EPS
+from deqkern.ops.stats import SUMMARY_SCALARS, check_reference, check_triton, summary_reference, summary_triton
 from deqkern.solver.anderson import Anderson
 from deqkern.solver.broyden import Broyden
 from deqkern.solver.config import PICARD, Method, Step, validate_iterate, validate_residual
 from deqkern.solver.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
-__all__ = ["commit", "Check", "check_vector", "host_check", "raise_if_nonfinite", "enforce", "LoopResult",
-           "fixed_point_loop", "row_norm", "summarize", "result_info"]
+__all__ = ["commit", "committer", "Check", "checker", "check_vector", "host_check", "raise_if_nonfinite", "enforce",
+           "LoopResult", "fixed_point_loop", "row_norm", "summarize", "result_info"]
+
+#: ``commit(x, h_next, residual, state) -> committed iterate``, for one solve.
+Commit = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], RowState], torch.Tensor]
+
+
+def committer(h0: torch.Tensor, tol: float, stop_mode: str, in_place: bool, keep_best: bool) -> Commit:
+    """:func:`commit` for iterates shaped like ``h0``, its backend and launch plan chosen
+    once (per solve, not per step): the kernel where it can run, the eager twin where it
+    cannot -- and for a step autograd records through (``"unrolled"``)."""
+    try:
+        backend = _backend.select(h0.device, h0.dtype, h0.shape[-1])
+    except RuntimeError:
+        # DEQKERN_BACKEND=triton on data the kernel cannot take (e.g. float64): the
+        # bookkeeping is not a user-facing op, so it falls back instead of failing.
+        backend = "eager"
+
+    def eager(x, h_next, residual, state):
+        return commit_reference(x, h_next, residual, state, tol, stop_mode)
+
+    if backend == "eager":
+        return eager
+    plan = commit_plan(h0.shape[:-1].numel(), h0.shape[-1], h0.device, float(tol), stop_mode, in_place, keep_best)
+    is_grad_enabled = torch.is_grad_enabled
+
+    def fused(x, h_next, residual, state):
+        if is_grad_enabled() and (h_next.requires_grad or x.requires_grad):
+            return eager(x, h_next, residual, state)
+        return plan(x, h_next, residual, state)
+
+    return fused
 
 
 def commit(
@@ -40,18 +70,8 @@ def commit(
     tol: float, stop_mode: str, in_place: bool,
 ) -> torch.Tensor:
     """Commit one step (:mod:`deqkern.ops.commit`); ``in_place`` only for step outputs
-    private to the solver."""
-    differentiable = torch.is_grad_enabled() and (h_next.requires_grad or x.requires_grad)
-    if not differentiable:
-        try:
-            backend = _backend.select(x.device, x.dtype, x.shape[-1])
-        except RuntimeError:
-            # DEQKERN_BACKEND=triton on data the kernel cannot take (e.g. float64): the
-            # bookkeeping is not a user-facing op, so it falls back instead of failing.
-            backend = "eager"
-        if backend != "eager":
-            return commit_triton(x, h_next, residual, state, tol, stop_mode, in_place)
-    return commit_reference(x, h_next, residual, state, tol, stop_mode)
+    private to the solver. A loop takes a :func:`committer` once instead."""
+    return committer(x, tol, stop_mode, in_place, state.best is not None)(x, h_next, residual, state)
 
 
 # --------------------------------------------------------------------------- checks
@@ -63,17 +83,23 @@ class Check:
     max_residual: float
 
 
+def checker(device: torch.device) -> Callable[[RowState, float], torch.Tensor]:
+    """:func:`check_vector` with its backend chosen once (per solve)."""
+    if state_backend(device) == "eager":
+        return lambda state, tol: check_reference(state.residual, state.nstep, tol)
+
+    def fused(state: RowState, tol: float) -> torch.Tensor:
+        res = state.residual
+        return check_triton(res, state.nstep, tol) if res.shape[0] else check_reference(res, state.nstep, tol)
+
+    return fused
+
+
 def check_vector(state: RowState, tol: float) -> torch.Tensor:
     """float64 ``(4,)`` on the device: unconverged rows, first non-finite iteration (0 if
-    none), non-finite rows, max residual (NaN if any row is NaN)."""
-    res = state.residual
-    if res.numel() == 0:
-        return torch.zeros(4, dtype=torch.float64, device=res.device)
-    bad = ~torch.isfinite(res)
-    first_bad = torch.where(bad, state.nstep, torch.iinfo(torch.int32).max).amin()
-    first_bad = torch.where(bad.any(), first_bad, 0)
-    parts = [(~(res < tol)).sum(), first_bad, bad.sum(), res.amax()]
-    return torch.stack([p.to(torch.float64) for p in parts])
+    none), non-finite rows, max residual (NaN if any row is NaN). One launch where the
+    kernels run (:func:`deqkern.ops.stats.check_triton`)."""
+    return checker(state.residual.device)(state, tol)
 
 
 def host_check(vector: torch.Tensor) -> Check:
@@ -155,6 +181,8 @@ def fixed_point_loop(
     n_rows = h0.shape[:-1].numel()
     lowest = return_iterate == "lowest"
     state = RowState.start(n_rows, h0.device, best=h0.reshape(n_rows, h0.shape[-1]) if lowest else None)
+    commit_step = committer(h0, tol, stop_mode, in_place, lowest)
+    check_state = checker(h0.device)
     accel = accelerator(method, h0, max_iter)
     traces = torch.empty(2, n_rows, max_iter, dtype=torch.float32, device=h0.device) if trace else None
     x = h = h0
@@ -168,21 +196,21 @@ def fixed_point_loop(
             if expects_residual:
                 validate_residual(step_name, residual, x)
         active = state.active(tol) if traces is not None else None
-        h = commit(x, h_next, residual, state, tol, stop_mode, in_place)
+        h = commit_step(x, h_next, residual, state)
         if traces is not None:
             record_traces(traces, k, x, h_next, active)
         if k in keep:
             kept.append((k, (state.best.view(h.shape) if lowest else h).clone()))
         x = h if accel is None else accel.propose(x, h_next, h, state.active(tol))
         if check_every is not None and (k % check_every == 0 or k == max_iter):
-            vector = check_vector(state, tol)
+            vector = check_state(state, tol)
             check = host_check(vector)
             checked_at = k
             raise_if_nonfinite(check, what)
             if check.unconverged == 0:
                 break
     if checked_at != k:
-        vector = check_vector(state, tol)
+        vector = check_state(state, tol)
     returned = state.best.view(h.shape) if lowest else h
     return LoopResult(returned, state, k, check, vector, lowest, None if traces is None else traces[:, :, :k], kept)
 
@@ -197,38 +225,26 @@ def row_norm(h: torch.Tensor) -> torch.Tensor:
 def summarize(h: torch.Tensor, state: RowState, check_vector: torch.Tensor, tol: float, stop_mode: str, *,
               lowest: bool = False, traces: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """The ``info`` tensors (device, no sync), describing the returned iterate ``h``
-    (the lowest-residual one with ``lowest``). See :func:`deqkern.solve` for their meaning."""
+    (the lowest-residual one with ``lowest``). See :func:`deqkern.solve` for their meaning;
+    :func:`deqkern.ops.stats.summary_reference` defines them. Where the kernels run: the
+    row norms (one torch op, not for ``"max"``) and one launch."""
     lead = h.shape[:-1]
-    with torch.no_grad():
-        residual = (state.lowest if lowest else state.residual).view(lead)
-        nstep = (state.lowest_step if lowest else state.nstep).view(lead)
-        converged = residual < tol
-        if stop_mode == "max":
-            abs_res = rel_res = torch.full_like(residual, math.nan)
-        else:
-            norm = row_norm(h.detach()) + REL_EPS
-            abs_res = residual if stop_mode == "abs" else residual * norm
-            rel_res = residual if stop_mode == "rel" else residual / norm
-        last = state.residual.view(lead)
-        prev = state.prev.view(lead)
-        ratio = torch.where((prev > 0) & (prev < FLT_MAX), last / prev, 0.0)
-        empty = residual.numel() == 0
-        info = {
-            "nstep": nstep,
-            "residual": residual,
-            "converged": converged,
-            "abs_lowest": abs_res,
-            "rel_lowest": rel_res,
-            "max_residual": residual.amax() if not empty else check_vector[0].float(),
-            "mean_nstep": nstep.float().mean() if not empty else check_vector[0].float(),
-            "converged_fraction": converged.float().mean() if not empty else check_vector[0].float() + 1,
-            "contraction": ratio.amax() if not empty else check_vector[0].float(),
-            "nonfinite_iter": check_vector[1].to(torch.int32),
-        }
-        if traces is not None:
-            info["abs_trace"] = traces[0].view(*lead, traces.shape[-1])
-            info["rel_trace"] = traces[1].view(*lead, traces.shape[-1])
-        return info
+    residual = state.lowest if lowest else state.residual  # the state holds no autograd history
+    nstep = state.lowest_step if lowest else state.nstep
+    norm = None if stop_mode == "max" else row_norm(h.detach()).reshape(-1)
+    if residual.shape[0] and state_backend(residual.device) != "eager":
+        stats = summary_triton(residual, nstep, state.residual, state.nstep, state.prev, norm, tol, stop_mode)
+    else:
+        stats = summary_reference(residual, nstep, state.residual, state.prev, norm, check_vector, tol, stop_mode)
+    per_row = {"nstep": nstep, "residual": residual, "converged": stats["converged"],
+               "abs_lowest": stats["abs_lowest"], "rel_lowest": stats["rel_lowest"]}
+    if len(lead) != 1:  # (R,) already for a 2-D h: a view each costs the host microseconds
+        per_row = {name: value.view(lead) for name, value in per_row.items()}
+    info = {**per_row, **{name: stats[name] for name in (*SUMMARY_SCALARS, "nonfinite_iter")}}
+    if traces is not None:
+        info["abs_trace"] = traces[0].view(*lead, traces.shape[-1])
+        info["rel_trace"] = traces[1].view(*lead, traces.shape[-1])
+    return info
 
 
 def result_info(result: LoopResult, tol: float, stop_mode: str) -> dict[str, torch.Tensor]:
