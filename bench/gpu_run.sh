@@ -57,7 +57,7 @@ for spec in "$@"; do
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60
             [ -f "$RES/tests-failures.log" ] && grep -aE "^(=====|E )" "$RES/tests-failures.log" | head -80 ;;
         cell-tests)  # the one-launch solves and what calls them
-            DEQKERN_FAILURE_LOG="$RES/cell-tests-failures.log" TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 120 -rf \
+            DEQKERN_FAILURE_LOG="$RES/cell-tests-failures.log" TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 300 -rf \
                 ${CELL_TESTS:-tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py} \
                 ${CELL_K:+-k "$CELL_K"}
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60

@@ -95,13 +95,14 @@ def python_calls(fn) -> tuple[int, int | None]:
     to the first ``Launch`` -- the public function and Launch.__call__ included)."""
     calls, depth = [0], [None]
     target = Launch.__call__.__code__
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "func", None), "__code__", None)
 
     def profile(frame, event, arg):
         if event == "call":
             calls[0] += 1
             if frame.f_code is target and depth[0] is None:
                 n, f = 0, frame
-                while f is not None and f.f_code is not fn.__code__:
+                while f is not None and f.f_code is not code:
                     f, n = f.f_back, n + 1
                 depth[0] = n
     fn()  # a first call plans (validates, compiles): count a later one

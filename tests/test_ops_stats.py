@@ -93,8 +93,11 @@ def test_summary_kernel_matches_eager(n, stop_mode, returned, scale, device):
         assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
     assert torch.equal(got["converged"], want["converged"]) and torch.equal(got["nonfinite_iter"],
                                                                            want["nonfinite_iter"])
-    for name in ("abs_lowest", "rel_lowest", "max_residual", "contraction"):  # same float32 operations
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    # the same float32 operations; a GPU's division and square root round within 2 ulps
+    exact = device.type == "cpu"
+    for name in ("abs_lowest", "rel_lowest", "max_residual", "contraction"):
+        torch.testing.assert_close(got[name], want[name], rtol=0 if exact else 2.4e-7, atol=0, equal_nan=True,
+                                   msg=name)
     for name in ("mean_nstep", "converged_fraction"):  # the same exact sum over the row count
         torch.testing.assert_close(got[name], want[name], rtol=2e-7, atol=0, msg=name)
     if stop_mode != "max":
@@ -119,5 +122,5 @@ def test_commit_plan_serves_each_layout(device, monkeypatch):
         for name in ("residual", "prev", "lowest", "nstep", "lowest_step"):
             torch.testing.assert_close(getattr(state, name), getattr(state_e, name), rtol=1e-6, atol=0, msg=name)
         x = out
-    plan = commit_ops.commit_plan(n, d, device, tol, "rel", False, False)
+    plan = commit_ops.commit_plan(n, d, x.device, tol, "rel", False, False)  # the tensors' device: cuda:0
     assert len(plan.launches) == 3  # padded + residual, contiguous + residual, contiguous without

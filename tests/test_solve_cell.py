@@ -210,8 +210,8 @@ def test_autocast_stores_the_iterate_in_the_autocast_dtype():
 
 
 @pytest.mark.parametrize("backward", ["ift", "onestep"])
-def test_compiles_with_no_graph_break(backward, fused_backend_name):
-    params, h0, cotangent = problem((6,), 8, torch.float32, "compile")
+def test_compiles_with_no_graph_break(backward, fused_backend_name, device):
+    params, h0, cotangent = problem((6,), 8, torch.float32, "compile", device=device)
 
     def loss(w, frozen, gain, h0):
         h, info = deqkern.solve_cell(w, 2 * frozen, gain, h0, tol=1e-5, backward=backward,

@@ -411,13 +411,15 @@ def _adjoint_split_kernel(
 
 # --------------------------------------------------------------------------- launch configuration
 #: Cost model of one iteration of a program (seconds), used only to rank configurations,
-#: fitted to device time per iteration on an H200 (bench/probe_split.py, bf16 256x512):
-#: bytes it reads from L2 per second; flop/s of one SM's tl.dot at BLOCK_M = 16 (latency
-#: bound: about sqrt(BLOCK_M / 16) times more at taller tiles); and the cost per program
-#: of a group barrier (the arrivals on one counter are serialized; two barriers an iteration).
+#: fitted to device time per iteration on an H200 (bench/probe_split.py: bf16 256x512 and
+#: 1024x1024): bytes it reads from L2 per second; flop/s of one SM's tl.dot at a 16x64 tile
+#: (latency bound: about sqrt(area / 1024) times more on larger tiles); and a group
+#: barrier's cost, fixed plus per program (arrivals on one counter are serialized; two
+#: barriers an iteration).
 _L2_BYTES_PER_SM = 100e9
 _FLOPS_PER_SM = 0.6e12
-_SYNC_SECONDS_PER_PROGRAM = 0.22e-6
+_SYNC_SECONDS = 0.5e-6
+_SYNC_SECONDS_PER_PROGRAM = 0.16e-6
 #: Largest operands (bytes) of a single whole-row ``tl.dot`` with W's slice resident (ONE_DOT).
 _ONE_DOT_BYTES = 96 * 1024
 #: Largest BLOCK_M x BLOCK_N a program holds (a handful of float32 tiles of it live at once).
@@ -441,8 +443,8 @@ def split_config(n_rows: int, d: int, element_size: int, n_sm: int, interpreted:
                 break
             if (split == 1 or row_blocks * split <= n_sm) and block_m * block_n <= _MAX_TILE:
                 cost = ((block_m + block_n) * d * element_size / _L2_BYTES_PER_SM
-                        + 2.0 * block_m * block_n * d / (_FLOPS_PER_SM * (block_m / 16) ** 0.5)
-                        + (2 * _SYNC_SECONDS_PER_PROGRAM * split if split > 1 else 0.0))
+                        + 2.0 * block_m * block_n * d / (_FLOPS_PER_SM * (block_m * block_n / 1024) ** 0.5)
+                        + (2 * (_SYNC_SECONDS + _SYNC_SECONDS_PER_PROGRAM * split) if split > 1 else 0.0))
                 if cost < best_cost:
                     best_cost = cost
                     best = dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, SPLIT_P2=next_power_of_2(split),
