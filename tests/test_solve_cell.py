@@ -11,6 +11,7 @@ import torch._dynamo
 import deqkern
 from deqkern.functional import update_with_stats
 from deqkern.solver import ConvergenceError, ConvergenceWarning, NonFiniteError
+from deqkern.ops import persistent_split
 from deqkern.solver import cell as cell_mod
 from deqkern.solver import report as report_mod
 from numerics import case_seed
@@ -209,8 +210,10 @@ def test_autocast_stores_the_iterate_in_the_autocast_dtype():
     assert [g.dtype for g in got] == [torch.float32] * 3
 
 
+@pytest.mark.parametrize("kernel", ["auto", "split"])
 @pytest.mark.parametrize("backward", ["ift", "onestep"])
-def test_compiles_with_no_graph_break(backward, fused_backend_name, device):
+def test_compiles_with_no_graph_break(backward, kernel, fused_backend_name, device, monkeypatch):
+    monkeypatch.setattr(persistent_split, "KERNEL", kernel)  # "split": its kernel on a CPU too
     params, h0, cotangent = problem((6,), 8, torch.float32, "compile", device=device)
 
     def loss(w, frozen, gain, h0):

@@ -239,7 +239,8 @@ def _solve_op(
     the registered backward."""
     s = _Settings(eps, damping, max_iter, tol, stop_mode, "ift", b_max_iter, b_tol, "ignore")
     h, state, _, _ = _run_solve(weight, frozen, gain, h0, s)
-    return h, state.residual, state.prev, state.lowest, state.nstep
+    # the split kernel's row state is views of one buffer: a custom op's outputs may not alias
+    return h, state.residual.clone(), state.prev.clone(), state.lowest.clone(), state.nstep.clone()
 
 
 @_solve_op.register_fake
