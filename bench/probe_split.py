@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import deqkern  # noqa: E402
+from bench_cell import captured  # noqa: E402
 from deqkern.ops import persistent, persistent_split  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -34,22 +35,15 @@ TOL = 1e-30  # below any residual: every iteration runs
 
 def device_us(fn, replays: int = 200) -> float:
     """Device microseconds per call of ``fn`` replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
+    replay = captured(fn)
+    replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(3):
         start.record()
         for _ in range(replays):
-            graph.replay()
+            replay()
         end.record()
         end.synchronize()
         best = min(best, 1e3 * start.elapsed_time(end) / replays)

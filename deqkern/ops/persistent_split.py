@@ -228,6 +228,22 @@ def _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, r
 
 
 @triton.jit
+def _tile(n_rows, d, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program ``(j, i)``'s part: its group index j and row block i, the block's first row,
+    rows ``r`` (and int64), columns ``cn``, their masks, and the offsets of its tile in an
+    ``(R, d)`` row-major buffer. A group's programs are adjacent in launch order (axis 0)."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    first = pid_m * BLOCK_M
+    r = first + tl.arange(0, BLOCK_M)
+    ok = r < n_rows
+    r64 = r.to(tl.int64)
+    cn = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cn < d
+    return pid_s, pid_m, first, r, ok, r64, cn, n_ok, ok[:, None] & n_ok[None, :], r64[:, None] * d + cn[None, :]
+
+
+@triton.jit
 def _buffers(BUF, n_rows, BLOCK_M: tl.constexpr):
     """The layout of the float32 buffer ``BUF`` (:func:`_views` on the host): the row state
     (residual, prev, lowest, nstep as int32), rstd, the host check ``(row blocks, 5)``, and
@@ -253,16 +269,7 @@ def _solve_split_kernel(
     barriers. WITH_RSTD: iterate until an iteration commits nothing, whose rstd is h*'s."""
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
     ST = SS + n_rows * SPLIT
-    pid_s = tl.program_id(0)  # a group's programs adjacent in launch order
-    pid_m = tl.program_id(1)
-    first = pid_m * BLOCK_M
-    r = first + tl.arange(0, BLOCK_M)
-    ok = r < n_rows
-    r64 = r.to(tl.int64)
-    cn = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cn < d
-    m = ok[:, None] & n_ok[None, :]
-    here = r64[:, None] * d + cn[None, :]
+    pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
     bar = BAR + 2 * pid_m
 
     h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
@@ -336,16 +343,7 @@ def _adjoint_split_kernel(
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, DGAIN_PART = _buffers(BUF, n_rows, BLOCK_M)
     SS = DGAIN_PART + tl.cdiv(n_rows, BLOCK_M) * d
     ST = SS + n_rows * SPLIT * 2
-    pid_s = tl.program_id(0)  # a group's programs adjacent in launch order
-    pid_m = tl.program_id(1)
-    first = pid_m * BLOCK_M
-    r = first + tl.arange(0, BLOCK_M)
-    ok = r < n_rows
-    r64 = r.to(tl.int64)
-    cn = pid_s * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cn < d
-    m = ok[:, None] & n_ok[None, :]
-    here = r64[:, None] * d + cn[None, :]
+    pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
     bar = BAR + 2 * pid_m
     sp = tl.arange(0, SPLIT_P2)
 
