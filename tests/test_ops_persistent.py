@@ -300,3 +300,31 @@ def assert_same_steps(nstep, expected):
     rounding of ``tol`` may take one step more or less; at most 2% of the rows do."""
     diff = (nstep - expected).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02, diff.tolist()
+
+
+def test_unsound_barrier_counters_give_nan_not_wrong_numbers(monkeypatch, device, fused):
+    """A launch that gave up waiting at a group barrier marks its stream's counters unsound
+    (flag BAR[0]): every later split launch on them writes NaN rows, reported as non-finite
+    at step 1, with NaN dz in the adjoint; once a solve has reported them, the counters are
+    dropped and the next solve is sound. (The flag is set by hand here: a real give-up needs
+    a group whose programs cannot all be resident.)"""
+    monkeypatch.setattr(persistent_split, "KERNEL", "split")
+    gen = torch.Generator().manual_seed(case_seed("poison"))
+    _, (w, frozen, gain, h0) = make_cell(21, 12, torch.float32, gen, device=device)
+    good = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 30, 1e-5, "rel", False)
+    persistent_split._barrier_counters(h0.device, 2)[0] = 1
+    bad = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 30, 1e-5, "rel", False)
+    assert torch.isnan(bad.h).all() and torch.isnan(bad.state.residual).all()
+    check, _ = read_check(bad.check)
+    assert (check.bad_rows, check.first_bad_iter) == (21, 1)
+    out = persistent_split.adjoint_split(w, frozen, gain, good.h, torch.randn_like(h0), EPS, DAMPING, 30, 1e-5)
+    assert torch.isnan(out.dz).all() and torch.isnan(out.g).all()
+
+    import deqkern
+    from deqkern.solver import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="iteration 1"):
+        deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=1e-5, max_iter=30)
+    h, info = deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=1e-5, max_iter=30)
+    assert bool(info["converged"].all())
+    torch.testing.assert_close(h, good.h, rtol=0, atol=0)

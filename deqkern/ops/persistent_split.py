@@ -38,6 +38,11 @@ launch (``_barrier_counters``; a launch being captured in a CUDA graph gets its 
 needs the group's programs to be resident together: the launcher keeps the grid within the
 GPU's SM count, and a group's programs are adjacent in launch order. A program that polls ``MAX_SPINS`` times without the group arriving gives
 up and writes NaN into its rows (the solve then reports non-finite rows instead of hanging).
+Such a launch also leaves its group's counters mid-barrier: it marks the stream's counters
+unsound, so every later launch on them writes NaN too (never a miscounted barrier), until a
+solve reports its non-finite rows to the host and :func:`forget_barriers` drops them. (With
+the grid within the SM count a group waits only while another kernel holds the SMs it
+needs; no test or benchmark has hit the limit.)
 Under Triton's interpreter, whose programs run one after another, ``SPLIT`` is 1 and the
 barriers compile away.
 """
@@ -58,7 +63,7 @@ from deqkern.ops.persistent import Solved, block_check_tl, dot_args
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
 
-__all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "KERNEL"]
+__all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "forget_barriers", "KERNEL"]
 
 #: Which one-launch kernel :func:`use_split` picks: "auto" (the split kernel where a GPU
 #: would leave at least half its SMs idle with whole-row blocks), "split" or "block"
@@ -73,30 +78,35 @@ _NSTAT: tl.constexpr = tl.constexpr(8)
 
 # --------------------------------------------------------------------------- device helpers
 @triton.jit
-def group_sync_tl(BAR, SPLIT: tl.constexpr, SPINS: tl.constexpr):
-    """A sense-reversing barrier of the group's SPLIT programs on ``BAR = (count, generation)``
-    (int32): each program notes the generation, then arrives; the last to arrive resets the
-    count and advances the generation, which the others wait for. The count is back at 0
-    after every barrier, so the counters are reused from launch to launch without a reset.
-    True unless the wait gave up after ``SPINS`` polls. The CTA barriers around it order the
-    program's global stores before its arrival and its later loads after the group's. With
-    SPLIT 1 only the CTA barrier remains (the parts are still exchanged through memory,
-    between the program's own threads)."""
-    ok = tl.full((), 1, tl.int1)
+def group_sync_tl(GROUP, POISON, alive, SPLIT: tl.constexpr, SPINS: tl.constexpr):
+    """A sense-reversing barrier of the group's SPLIT programs on ``GROUP = (count,
+    generation)`` (int32): each program notes the generation, then arrives; the last to
+    arrive resets the count and advances the generation, which the others wait for. The
+    count is back at 0 after every barrier, so the counters are reused from launch to launch
+    without a reset. Returns whether the program is still ``alive``: a wait that gives up
+    after ``SPINS`` polls marks the counters unsound (``POISON``) and returns False; a program
+    no longer alive passes without waiting. The CTA barriers around it order the program's
+    global stores before its arrival and its later loads after the group's. With SPLIT 1 only
+    the CTA barrier remains (the parts are still exchanged through memory, between the
+    program's own threads)."""
+    ok = alive
     tl.debug_barrier()
     if SPLIT > 1:
-        gen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
-        arrived = tl.atomic_add(BAR, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
-            tl.atomic_xchg(BAR, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(BAR + 1, 1, sem="release", scope="gpu")
-        else:
-            seen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
-            spins = tl.full((), 0, tl.int32)
-            while (seen == gen) & (spins < SPINS):
-                seen = tl.atomic_add(BAR + 1, 0, sem="acquire", scope="gpu")
-                spins += 1
-            ok = seen != gen
+        if alive:
+            gen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
+            arrived = tl.atomic_add(GROUP, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                tl.atomic_xchg(GROUP, 0, sem="relaxed", scope="gpu")
+                tl.atomic_add(GROUP + 1, 1, sem="release", scope="gpu")
+            else:
+                seen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
+                spins = tl.full((), 0, tl.int32)
+                while (seen == gen) & (spins < SPINS):
+                    seen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
+                    spins += 1
+                ok = seen != gen
+                if seen == gen:
+                    tl.atomic_xchg(POISON, 1, sem="relaxed", scope="gpu")
         tl.debug_barrier()
     return ok
 
@@ -270,7 +280,7 @@ def _solve_split_kernel(
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
     ST = SS + n_rows * SPLIT
     pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
-    bar = BAR + 2 * pid_m
+    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
 
     h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
     tl.store(H + here, h, mask=m)
@@ -281,16 +291,16 @@ def _solve_split_kernel(
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
     nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
-    alive = group_sync_tl(bar, SPLIT, SPINS)
+    alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
 
     k = tl.full((), 0, tl.int32)
-    pending = tl.full((), 1, tl.int32)
+    pending = tl.where(alive, 1, 0)
     while pending > 0:
         z = _product(H, d, W, stride_w, 1, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
                      BLOCK_K, BLOCK_D)
         z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
-        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
+        alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         sp = tl.arange(0, SPLIT_P2)
         ss = tl.sum(tl.load(SS + r64[:, None] * SPLIT + sp[None, :], mask=ok[:, None] & (sp < SPLIT)[None, :],
                             other=0.0, cache_modifier=".cg"), axis=1)
@@ -306,7 +316,7 @@ def _solve_split_kernel(
         _store_parts(ST, r64, ok, pid_s, h_next - h_prev, h_next, 0.0, SPLIT)
         tl.store(H + here, h_next.to(H.dtype.element_ty), mask=am)
         h = tl.where(am, h_next.to(H.dtype.element_ty).to(tl.float32), h)
-        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
+        alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         res = _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE, SPLIT, SPLIT_P2)
         prev = tl.where(active, res_old, prev)
         lowest = tl.where(active & (res < lowest), res, lowest)
@@ -320,9 +330,10 @@ def _solve_split_kernel(
         else:
             pending = tl.where(k < max_iter, n_active, 0)
         pending = tl.where(alive, pending, 0)
-    if not alive:
+    if not alive:  # a barrier gave up (here or in an earlier launch): NaN, reported at step >= 1
         tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
         res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+        nstep = tl.maximum(nstep, 1)
     if pid_s == 0:
         _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
                      tol, flt_max, BLOCK_M)
@@ -344,7 +355,7 @@ def _adjoint_split_kernel(
     SS = DGAIN_PART + tl.cdiv(n_rows, BLOCK_M) * d
     ST = SS + n_rows * SPLIT * 2
     pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
-    bar = BAR + 2 * pid_m
+    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
     sp = tl.arange(0, SPLIT_P2)
 
     z = _slice_product(HS, stride_hs, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32,
@@ -354,7 +365,7 @@ def _adjoint_split_kernel(
     g = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(SS + (r64 * SPLIT + pid_s) * 2, tl.sum(z * z, axis=1), mask=ok)
     tl.store(SS + (r64 * SPLIT + pid_s) * 2 + 1, tl.sum(bgain[None, :] * g * z, axis=1), mask=ok)
-    alive = group_sync_tl(bar, SPLIT, SPINS)
+    alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
     parts = SS + (r64[:, None] * SPLIT + sp[None, :]) * 2
     pm = ok[:, None] & (sp < SPLIT)[None, :]
     ss = tl.sum(tl.load(parts, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
@@ -364,7 +375,7 @@ def _adjoint_split_kernel(
     # dz = rstd * (dyg - n * mean(dyg * n)), mean(dyg * n) = rstd * sum(dyg * z) / d
     dz = rstd[:, None] * (bgain[None, :] * g - n * (rstd * dyz / d)[:, None])
     tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=m)
-    alive = alive & group_sync_tl(bar, SPLIT, SPINS)
+    alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
 
     wt = _resident_operand(W, 1, stride_w, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
@@ -382,7 +393,7 @@ def _adjoint_split_kernel(
         g_prev = tl.where(am, g, 0.0)
         g_next = tl.where(am, v + (1.0 - damping) * g + u, 0.0)
         _store_parts(ST, r64, ok, pid_s, g_next - g_prev, g_next, tl.sum(bgain[None, :] * g_next * z, axis=1), SPLIT)
-        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
+        alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         res = _residual_from_parts(ST, r64, ok, rel_eps, 1, SPLIT, SPLIT_P2)
         dyz = tl.sum(_load_parts(ST, r64, ok, 6, SPLIT, SPLIT_P2), axis=1)
         dz = rstd[:, None] * (bgain[None, :] * g_next - n * (rstd * dyz / d)[:, None])
@@ -393,12 +404,14 @@ def _adjoint_split_kernel(
         nstep = tl.where(active, nstep + 1, nstep)
         res_old = tl.where(active, res, res_old)
         n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
-        alive = alive & group_sync_tl(bar, SPLIT, SPINS)
+        alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         k += 1
         pending = tl.where(alive & (k < max_iter), n_active, 0)
-    if not alive:
+    if not alive:  # as the forward's; dz too, so no gradient is formed from it
         g = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32)
         res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+        nstep = tl.maximum(nstep, 1)
+        tl.store(DZ + here, g.to(DZ.dtype.element_ty), mask=m)
     tl.store(G + here, g, mask=m)
     tl.store(DGAIN_PART + pid_m.to(tl.int64) * d + cn, tl.sum(tl.where(m, damping * g * n, 0.0), axis=0), mask=n_ok)
     if pid_s == 0:
@@ -539,21 +552,29 @@ def _tiles(cfg: dict, d: int) -> tuple:
 _BARRIERS: dict = {}
 
 
+def forget_barriers() -> None:
+    """Drop the cached barrier counters (the next launch on each stream gets zeroed ones):
+    after a solve reported non-finite rows, which is how a launch that gave up waiting at a
+    barrier, and every later one on its stream, shows (their counters are marked unsound)."""
+    _BARRIERS.clear()
+
+
 def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """Two int32 counters per row block for a launch on the current stream of ``device``:
+    """Two int32 counters per row block, after one soundness flag, for a launch on the current stream of ``device``:
     the stream's cached zeroed buffer (launches on one stream run one after another, and
     each leaves the counters at zero), or a new one while a CUDA graph is being captured
     (a memset in the graph: the graph's launches then use memory of the graph's own)."""
+    size = 2 + 2 * blocks
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(2 * blocks, dtype=torch.int32, device=device)
+            return torch.zeros(size, dtype=torch.int32, device=device)
         index = torch.cuda.current_device() if device.index is None else device.index
         key = (index, torch._C._cuda_getCurrentRawStream(index))
     else:
         key = (device, 0)
     counters = _BARRIERS.get(key)
-    if counters is None or counters.numel() < 2 * blocks:
-        counters = _BARRIERS[key] = torch.zeros(max(2 * blocks, 512), dtype=torch.int32, device=device)
+    if counters is None or counters.numel() < size:
+        counters = _BARRIERS[key] = torch.zeros(max(size, 512), dtype=torch.int32, device=device)
     return counters
 
 

@@ -223,6 +223,8 @@ class _Implicit(torch.autograd.Function):
         out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
         check = report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
                         s.on_nonconvergence)
+        if check is not None and check.bad_rows:
+            persistent_split.forget_barriers()  # in case a barrier gave up (their NaN looks the same)
         if check is not None:
             enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
                     s.b_tol, "rel", info)
@@ -299,6 +301,8 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool, with_r
             dict.__setitem__(info, "rstd", rstd.view(h.shape[:-1]))
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
     check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
+    if check is not None and check.bad_rows:
+        persistent_split.forget_barriers()  # in case a barrier gave up (their NaN looks the same)
     if check is not None:
         enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
     if not needs_grad or (compiling and s.backward == "ift"):
