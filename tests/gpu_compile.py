@@ -1,5 +1,5 @@
-"""Compile the one-launch solve kernels (and the solver's bookkeeping kernels) for an sm_90
-GPU on a machine without one: the launchers run on CPU tensors with every Triton launch
+"""Compile deqkern's Triton kernels (the fused update forward and backward, the adjoint step,
+the one-launch solves, the solver's bookkeeping) for an sm_90 GPU on a machine without one: the launchers run on CPU tensors with every Triton launch
 recorded instead of run, then each recorded launch is compiled for ``cuda:90`` down to a
 cubin (Triton's own frontend, passes and ptxas). Catches what the interpreter cannot: a
 construct the compiler rejects (``tl.dot`` with K < 16, a type mismatch across branches of
@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from deqkern.ops import commit, persistent, persistent_adjoint, persistent_split, stats  # noqa: E402
+from deqkern.ops import adjoint, commit, launch, persistent, persistent_adjoint, persistent_split, stats, update  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 N_SM = 132
@@ -79,6 +79,18 @@ def launches() -> None:
             persistent_adjoint.adjoint_triton(w, frozen, gain, h0, v, 1e-6, 0.85, 20, 1e-4)
         finally:
             persistent.config_for = saved
+    for dtype, n, d in ((torch.bfloat16, 4096, 1024), (torch.float32, 300, 97), (torch.float16, 8, 4096)):
+        signal, h_prev, grad = (torch.randn(n, d, generator=gen).to(dtype) for _ in range(3))
+        gain = torch.ones(d, dtype=dtype)
+        for frozen in (torch.randn(n, d, generator=gen).to(dtype), torch.randn(d, generator=gen).to(dtype)):
+            plan = update.UpdatePlan(signal, frozen, h_prev, gain, 1e-6, 0.85, "rel")
+            plan.interpreted = False  # the backward's program count of a GPU
+            _, _, rstd = plan.forward(signal, frozen, h_prev, gain)
+            rstd = torch.rand(n, generator=gen)
+            plan.backward(grad, signal, frozen, gain, rstd, True, True)
+            plan.backward(grad, signal, frozen, gain, rstd, False, False)
+        for u in (None, grad):
+            adjoint.adjoint_step_triton(u, grad.float(), grad, signal, torch.rand(n, generator=gen), gain, 0.85, "rel")
     state = commit.RowState.start(300, torch.device("cpu"))
     x = torch.randn(300, 64, generator=gen)
     commit.commit_triton(x, x + 1, None, state, 1e-4, "rel", False)
@@ -89,13 +101,19 @@ def launches() -> None:
         stats.summary_triton(state.residual, state.nstep, state.residual, state.nstep, state.prev, norm, 1e-4, mode)
 
 
+def gpu_launch_config(n_rows: int, d: int, interpreted: bool) -> tuple:
+    return launch.launch_config(n_rows, d, False)
+
+
 def main() -> int:
-    saved = JITFunction.run
+    saved = JITFunction.run, update.launch_config, adjoint.launch_config, update.sm_count
     JITFunction.run = record
+    update.launch_config = adjoint.launch_config = gpu_launch_config  # a GPU's tiles, not the interpreter's
+    update.sm_count = lambda index: N_SM
     try:
         launches()
     finally:
-        JITFunction.run = saved
+        JITFunction.run, update.launch_config, adjoint.launch_config, update.sm_count = saved
     seen = set()
     for fn, signature, constexprs, options in recorded:
         key = (fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(options.items())))

@@ -1,4 +1,4 @@
-"""The one-launch solve and bookkeeping kernels compile for an sm_90 GPU (Triton's
+"""deqkern's Triton kernels compile for an sm_90 GPU (Triton's
 frontend, passes and ptxas, no GPU needed): ``tests/gpu_compile.py`` in a process without
 Triton's interpreter, which a test process on a CPU machine has turned on."""
 
