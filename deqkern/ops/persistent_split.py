@@ -36,15 +36,18 @@ per row block in global memory (release on arrival, acquire while polling). Its 
 return to zero after every barrier, so one zeroed buffer per device and stream serves every
 launch (``_barrier_counters``; a launch being captured in a CUDA graph gets its own). It
 needs the group's programs to be resident together: the launcher keeps the grid within the
-GPU's SM count, and a group's programs are adjacent in launch order. A program that polls ``MAX_SPINS`` times without the group arriving gives
-up and writes NaN into its rows (the solve then reports non-finite rows instead of hanging).
-Such a launch also leaves its group's counters mid-barrier: it marks the stream's counters
-unsound, so every later launch on them writes NaN too (never a miscounted barrier), until a
-solve reports its non-finite rows to the host and :func:`forget_barriers` drops them. (With
-the grid within the SM count a group waits only while another kernel holds the SMs it
-needs; no test or benchmark has hit the limit.)
-Under Triton's interpreter, whose programs run one after another, ``SPLIT`` is 1 and the
-barriers compile away.
+GPU's SM count, and a group's programs are adjacent in launch order.
+
+A program that polls ``MAX_SPINS`` times without the group arriving gives up and writes NaN
+into its rows (the solve then reports non-finite rows instead of hanging). Such a launch
+leaves its group's counters mid-barrier, so it marks the stream's counters unsound: every
+later launch on them writes NaN too (never a miscounted barrier) until a solve reports its
+non-finite rows to the host and :func:`forget_barriers` drops them. With the grid within the
+SM count a group waits only while another kernel holds the SMs it needs; no test or
+benchmark has hit the limit.
+
+Under Triton's interpreter, whose programs run one after another, ``SPLIT`` is 1 and only
+a CTA barrier remains. ``tests/gpu_compile.py`` compiles the ``SPLIT > 1`` code for sm_90.
 """
 
 from __future__ import annotations
