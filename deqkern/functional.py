@@ -263,11 +263,13 @@ def frozen_rmsnorm_update(
 
 
 #: :func:`rms_norm` (and so ``FusedRMSNorm``) runs torch's own ``F.rms_norm`` below this
-#: many elements (``x.numel()``) under ``DEQKERN_BACKEND=auto``: there the call is bound
-#: by host time, and torch's C++ op and C++ autograd node cost less host time per call
-#: than any Python-launched kernel. Set from the measured crossover of FusedRMSNorm
-#: forward+backward against nn.RMSNorm (``python -m bench --suite host``, "norm" rows).
-TORCH_RMS_NORM_BELOW = 1 << 20
+#: many elements (``x.numel()``) under ``DEQKERN_BACKEND=auto``: there torch's C++ op and
+#: C++ autograd node cost less per call than the Python-launched kernel. Set from the
+#: measured crossover of the fused kernel's forward+backward against nn.RMSNorm (``python -m
+#: bench --suite host``, "norm" rows; wall time): on the H200 (torch 2.11, commit 35112ac) the
+#: fused kernel first wins at 131072x1024 in float32 (1.28x, 2**27 elements) and at no swept
+#: size in bfloat16 (0.34-0.85x up to 131072x1024).
+TORCH_RMS_NORM_BELOW = 1 << 27
 
 
 class _NormPlan:
