@@ -328,3 +328,14 @@ def test_unsound_barrier_counters_give_nan_not_wrong_numbers(monkeypatch, device
     h, info = deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=1e-5, max_iter=30)
     assert bool(info["converged"].all())
     torch.testing.assert_close(h, good.h, rtol=0, atol=0)
+
+
+def test_kernel_choice_is_validated(monkeypatch):
+    monkeypatch.setattr(persistent_split, "KERNEL", "fast")
+    h = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="DEQKERN_PERSISTENT_KERNEL.*'auto', 'split' or 'block'.*'fast'"):
+        persistent_split.use_split(4, 8, h)
+    monkeypatch.setattr(persistent_split, "KERNEL", "split")
+    assert persistent_split.use_split(4, 8, h)  # on a CPU only when asked for
+    monkeypatch.setattr(persistent_split, "KERNEL", "auto")
+    assert not persistent_split.use_split(4, 8, h)

@@ -486,6 +486,9 @@ def use_split(n_rows: int, d: int, t: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, kernel: str) -> bool:
+    if kernel not in ("auto", "split", "block"):
+        raise ValueError(f"DEQKERN_PERSISTENT_KERNEL (deqkern.ops.persistent_split.KERNEL) must be 'auto', 'split' "
+                         f"or 'block'; got {kernel!r}")
     if kernel == "block" or n_rows == 0:
         return False
     cpu = device.type == "cpu"
