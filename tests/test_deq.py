@@ -366,3 +366,71 @@ def test_layer_graph_mode_matches_eager_mode():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for name, grad in out[False][1].items():
         torch.testing.assert_close(out[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_diagnostics_cost_nothing_until_read_and_match_eager():
+    """inj_rms, ctx_rms and lipschitz_bound are computed on first read of info: a call runs
+    no device op for them (counted at the dispatcher), and the values equal the eager
+    formulas; a context modified in place before the read gives NaN, not another tensor's
+    RMS. Under inference_mode (no version counters) the layer still works."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = FrozenContextDEQ(16, contexts=[MambaMemory(16)])
+    x = torch.randn(2, 3, 16)
+    state = layer.init_state(2, 3)
+    with torch.no_grad():
+        layer(x, state)  # the first call computes sigma(W) and the bound's factor
+        with Reductions() as seen:
+            h, _, info = layer(x, state)
+        ops_without_read = list(seen.names)
+        ctx = layer.contexts[0].prelude(state[0])
+        inj = layer.inj(x)
+        expected_inj = inj.float().pow(2).mean().sqrt()
+        expected_ctx = ctx.float().pow(2).mean().sqrt()
+        sigma = torch.linalg.matrix_norm(layer.weight.double(), 2)
+    assert float(info["inj_rms"]) == pytest.approx(float(expected_inj), rel=1e-6)
+    assert float(info["ctx_rms"][0]) == pytest.approx(float(expected_ctx), rel=1e-6)
+    bound = float(info["lipschitz_bound"])
+    rstd_max = float(torch.rsqrt((h.double() @ layer.weight.double().T + layer.frozen_term(inj, [ctx.unsqueeze(1)]).double())
+                                 .pow(2).mean(-1) + layer.eps).max())
+    expected = (1 - layer.damping) + layer.damping * float(layer.gain.abs().max()) * float(sigma) * rstd_max
+    assert bound == pytest.approx(expected, rel=2e-3)  # sigma: one warm-started power step per change of W
+    with torch.no_grad():
+        with Reductions() as seen:
+            _, _, info_read = layer(x, state)
+            float(info_read["lipschitz_bound"])
+    extra = len(seen.names) - len(ops_without_read)
+    assert extra >= 3, (ops_without_read, seen.names)  # the read pays for them, the call did not
+    with torch.no_grad():  # reading a solve's key (generation reads nstep) leaves the diagnostics pending
+        _, _, info_solve = layer(x, state)
+        info_solve["nstep"]
+        assert sorted(key for key, _ in info_solve._values) == ["ctx_rms", "inj_rms", "lipschitz_bound"]
+        with Reductions() as seen:
+            info_solve["converged"], info_solve.get("contraction")
+        assert seen.names == []
+        assert set(info_solve) >= {"lipschitz_bound", "inj_rms", "ctx_rms", "nstep"}  # iteration fills all
+
+    class Exposed(MambaMemory):
+        """A provider whose prelude hands out a tensor the test can modify afterwards."""
+        def prelude(self, st):
+            self.last = super().prelude(st)
+            return self.last
+
+    layer.contexts[0].__class__ = Exposed
+    with torch.no_grad():
+        _, _, info_mod = layer(x, state)
+        layer.contexts[0].last.add_(1.0)
+    assert torch.isnan(info_mod["ctx_rms"][0]) and torch.isfinite(info_mod["inj_rms"])
+    with torch.inference_mode():
+        _, _, info_inf = layer(x, state)
+        assert torch.isfinite(info_inf["ctx_rms"][0]) and torch.isfinite(info_inf["lipschitz_bound"])

@@ -38,6 +38,7 @@ the same math where Triton cannot run (``deqkern._backend``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -53,6 +54,7 @@ from deqkern.ops.launch import compute_dtype
 from deqkern.solver import solve_cell, solve_fused
 from deqkern._validation import check_damping, positive_float, positive_int
 from deqkern.solver.config import validate_options
+from deqkern.solver.report import Info
 from deqkern.spectral import SpectralNormSchedule
 
 __all__ = ["FrozenContextDEQ", "cell_adjoint"]  # cell_adjoint: re-exported from deqkern.nn.cell_adjoint
@@ -158,6 +160,7 @@ class FrozenContextDEQ(nn.Module):
         self.register_buffer("_sigma_v", torch.empty(d_model, device=device, dtype=torch.float32), persistent=False)
         self._rstd_seen: list[torch.Tensor] = []
         self._sigma_seen: list = [None, None]  # (W's version, sigma(W)) of the last refresh
+        self._factor_seen: list = [None, None]  # (W's and gain's versions, damping ||gain||_inf sigma(W))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -235,7 +238,6 @@ class FrozenContextDEQ(nn.Module):
             ctxs.append(ctx)
         inj = self.inj(x)
         frozen = self.frozen_term(inj, ctxs).expand(shape).contiguous()
-        ctx_rms = [_rms(ctx) for ctx in ctxs]
 
         if h0 is None:
             h0 = torch.zeros(shape, device=x.device, dtype=frozen.dtype)
@@ -265,8 +267,16 @@ class FrozenContextDEQ(nn.Module):
                     self._cell(h_star.detach(), frozen.detach())
             rstd = self._rstd_seen[0]
         self._rstd_seen.clear()
-        # dict.__setitem__: the solve's info may compute its statistics on first use
-        dict.__setitem__(info, "lipschitz_bound", self._lipschitz_bound(rstd))
+        # the diagnostics: on first use where the solve's info defers its own statistics
+        # (the layer's output does not need them: about 15 small device ops a call)
+        bound = functools.partial(_bound, 1.0 - self.damping, self._bound_factor(), rstd.detach())
+        diagnostics = {"lipschitz_bound": bound, "inj_rms": functools.partial(_rms_of, _Snapshot(inj)),
+                       "ctx_rms": functools.partial(_rms_each, [_Snapshot(ctx) for ctx in ctxs])}
+        for key, compute in diagnostics.items():
+            if isinstance(info, Info):
+                info.defer_value(key, compute)
+            else:
+                dict.__setitem__(info, key, compute())
 
         new_state = []
         for i, (provider, st) in enumerate(zip(self.contexts, state)):
@@ -277,8 +287,6 @@ class FrozenContextDEQ(nn.Module):
                 raise ValueError(f"contexts[{i}] ({type(provider).__name__}).update returned {got}; "
                                  f"expected the state's shape {tuple(ref.shape)}")
             new_state.append(new)
-        dict.__setitem__(info, "inj_rms", _rms(inj))
-        dict.__setitem__(info, "ctx_rms", tuple(ctx_rms))
         return h_star, tuple(new_state), info
 
     def forward_sequence(
@@ -374,10 +382,21 @@ class FrozenContextDEQ(nn.Module):
         return lambda h: self._cell(h, frozen)
 
     @torch.no_grad()
-    def _lipschitz_bound(self, rstd: torch.Tensor) -> torch.Tensor:
-        """``(1 - damping) + damping * ||gain||_inf * sigma(W) * max(rstd)``, () float32
-        on the device; one warm-started power-iteration step refreshes sigma(W) whenever W
-        changed (its version counter: an optimizer step), not at every call."""
+    def _bound_factor(self) -> torch.Tensor:
+        """``damping * ||gain||_inf * sigma(W)`` of the Lipschitz bound (``_bound``), () float32
+        on the device, recomputed only when W or the gain changed (their version counters:
+        an optimizer step), so a call costs no device op for it. One warm-started
+        power-iteration step refreshes sigma(W) whenever W changed. Each refresh makes a new
+        tensor: a deferred bound keeps the factor of its own call."""
+        versions = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.gain._version,
+                    self.gain.data_ptr())
+        if self._factor_seen[0] != versions:
+            gain_max = self.gain.detach().abs().amax().float()
+            self._factor_seen[:] = [versions, self.damping * gain_max * self._sigma()]
+        return self._factor_seen[1]
+
+    def _sigma(self) -> torch.Tensor:
+        """sigma(W): one warm-started power-iteration step when W changed since the last."""
         version = (self.weight._version, self.weight.data_ptr(), self.weight.device)
         if self._sigma_seen[0] != version:  # refreshed once per change of W (an optimizer step)
             ct = compute_dtype(self.weight)
@@ -387,9 +406,7 @@ class FrozenContextDEQ(nn.Module):
             v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
             self._sigma_v.copy_(v)
             self._sigma_seen[:] = [version, torch.linalg.vector_norm(torch.mv(w, v))]
-        sigma = self._sigma_seen[1]
-        gain_max = self.gain.detach().abs().amax().float()
-        return (1.0 - self.damping) + self.damping * gain_max * sigma * rstd.detach().float().amax()
+        return self._sigma_seen[1]
 
     def _cell(self, h: torch.Tensor, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration: one GEMM and one fused update; returns ``(h_next, residual)``."""
@@ -402,3 +419,36 @@ class FrozenContextDEQ(nn.Module):
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().pow(2).mean().sqrt()
+
+
+def _bound(base: float, factor: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The Lipschitz bound ``(1 - damping) + damping * ||gain||_inf * sigma(W) * max(rstd)``."""
+    return base + factor * rstd.float().amax()
+
+
+class _Snapshot:
+    """A tensor a diagnostic reads later, with its version counter at the call: an in-place
+    change since then makes the diagnostic NaN rather than a statistic of other values."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor, self.version = t.detach(), _version(t)
+
+    def rms(self) -> torch.Tensor:
+        if self.version is not None and _version(self.tensor) != self.version:
+            return torch.full((), float("nan"), dtype=torch.float32, device=self.tensor.device)
+        return _rms(self.tensor)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The version counter; None for an inference tensor (it has none)."""
+    return None if t.is_inference() else t._version
+
+
+def _rms_of(snapshot: _Snapshot) -> torch.Tensor:
+    return snapshot.rms()
+
+
+def _rms_each(snapshots: list) -> tuple:
+    return tuple(s.rms() for s in snapshots)

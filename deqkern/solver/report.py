@@ -38,13 +38,46 @@ class Info(dict):
     use. ``summarize`` is about forty small device ops -- on a small solve several times
     the kernel's own host time -- so a caller who never reads ``info`` (token-by-token
     generation) does not pay for it. Any read or write fills it first; it then is a plain
-    dict. Until then it holds the solve's ``h*`` and ``RowState`` (and the adjoint's ``g``)."""
+    dict. Until then it holds the solve's ``h*`` and ``RowState`` (and the adjoint's ``g``),
+    and any value a caller deferred (:meth:`defer_value`)."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_pending", "_values")
 
     def __init__(self):
         super().__init__()
         self._pending: list = []
+        self._values: list = []
+
+    def defer_value(self, key: str, compute) -> None:
+        """``info[key] = compute()``, computed when ``key`` itself is first read (or the
+        whole dict is: iteration, ``len``, ``repr``...): the layer's diagnostics, which a
+        caller reading only the solve's keys never pays for."""
+        self._values.append((key, compute))
+
+    def _read(self, key) -> None:
+        """Fill what a read of ``key`` needs: that deferred value alone, or else the
+        solves' statistics (and everything, if the key is still missing)."""
+        for i, (name, compute) in enumerate(self._values):
+            if name == key:
+                del self._values[i]
+                dict.__setitem__(self, key, compute())
+                return
+        if not dict.__contains__(self, key):
+            self._fill_pending()
+            if not dict.__contains__(self, key):
+                self._fill()
+
+    def __getitem__(self, key):
+        self._read(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        self._read(key)
+        return dict.get(self, key, default)
+
+    def __contains__(self, key) -> bool:
+        self._read(key)
+        return dict.__contains__(self, key)
 
     def defer(self, prefix: str, h, state: RowState, tol: float, stop_mode: str, iterations) -> None:
         """Statistics of one solve, keys prefixed by ``prefix``; a later solve with the
@@ -52,11 +85,17 @@ class Info(dict):
         self._pending = [p for p in self._pending if p[0] != prefix]
         self._pending.append((prefix, h, state, tol, stop_mode, iterations))
 
-    def _fill(self) -> None:
+    def _fill_pending(self) -> None:
         while self._pending:
             prefix, *args = self._pending.pop(0)
             for name, value in _summary(*args).items():
                 dict.__setitem__(self, prefix + name, value)
+
+    def _fill(self) -> None:
+        self._fill_pending()
+        while self._values:
+            key, compute = self._values.pop(0)
+            dict.__setitem__(self, key, compute())
 
 
 def _filled(name: str):
@@ -70,8 +109,8 @@ def _filled(name: str):
     return wrapper
 
 
-for _name in ("__getitem__", "__setitem__", "__delitem__", "__contains__", "__iter__", "__len__", "__repr__",
-              "__eq__", "__ne__", "__or__", "__ior__", "__reversed__", "__reduce_ex__", "get", "keys", "values",
+for _name in ("__setitem__", "__delitem__", "__iter__", "__len__", "__repr__",
+              "__eq__", "__ne__", "__or__", "__ior__", "__reversed__", "__reduce_ex__", "keys", "values",
               "items", "pop", "popitem", "setdefault", "update", "copy", "clear"):
     setattr(Info, _name, _filled(_name))
 
