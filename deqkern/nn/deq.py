@@ -208,7 +208,11 @@ class FrozenContextDEQ(nn.Module):
             returned iterate (module docstring; < 1 certifies that the cell contracts
             there), with ``sigma(W)`` from a warm-started power iteration (one step
             each time W changes, on the device) and ``rstd`` the kernel's own row
-            statistic at ``h*`` (``solve_cell(return_rstd=True)``, same launch).
+            statistic at ``h*`` (``solve_cell(return_rstd=True)``, same launch). These
+            three are computed when first read (on the ``solve_cell`` path; the time-parallel
+            and loop paths fill them at once): a call that never reads them, as generation,
+            runs no device op for them. A context modified in place before the read makes
+            its ``ctx_rms`` NaN.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
