@@ -39,7 +39,7 @@ from torch import nn
 from deqkern._validation import positive_int
 from deqkern.ops.launch import compute_dtype
 
-__all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "DecayScan", "decay_scan"]
+__all__ = ["ContextProvider", "MambaMemory", "SlotAttentionContext", "DecayScan", "decay_scan", "updated_states"]
 
 
 class ContextProvider(nn.Module):
@@ -284,6 +284,21 @@ def _decay_matrix(index: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     lag = index[:, None] - index[None, :]
     factors = torch.exp(lag.clamp_min(0)[None] * log_decay[:, None, None])
     return torch.where(lag >= 0, factors, torch.zeros_like(factors))
+
+
+def updated_states(providers, h_star: torch.Tensor, state, method: str) -> tuple:
+    """Each provider's new state, ``getattr(provider, method)(h_star, old)`` (``"update"``
+    for one step, ``"update_sequence"`` for a sequence); a state that was a tensor must
+    come back a tensor of its shape (ValueError naming the provider)."""
+    new_state = []
+    for i, (provider, old) in enumerate(zip(providers, state)):
+        new = getattr(provider, method)(h_star, old)
+        if isinstance(old, torch.Tensor) and (not isinstance(new, torch.Tensor) or new.shape != old.shape):
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"contexts[{i}] ({type(provider).__name__}).{method} returned {got}; "
+                             f"expected the state's shape {tuple(old.shape)}")
+        new_state.append(new)
+    return tuple(new_state)
 
 
 def _check_last_dim(name: str, t: torch.Tensor, d: int, ndim: int) -> None:

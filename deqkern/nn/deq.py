@@ -49,7 +49,7 @@ from torch import nn
 
 from deqkern.functional import update_with_stats
 from deqkern.nn.cell_adjoint import cell_adjoint
-from deqkern.nn.context import ContextProvider
+from deqkern.nn.context import ContextProvider, updated_states
 from deqkern.ops.launch import compute_dtype
 from deqkern.solver import solve_cell, solve_fused
 from deqkern._validation import check_damping, positive_float, positive_int
@@ -274,7 +274,7 @@ class FrozenContextDEQ(nn.Module):
         # the diagnostics: on first use where the solve's info defers its own statistics
         # (the layer's output does not need them: about 15 small device ops a call)
         bound = functools.partial(_bound, 1.0 - self.damping, self._bound_factor(), rstd.detach())
-        diagnostics = {"lipschitz_bound": bound, "inj_rms": functools.partial(_rms_of, _Snapshot(inj)),
+        diagnostics = {"lipschitz_bound": bound, "inj_rms": _Snapshot(inj).rms,
                        "ctx_rms": functools.partial(_rms_each, [_Snapshot(ctx) for ctx in ctxs])}
         for key, compute in diagnostics.items():
             if isinstance(info, Info):
@@ -282,16 +282,7 @@ class FrozenContextDEQ(nn.Module):
             else:
                 dict.__setitem__(info, key, compute())
 
-        new_state = []
-        for i, (provider, st) in enumerate(zip(self.contexts, state)):
-            new = provider.update(h_star, st)
-            ref = st
-            if isinstance(ref, torch.Tensor) and (not isinstance(new, torch.Tensor) or new.shape != ref.shape):
-                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-                raise ValueError(f"contexts[{i}] ({type(provider).__name__}).update returned {got}; "
-                                 f"expected the state's shape {tuple(ref.shape)}")
-            new_state.append(new)
-        return h_star, tuple(new_state), info
+        return h_star, updated_states(self.contexts, h_star, state, "update"), info
 
     def forward_sequence(
         self, x: torch.Tensor, state: Optional[State] = None, *, time_parallel: bool = True,
@@ -448,10 +439,6 @@ class _Snapshot:
 def _version(t: torch.Tensor) -> Optional[int]:
     """The version counter; None for an inference tensor (it has none)."""
     return None if t.is_inference() else t._version
-
-
-def _rms_of(snapshot: _Snapshot) -> torch.Tensor:
-    return snapshot.rms()
 
 
 def _rms_each(snapshots: list) -> tuple:

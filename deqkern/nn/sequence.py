@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 
 from deqkern._validation import positive_float, positive_int
+from deqkern.nn.context import updated_states
 from deqkern.ops.residual import row_residual
 from deqkern.solver.adjoint import Equilibrium
 from deqkern.solver.loop import Check, enforce, raise_if_nonfinite
@@ -326,15 +327,7 @@ def solve_sequence(layer, x: torch.Tensor, state: tuple, opts: SweepOptions):
         if out.requires_grad:
             adjoint = _SequenceAdjoint(h_in, outs, leaves, cells, phases, opts, info) if ift else None
             h_star = Equilibrium.apply(out, [h_star], adjoint)
-    new_state = []
-    for i, (provider, st) in enumerate(zip(layer.contexts, state)):
-        new = provider.update_sequence(h_star, st)
-        if isinstance(st, torch.Tensor) and (not isinstance(new, torch.Tensor) or new.shape != st.shape):
-            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-            raise ValueError(f"contexts[{i}] ({type(provider).__name__}).update_sequence returned {got}; "
-                             f"expected the state's shape {tuple(st.shape)}")
-        new_state.append(new)
-    return h_star, tuple(new_state), info
+    return h_star, updated_states(layer.contexts, h_star, state, "update_sequence"), info
 
 
 def token_loop(layer, x: torch.Tensor, state: tuple, warm_start: bool):
