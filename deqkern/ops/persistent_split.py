@@ -502,12 +502,13 @@ def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, ker
 class _Plan:
     """A launch of one kernel for one call signature, and the layout of its buffer."""
 
-    __slots__ = ("launch", "n_rows", "blocks", "sizes")
+    __slots__ = ("launch", "blocks", "sizes", "total")
 
     def __init__(self, launch: Launch, n_rows: int, blocks: int, extra: int, scratch: int):
-        self.launch, self.n_rows, self.blocks = launch, n_rows, blocks
+        self.launch, self.blocks = launch, blocks
         # residual, prev, lowest, nstep, rstd, check, then ``extra`` (the adjoint's d_gain parts) and scratch
         self.sizes = (n_rows, n_rows, n_rows, n_rows, n_rows, 5 * blocks, extra + scratch)
+        self.total = sum(self.sizes)  # the buffer's float32 elements
 
     def views(self, buf: torch.Tensor) -> tuple:
         """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``)."""
@@ -608,7 +609,7 @@ def solve_split(
     plan = _solve_plan(n_rows, d, (h0.dtype, w.dtype, f.dtype, gain.dtype), device, (h_in.stride(0), w.stride(0), stride_f), eps, damping,
                        tol, max_iter, stop_mode, with_rstd, _dots(h0), config and tuple(config.items()))
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
-    buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
+    buf = torch.empty(plan.total, dtype=torch.float32, device=device)
     plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf,
                 _barrier_counters(device, plan.blocks))
     state, rstd, check, _ = plan.views(buf)
@@ -631,7 +632,7 @@ def adjoint_split(
                          eps, damping, tol, max_iter, _dots(weight), config and tuple(config.items()))
     g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
-    buf = torch.empty(sum(plan.sizes), dtype=torch.float32, device=device)
+    buf = torch.empty(plan.total, dtype=torch.float32, device=device)
     plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
                 _barrier_counters(device, plan.blocks))
     state, rstd, check, rest = plan.views(buf)

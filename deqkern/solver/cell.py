@@ -21,7 +21,6 @@ dispatcher costs tens of microseconds a call, a large part of a small solve).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -122,11 +121,12 @@ def _plan(weight, frozen, gain, h0, scalars: tuple) -> _Settings:
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable scalar: the checks say which
         key = plan = None
-    if plan is not None and not torch.compiler.is_compiling():
+    tracing = torch.compiler.is_compiling()
+    if plan is not None and not tracing:
         return plan
     plan = _validate(_meta("h0", h0), _meta("weight", weight), _meta("frozen", frozen), _meta("gain", gain),
                      *scalars)
-    if key is not None and not torch.compiler.is_compiling():
+    if key is not None and not tracing:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -197,6 +197,16 @@ def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
     return d_weight, d_frozen, d_gain.to(gain.dtype) if needs[2] else None
 
 
+def _enforce(check, policy: str, *args) -> None:
+    """The policy on a solve's host check (none read: nothing to do). Non-finite rows also
+    drop the split kernels' barrier counters: a barrier that gave up shows as such rows."""
+    if check is None:
+        return
+    if check.bad_rows:
+        persistent_split.forget_barriers()
+    enforce(check, policy, *args)
+
+
 # --------------------------------------------------------------------------- autograd (eager)
 @dataclass
 class _Backward:
@@ -223,11 +233,8 @@ class _Implicit(torch.autograd.Function):
         out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
         check = report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
                         s.on_nonconvergence)
-        if check is not None and check.bad_rows:
-            persistent_split.forget_barriers()  # in case a barrier gave up (their NaN looks the same)
-        if check is not None:
-            enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
-                    s.b_tol, "rel", info)
+        _enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
+                 s.b_tol, "rel", info)
         return (*_param_grads(out.dz, out.d_gain, h_star, frozen, gain, ctx.needs_input_grad), None, None)
 
 
@@ -301,10 +308,7 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool, with_r
             dict.__setitem__(info, "rstd", rstd.view(h.shape[:-1]))
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
     check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
-    if check is not None and check.bad_rows:
-        persistent_split.forget_barriers()  # in case a barrier gave up (their NaN looks the same)
-    if check is not None:
-        enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
+    _enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
     if not needs_grad or (compiling and s.backward == "ift"):
         return h_star, info
     if s.backward == "onestep":

@@ -54,18 +54,19 @@ class Info(dict):
         caller reading only the solve's keys never pays for."""
         self._values.append((key, compute))
 
+    def _deferred(self, key) -> int:
+        """The index of ``key`` among the deferred values, -1 if it is not one."""
+        return next((i for i, (name, _) in enumerate(self._values) if name == key), -1)
+
     def _read(self, key) -> None:
         """Fill what a read of ``key`` needs: that deferred value alone, or else the
-        solves' statistics (and everything, if the key is still missing)."""
-        for i, (name, compute) in enumerate(self._values):
-            if name == key:
-                del self._values[i]
-                dict.__setitem__(self, key, compute())
-                return
-        if not dict.__contains__(self, key):
+        solves' statistics."""
+        i = self._deferred(key)
+        if i >= 0:
+            _, compute = self._values.pop(i)
+            dict.__setitem__(self, key, compute())
+        elif not dict.__contains__(self, key):
             self._fill_pending()
-            if not dict.__contains__(self, key):
-                self._fill()
 
     def __getitem__(self, key):
         self._read(key)
@@ -76,7 +77,10 @@ class Info(dict):
         return dict.get(self, key, default)
 
     def __contains__(self, key) -> bool:
-        self._read(key)
+        if self._deferred(key) >= 0:  # present, and not computed just to say so
+            return True
+        if not dict.__contains__(self, key):
+            self._fill_pending()
         return dict.__contains__(self, key)
 
     def defer(self, prefix: str, h, state: RowState, tol: float, stop_mode: str, iterations) -> None:
