@@ -13,7 +13,7 @@ from deqkern import _backend
 from deqkern.nn import cell_adjoint
 from deqkern.ops import commit as commit_ops
 from deqkern.ops.residual import row_residual
-from deqkern.solver import NonFiniteError, loop as loop_mod, solve, solve_fused
+from deqkern.solver import NonFiniteError, solve, solve_fused
 from test_solver import (affine_rows, counting_checks, fresh_gen, grads_of, nan_at, picard, rel_err, rms_cell,
                          scaled, tanh_problem)
 
