@@ -7,8 +7,11 @@ Each token is one solve of the DEQ layer on that token's slots (``CharLM.generat
 providers' state and the warm start carried from the previous token), then the readout
 and sampling. Variants, at each ``--batch``:
 
-    default   the layer's default path (``DEQKERN_BACKEND=auto``)
-    graph     ``graph=True``: each token's solve replayed from a CUDA graph (``--graph``; CUDA only)
+    default     the default path: on CUDA each whole token step (prelude, one-launch solve,
+                state update, readout, sampling) replayed from one CUDA graph
+    no-capture  the same steps run without capture (``step_graph=False``; CUDA only)
+    graph       ``graph=True``: each token's solve replayed from a CUDA graph, the rest of the
+                step eager (``--graph``; CUDA only; the baseline of issue 14's target)
 
 Recorded per variant and batch (:func:`deqkern.models.generation.timed_generate`, the
 device synchronized after every token, so each token's time is its true latency): median
@@ -32,6 +35,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -57,10 +61,10 @@ def build(args: argparse.Namespace, device: torch.device, graph: bool) -> CharLM
     return CharLM(dataclasses.replace(PRESETS[args.config](), graph=graph)).to(device)
 
 
-def check(model: CharLM, reference: CharLM, device: torch.device) -> str:
+def check(model: CharLM, reference: CharLM, device: torch.device, step_graph: Optional[bool]) -> str:
     """'ok' or 'FAIL (...)': the prompt's logits (teacher-forced) against ``reference``."""
     prompt = corpus()[:CHECK_PROMPT].long()[None].to(device)
-    logits = model.generate(prompt, 1, temperature=0)[1]["logits"]
+    logits = model.generate(prompt, 1, temperature=0, step_graph=step_graph)[1]["logits"]
     with forced_backend("eager"):
         expected = reference.generate(prompt, 1, temperature=0)[1]["logits"]
     return common.check_close("prompt logits", logits, expected, CHECK_TOL)
@@ -69,17 +73,18 @@ def check(model: CharLM, reference: CharLM, device: torch.device) -> str:
 def run(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], CharLM]:
     """The rows (one per variant and batch), and the float64 reference model."""
     reference = build(args, device, graph=False).double()
-    variants = ["default"] + (["graph"] if device.type == "cuda" else [])
+    variants = ["default"] + (["no-capture", "graph"] if device.type == "cuda" else [])
     prompt_text = corpus()[:args.prompt_len].long().to(device)
     rows = []
     for variant in variants:
         model = build(args, device, graph=variant == "graph")
-        verdict = check(model, reference, device)
+        step_graph = False if variant == "no-capture" else None
+        verdict = check(model, reference, device, step_graph)
         for batch in args.batch:
             prompt = prompt_text.repeat(batch, 1)
             generator = torch.Generator(device).manual_seed(args.seed)
             _, stats, timing = timed_generate(model, prompt, args.tokens, temperature=args.temperature,
-                                              generator=generator)
+                                              generator=generator, step_graph=step_graph)
             row = {"variant": variant, "batch": batch, "check": verdict, "ran": _backend.last_backend(),
                    "ms_per_token": timing["latency_ms"], "tokens_per_s": timing["tokens_per_s"],
                    "mean_nstep": stats["mean_nstep"].item(), "max_nstep": stats["max_nstep"].item(),

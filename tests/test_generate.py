@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
 
@@ -15,7 +17,10 @@ from deqkern.__main__ import main, parse_args
 from deqkern.models.charlm import VOCAB, CharLM, CharLMConfig
 from deqkern.models.checkpoint import CheckpointError
 from deqkern.models.generation import load_model, timed_generate, to_text
+from deqkern.models import token_step
 from deqkern.models.train import train
+from deqkern.solver import report as report_module
+from deqkern.solver.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one intra-op thread
 
@@ -97,6 +102,79 @@ def test_graph_generation_matches_the_default_path():
     assert (results[1] - results[0]).abs().max() <= 1e-2 * results[0].abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("temperature, seeded", [(0, False), (0.8, True), (0.8, False)])
+def test_step_graph_generation_equals_the_uncaptured_steps(monkeypatch, temperature, seeded):
+    """Each whole token step replayed from a CUDA graph (the default on CUDA): one capture,
+    and the same tokens, logits and statistics as the
+    same steps run without capture (sampling from a seeded or the global generator)."""
+    model = _model(torch.float32).cuda()
+    prompt = _prompt(3, 4).cuda()
+    captured = []
+    capture = token_step.TokenSteps._capture
+    monkeypatch.setattr(token_step.TokenSteps, "_capture", lambda self: captured.append(1) or capture(self))
+    results = {}
+    for graph in (None, False):
+        generator = torch.Generator("cuda").manual_seed(3) if seeded else None
+        torch.cuda.manual_seed(11)
+        results[graph] = model.generate(prompt, 7, temperature=temperature, generator=generator, step_graph=graph)
+    assert captured == [1]
+    (tokens, stats), (ref_tokens, ref_stats) = results[None], results[False]
+    assert torch.equal(tokens, ref_tokens)
+    assert (stats["logits"] - ref_stats["logits"]).abs().max() <= 1e-5 * ref_stats["logits"].abs().max()
+    for key in ("mean_nstep", "max_nstep", "unconverged"):
+        assert stats[key].item() == ref_stats[key].item(), key
+
+
+def test_step_graph_argument():
+    model = _model(torch.float32)
+    with pytest.raises(ValueError, match="step_graph=True: .*the model is on cpu, not a CUDA device"):
+        model.generate(_prompt(1, 2), 1, step_graph=True)
+    with pytest.raises(TypeError, match="step_graph must be a bool or None; got int"):
+        model.generate(_prompt(1, 2), 1, step_graph=1)
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_nonconvergence_policy_applied_once_after_the_last_token(monkeypatch, policy):
+    """No host check between tokens (the solver's reads fail the test); the layer's
+    policy is applied once, to the rows of every step, and the layer keeps its policy."""
+    monkeypatch.setenv("DEQKERN_BACKEND", "eager")
+    monkeypatch.setattr(report_module, "read_check", _no_host_read)
+    monkeypatch.setattr(report_module, "host_check", _no_host_read)
+    model = _model(torch.float32, max_iter=2, tol=1e-6)
+    model.deq.solver_options["on_nonconvergence"] = policy
+    steps = 3 + 4 - 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if policy == "raise":
+            with pytest.raises(ConvergenceError, match=r"CharLM.generate: .* of 24 row\(s\) did not converge") as err:
+                model.generate(_prompt(2, 3), 4, temperature=0)
+            assert 0 < err.value.unconverged <= 24 and err.value.info["logits"].shape == (2, steps, VOCAB)
+        else:
+            stats = model.generate(_prompt(2, 3), 4, temperature=0)[1]
+            assert 0 < stats["unconverged"].item() <= 2 * model.cfg.n_slots * steps
+    convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(convergence) == (policy == "warn")
+    if policy == "warn":
+        assert f"{int(stats['unconverged'].item())} of 24 row(s)" in str(convergence[0].message)
+    assert model.deq.solver_options["on_nonconvergence"] == policy
+
+
+def test_nonfinite_fixed_point_raises_after_the_last_token(monkeypatch):
+    monkeypatch.setenv("DEQKERN_BACKEND", "eager")
+    model = _model(torch.float32)
+    model.deq.solver_options["on_nonconvergence"] = "ignore"
+    with torch.no_grad():
+        model.emb.weight[7] = float("nan")
+    prompt = torch.tensor([[1, 2, 7, 3]])
+    with pytest.raises(NonFiniteError, match="non-finite fixed points in 6 row.*first at the step for position 2"):
+        model.generate(prompt, 2, temperature=0)
+
+
+def _no_host_read(*args):
+    raise AssertionError("a host read of a solve's check during generation")
+
+
 def test_sampling_reproducible_from_a_seed(monkeypatch):
     monkeypatch.setenv("DEQKERN_BACKEND", "eager")
     model = _model(torch.float32)
@@ -119,12 +197,12 @@ def test_sampling_reproducible_from_a_seed(monkeypatch):
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0])
 def test_samples_follow_softmax_over_temperature(monkeypatch, temperature):
-    """20000 sequences with one prompt: the first sampled byte's counts fit
+    """50000 sequences with one prompt: the first sampled byte's counts fit
     softmax(logits / temperature) of the prompt's last position (Pearson's chi-square,
     255 degrees of freedom, below mean + 5 sd), and do not fit temperature x 1.5 or / 1.5."""
     monkeypatch.setenv("DEQKERN_BACKEND", "eager")
     model = _model(torch.float32)
-    n = 20000
+    n = 50000
     prompt = _prompt(1, 2).expand(n, 2).contiguous()
     tokens, stats = model.generate(prompt, 1, temperature=temperature, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens[:, -1], minlength=VOCAB).double() / n

@@ -52,6 +52,7 @@ from torch import nn
 
 from deqkern.nn import FrozenContextDEQ, MambaMemory, SlotAttentionContext
 from deqkern.ops.launch import compute_dtype
+from deqkern.models import token_step
 
 __all__ = ["CharLMConfig", "CharLM", "PRESETS", "STDLIB_MODULES", "corpus", "batches", "Batches"]
 
@@ -253,6 +254,7 @@ class CharLM(nn.Module):
     def generate(
         self, prompt: torch.Tensor, n_tokens: int, *, temperature: float = 1.0,
         generator: Optional[torch.Generator] = None, on_step: Optional[Callable[[int], None]] = None,
+        step_graph: Optional[bool] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sample ``n_tokens`` bytes after ``prompt``, one token at a time, without gradients.
 
@@ -261,7 +263,13 @@ class CharLM(nn.Module):
         previous token, the solve warm-started from its ``h*`` when ``cfg.warm_start``),
         then the readout; from the prompt's last position on, the next token is sampled
         from the logits. So the prompt's logits are :meth:`forward`'s with
-        ``CharLMConfig(token_loop=True)``. ``cfg.graph`` replays each solve from a CUDA graph.
+        ``CharLMConfig(token_loop=True)``. The steps run on static buffers
+        (:mod:`deqkern.models.token_step`); with ``step_graph`` each whole step is
+        replayed from a CUDA graph (one graph launch per token). Nothing waits on the
+        host between tokens: the layer's ``on_nonconvergence`` policy is applied once,
+        after the last token, to the rows of every step that missed ``tol`` (a
+        non-finite fixed point raises :class:`~deqkern.solver.errors.NonFiniteError`
+        then, whatever the policy).
 
         Args:
             prompt: int64 ``(B, P)``, ``P >= 1``, byte values, on the model's device.
@@ -274,6 +282,10 @@ class CharLM(nn.Module):
                 P + n_tokens - 2``; the step at position ``t`` yields the logits of token
                 ``t + 1``, and samples it when ``t >= P - 1``), e.g. to synchronize and time
                 every token. Nothing else waits on the host.
+            step_graph: replay each token step from a CUDA graph. None (default): where
+                it can (:func:`~deqkern.models.token_step.capturable`: a CUDA device, the
+                layer's one-launch solve, not ``cfg.graph``); True: required (ValueError
+                saying why not); False: run the steps without capture.
 
         Returns:
             ``tokens`` int64 ``(B, P + n_tokens)``: the prompt, then the sampled bytes;
@@ -283,30 +295,19 @@ class CharLM(nn.Module):
             (rows that missed ``tol``), ``contraction`` (max).
         """
         self._check_generate_args(prompt, n_tokens, temperature, generator)
-        batch, length = prompt.shape
-        state = self.deq.init_state(batch, self.cfg.n_slots, device=prompt.device, dtype=self.slot_emb.dtype)
-        tokens = list(prompt.unbind(1))
-        h_star: Optional[torch.Tensor] = None
-        logits, nstep, converged, contraction = [], [], [], []
-        for position in range(length + n_tokens - 1):
-            x = self.emb(tokens[position])[:, None, :] + self.slot_emb      # (B, S, d)
-            h0 = h_star if self.cfg.warm_start else None
-            h_star, state, info = self.deq(x, state, h0=h0)
-            logits.append(self.head(self.readout_norm(h_star.mean(1))))     # (B, 256)
-            nstep.append(info["nstep"])
-            converged.append(info["converged"])
-            contraction.append(info["contraction"])
-            if position >= length - 1:
-                tokens.append(_sample(logits[-1], temperature, generator))
-            if on_step is not None:
-                on_step(position)
-        nstep_all = torch.stack(nstep)
-        stats = {
-            "logits": torch.stack(logits, 1), "mean_nstep": nstep_all.float().mean(),
-            "max_nstep": nstep_all.amax().float(), "unconverged": (~torch.stack(converged)).sum().float(),
-            "contraction": torch.stack(contraction).amax().float(),
-        }
-        return torch.stack(tokens, 1), stats
+        if step_graph is not None and not isinstance(step_graph, bool):
+            raise TypeError(f"step_graph must be a bool or None; got {type(step_graph).__name__}")
+        why_not = token_step.capturable(self)
+        if step_graph and why_not:
+            raise ValueError(f"step_graph=True: the token step cannot be captured in a CUDA graph: {why_not}")
+        graph = why_not is None if step_graph is None else step_graph
+        steps = token_step.TokenSteps(self, prompt, n_tokens, float(temperature), generator, _sample, graph)
+        with token_step.deferred_policy(self.deq) as policy:
+            for position in range(prompt.shape[1] + n_tokens - 1):
+                steps.run()
+                if on_step is not None:
+                    on_step(position)
+        return steps.finish(policy)
 
     def _check_generate_args(self, prompt: object, n_tokens: object, temperature: object, generator: object) -> None:
         """:meth:`generate`'s arguments (metadata, and the prompt's values in one read)."""

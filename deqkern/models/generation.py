@@ -44,10 +44,10 @@ def load_model(path: "str | os.PathLike", device: torch.device, graph: bool = Fa
 
 def timed_generate(
     model: CharLM, prompt: torch.Tensor, n_tokens: int, *, temperature: float, generator: Optional[torch.Generator],
-    warmup: int = GENERATE_WARMUP,
+    warmup: int = GENERATE_WARMUP, step_graph: Optional[bool] = None,
 ) -> tuple[torch.Tensor, dict, dict]:
-    """:meth:`CharLM.generate` with the device synchronized after every token (so each
-    token's time is its true latency). Returns its tokens and stats, and ``timing``:
+    """:meth:`CharLM.generate` (``step_graph`` passed on) with the device synchronized
+    after every token (so each token's time is its true latency). Returns its tokens and stats, and ``timing``:
     ``latency_ms`` (median over the steps after the first ``warmup``; all steps if there
     are no more), ``seconds`` (the steps that sampled the ``n_tokens`` new tokens),
     ``tokens_per_s`` (``B * n_tokens / seconds``), ``steps`` and ``warmup`` (steps run,
@@ -62,7 +62,8 @@ def timed_generate(
 
     sync()
     stamps.append(time.perf_counter())
-    tokens, stats = model.generate(prompt, n_tokens, temperature=temperature, generator=generator, on_step=on_step)
+    tokens, stats = model.generate(prompt, n_tokens, temperature=temperature, generator=generator, on_step=on_step,
+                                   step_graph=step_graph)
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
     skipped = warmup if len(durations) > warmup else 0
     seconds = sum(durations[prompt.shape[1] - 1:])
