@@ -93,18 +93,23 @@ def _captured(n=6, d=5):
     return capture_mod.CapturedSolve(Graph(), static_in, packed, layout, []), fields, Graph
 
 
-def test_replay_returns_every_field_and_independent_copies():
+def test_replay_returns_every_field_and_independent_copies(monkeypatch):
     entry, fields, _ = _captured()
     h_a = torch.randn(6, 5)
-    first = entry.run(h_a)
-    assert set(first) == set(fields)
-    for name, value in fields.items():
-        assert first[name].dtype == value.dtype and first[name].shape == value.shape
+    views = []
+    field = capture_mod._field
+    monkeypatch.setattr(capture_mod, "_field", lambda *args: views.append(args[1]) or field(*args))
+    h, check, info = entry.run(h_a)
+    assert len(views) == 2  # h and the check vector; the info fields when read
+    assert info["nstep"].shape == fields["nstep"].shape and len(views) == 3
+    assert set(info) | {"h", "_check"} == set(fields)
+    for name, value in {**info, "h": h, "_check": check}.items():
+        assert value.dtype == fields[name].dtype and value.shape == fields[name].shape
         if name != "h":
-            assert torch.equal(first[name], value)
-    assert torch.equal(first["h"], h_a)
+            assert torch.equal(value, fields[name])
+    assert torch.equal(h, h_a)
     second = entry.run(torch.randn(6, 5))
-    assert torch.equal(first["h"], h_a) and not torch.equal(second["h"], h_a)  # not overwritten
+    assert torch.equal(h, h_a) and not torch.equal(second[0], h_a)  # not overwritten
 
 
 def test_graph_solve_recaptures_only_when_guarded_tensors_move(monkeypatch):
@@ -127,8 +132,8 @@ def test_graph_solve_recaptures_only_when_guarded_tensors_move(monkeypatch):
     def solve():
         return capture_mod.graph_solve(layer.forward, "f", None, h0, cfg, kwargs)
 
-    out = solve()
-    assert torch.equal(out["h"], h0) and len(captures) == 1
+    h, _, _ = solve()
+    assert torch.equal(h, h0) and len(captures) == 1
     layer.note = "an unrelated attribute"  # a changed link, same tensors: no recapture
     with torch.no_grad():
         layer.weight.mul_(0.5)

@@ -69,9 +69,8 @@ class Adjoint:
             return bound(extra[0], static_v)
 
         with torch.no_grad():
-            out = graph_solve(self.owner, self.tag + ":adjoint", build, v.contiguous(), cfg, loop_kwargs,
-                               extra=(self.h_in.detach(), *per_call), guarded=(custom,))
-        g, check_vector = out.pop("h"), out.pop("_check")
+            g, check_vector, out = graph_solve(self.owner, self.tag + ":adjoint", build, v.contiguous(), cfg,
+                                               loop_kwargs, extra=(self.h_in.detach(), *per_call), guarded=(custom,))
         self.info.update({f"b_{name}": value for name, value in out.items()})
         self.info["b_iterations"] = cfg.b_max_iter
         if cfg.on_nonconvergence != "ignore":

@@ -30,9 +30,8 @@ def _forward(step: Step, owner: Callable, tag: str, h0: torch.Tensor, cfg: Confi
     kept: list = []
     if cfg.graph:
         with torch.no_grad():
-            out = graph_solve(owner, tag, lambda static_in, extra: step, h0, cfg, loop_kwargs)
-        h_star, check_vector = out.pop("h"), out.pop("_check")
-        info = {**out, "iterations": cfg.max_iter}
+            h_star, check_vector, info = graph_solve(owner, tag, lambda static_in, extra: step, h0, cfg, loop_kwargs)
+        dict.__setitem__(info, "iterations", cfg.max_iter)  # the other keys stay deferred (Info)
         check = None if cfg.on_nonconvergence == "ignore" else loop.host_check(check_vector)
     else:
         result = fixed_point_loop(step, h0, keep=keep, **loop_kwargs)

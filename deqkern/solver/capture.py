@@ -4,6 +4,7 @@ per problem, with guards on the tensors ``f`` reads (see the package docstring).
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import warnings
 import weakref
@@ -14,6 +15,7 @@ import torch
 from deqkern.solver.config import Config, Step
 from deqkern.solver.guards import Guard, tensor_guards
 from deqkern.solver.loop import fixed_point_loop, result_info
+from deqkern.solver.report import Info
 
 __all__ = ["clear_graph_cache", "tensor_guards", "CapturedSolve", "capture", "graph_solve"]
 
@@ -33,40 +35,36 @@ def clear_graph_cache() -> None:
 class CapturedSolve:
     """One captured ``max_iter`` loop. Inputs: ``static_in`` (and ``static_extra``).
     Outputs: one byte buffer holding the final iterate and every info tensor, so a
-    replay costs three launches (copy in, replay, clone out) plus the views of the clone:
-    one call per dtype of the fields (``torch._C._nn.unflatten_dense_tensors`` makes a
-    group's views in C++), not three per field."""
+    replay costs three launches (copy in, replay, clone out) plus views of the clone:
+    the iterate's and the check vector's at once, each info field's when it is first
+    read (:class:`~deqkern.solver.report.Info`; three view ops a field, about fifteen
+    fields, which a caller reading one key does not pay for)."""
 
     def __init__(self, graph: "torch.cuda.CUDAGraph", static_in: torch.Tensor, packed: torch.Tensor,
                  layout: list, guards: list, static_extra: tuple = ()):
-        self.graph, self.static_in, self.packed, self.layout, self.guards = graph, static_in, packed, layout, guards
+        self.graph, self.static_in, self.packed, self.guards = graph, static_in, packed, guards
         self.static_extra = static_extra
-        self.groups = []  # (byte offset, bytes, dtype, names, shape templates on the meta device)
-        for name, offset, nbytes, dtype, shape in layout:
-            if self.groups and self.groups[-1][2] == dtype:
-                group = self.groups[-1]
-                self.groups[-1] = (group[0], group[1] + nbytes, dtype, group[3] + (name,),
-                                   group[4] + [torch.empty(shape, dtype=dtype, device="meta")])
-            else:
-                self.groups.append((offset, nbytes, dtype, (name,), [torch.empty(shape, dtype=dtype, device="meta")]))
+        specs = {name: (offset, nbytes, dtype, shape) for name, offset, nbytes, dtype, shape in layout}
+        self.h_spec, self.check_spec = specs.pop("h"), specs.pop("_check")
+        self.info_specs = list(specs.items())
 
-    def run(self, h0: torch.Tensor, extra: tuple = ()) -> dict[str, torch.Tensor]:
+    def run(self, h0: torch.Tensor, extra: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, Info]:
+        """``(h, check_vector, info)`` of one replay from ``h0`` (and ``extra``)."""
         self.static_in.copy_(h0)
         for static, value in zip(self.static_extra, extra):
             static.copy_(value)
         self.graph.replay()
         out = self.packed.clone()  # the caller's own copy: a later replay must not overwrite it
-        fields = {}
-        for offset, nbytes, dtype, names, templates in self.groups:
-            flat = out.narrow(0, offset, nbytes).view(dtype)
-            if len(names) == 1 and templates[0].dim() == 1:  # the flat view already is the field
-                fields[names[0]] = flat
-            else:
-                fields.update(zip(names, _unflatten(flat, templates)))
-        return fields
+        info = Info()
+        for name, spec in self.info_specs:
+            info.defer_value(name, functools.partial(_field, out, *spec))
+        return _field(out, *self.h_spec), _field(out, *self.check_spec), info
 
 
-_unflatten = torch._C._nn.unflatten_dense_tensors
+def _field(out: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """One field of a replay's packed outputs, as a view of ``out``."""
+    flat = out.narrow(0, offset, nbytes).view(dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 def pack(fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
@@ -125,9 +123,10 @@ def capture(build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor, extr
 
 
 def graph_solve(owner_fn: Callable, tag: str, build: Callable[[torch.Tensor, tuple], Step], h0: torch.Tensor,
-                 cfg: Config, loop_kwargs: dict, extra: tuple = (), guarded: tuple = ()) -> dict[str, torch.Tensor]:
+                 cfg: Config, loop_kwargs: dict, extra: tuple = (), guarded: tuple = ()
+                 ) -> tuple[torch.Tensor, torch.Tensor, Info]:
     """Replay (capturing first if needed) the cached graph for ``owner_fn`` and this
-    problem; returns the packed outputs as views ("h", "_check" and the info tensors).
+    problem; returns :meth:`CapturedSolve.run`'s ``(h, check_vector, info)``.
     ``guarded``: further callables whose tensors must not move (the adjoint factory)."""
     owner, method = (owner_fn.__self__, owner_fn.__func__) if inspect.ismethod(owner_fn) else (owner_fn, None)
     try:
