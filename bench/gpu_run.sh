@@ -14,6 +14,8 @@
 # update, iteration, solve, dropin, spectral (python -m bench suites, one budget each) -
 # dist (bench_distributed.py). A failing step is reported and the next one runs; the
 # tail of each step's log is printed.
+# The test steps run with OMP_NUM_THREADS=1: many pytest workers on the CPU tests otherwise
+# oversubscribe the cores (2026-11-30: CPU-only float64 solver tests timed out at 150 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=$(realpath -m "$1"); shift
@@ -53,13 +55,13 @@ for spec in "$@"; do
               echo "commit $DEQKERN_COMMIT"; date -u +%FT%TZ; } >"$RES/env.txt" 2>&1
             cat "$RES/env.txt" ;;
         tests)
-            DEQKERN_FAILURE_LOG="$RES/tests-failures.log" TAIL=8 run_step tests "$limit" python -m pytest -v -p no:cacheprovider -n 24 --timeout 150 -rf tests \
+            OMP_NUM_THREADS=1 DEQKERN_FAILURE_LOG="$RES/tests-failures.log" TAIL=8 run_step tests "$limit" python -m pytest -v -p no:cacheprovider -n 24 --timeout 150 -rf tests \
                 --ignore=tests/test_distributed.py --ignore=tests/test_checkpoint.py \
                 --ignore=tests/test_bench_cli.py --ignore=tests/test_package.py
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/tests.log" | sort -u | head -60
             [ -f "$RES/tests-failures.log" ] && grep -aE "^(=====|E )" "$RES/tests-failures.log" | head -80 ;;
         cell-tests)  # the one-launch solves and what calls them
-            DEQKERN_FAILURE_LOG="$RES/cell-tests-failures.log" TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 300 -rf \
+            OMP_NUM_THREADS=1 DEQKERN_FAILURE_LOG="$RES/cell-tests-failures.log" TAIL=8 run_step cell-tests "$limit" python -m pytest -v -p no:cacheprovider -n 16 --timeout 300 -rf \
                 ${CELL_TESTS:-tests/test_ops_persistent.py tests/test_solve_cell.py tests/test_deq.py tests/test_generate.py} \
                 ${CELL_K:+-k "$CELL_K"}
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60

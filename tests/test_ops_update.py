@@ -45,6 +45,18 @@ def reference64(inputs, grad_out, eps, damping, stop_mode):
     return h.detach(), res, [x.grad for x in xs]
 
 
+def _row_terms(name, inputs, grad_out, grads_ref, kw) -> torch.Tensor:
+    """``sum over rows |term|`` of a gradient reduced over rows, float64: ``d_gain``'s
+    terms ``damping * grad_out * n`` (``n`` the normalized ``z``), a broadcast
+    ``d_frozen``'s the rows of ``dz`` (= ``d_signal``)."""
+    d = grad_out.shape[-1]
+    if name == "frozen":
+        return grads_ref[0].abs().reshape(-1, d).sum(0)
+    z = (inputs[0].detach().double() + inputs[1].detach().double()).reshape(-1, d)
+    n = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + kw["eps"])
+    return (kw["damping"] * grad_out.double().reshape(-1, d) * n).abs().sum(0)
+
+
 @pytest.mark.parametrize("stop_mode", STOP_MODES)
 @pytest.mark.parametrize("damping", [1.0, 0.6])
 @pytest.mark.parametrize("broadcast", [False, True], ids=["frozen_full", "frozen_bcast"])
@@ -77,10 +89,12 @@ def test_forward_backward_parity(dtype, d, lead, broadcast, damping, stop_mode, 
         assert g.dtype == t.dtype and g.shape == t.shape
         # Reduced over rows (d_gain, a broadcast d_frozen): the kernel sums per-program
         # partials in another order than eager, from the GPU's approximate rsqrt: 4 ulps
-        # (seen on the H200: 1.15e-6 against a 1-ulp bound of 1.05e-6, fp32, d=4096).
+        # of the terms' magnitudes (seen on the H200: 1.15e-6 against a bound of 1.09e-6
+        # relative to |d_gain| itself, fp32, d=4096, 6 rows).
         reduced = name == "gain" or (name == "frozen" and broadcast)
         assert_parity(g, g_e, g_ref, t.dtype, f"d_{name}", ulps=4.0 if reduced else 1.0,
-                      summed=math.prod(lead) if reduced else 1)
+                      summed=math.prod(lead) if reduced else 1,
+                      magnitude=_row_terms(name, inputs, grad_out, grads_ref, kw) if reduced else None)
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"], indirect=True)
