@@ -263,12 +263,13 @@ def frozen_rmsnorm_update(
 
 
 #: :func:`rms_norm` (and so ``FusedRMSNorm``) runs torch's own ``F.rms_norm`` below this
-#: many elements (``x.numel()``) under ``DEQKERN_BACKEND=auto``: there torch's C++ op and
-#: C++ autograd node cost less per call than the Python-launched kernel. Set from the
-#: measured crossover of the fused kernel's forward+backward against nn.RMSNorm (``python -m
-#: bench --suite host``, "norm" rows; wall time): on the H200 (torch 2.11, commit 35112ac) the
-#: fused kernel first wins at 131072x1024 in float32 (1.28x, 2**27 elements) and at no swept
-#: size in bfloat16 (0.34-0.85x up to 131072x1024).
+#: many elements (``x.numel()``) under ``DEQKERN_BACKEND=auto``, and for 16-bit inputs at
+#: every size: there torch's C++ op and C++ autograd node cost less per call than the
+#: Python-launched kernel. Set from the measured crossover of the fused kernel's
+#: forward+backward against nn.RMSNorm (``python -m bench --suite host``, "norm" rows; wall
+#: time): on the H200 (torch 2.11, commits 35112ac and 00c6650) the fused kernel first wins at
+#: 131072x1024 in float32 (1.27-1.28x, 2**27 elements) and at no swept size in bfloat16
+#: (0.27-0.85x up to 131072x1024).
 TORCH_RMS_NORM_BELOW = 1 << 27
 
 
@@ -282,7 +283,8 @@ class _NormPlan:
         backend = _backend.select(x.device, x.dtype, x.shape[-1])
         same_dtype = weight is None or weight.dtype == x.dtype  # else torch promotes to weight's dtype
         self.use_torch = same_dtype and (
-            backend == "eager" or (_backend.mode() == "auto" and x.numel() < TORCH_RMS_NORM_BELOW))
+            backend == "eager"
+            or (_backend.mode() == "auto" and (x.numel() < TORCH_RMS_NORM_BELOW or x.element_size() < 4)))
         # the constant ones vector only: a weight is the caller's, passed at every call
         self.eps, self.ones, self.frozen = float(eps), gain if weight is None else None, frozen
         self.normalized_shape = (x.shape[-1],)
@@ -297,7 +299,7 @@ def rms_norm(x: torch.Tensor, weight: "torch.Tensor | None" = None, eps: "float 
     ``h_prev = x`` and ``damping = 1`` (the kernel's residual output is discarded).
     Where the fused kernel cannot win, this *is* ``F.rms_norm``: with the eager backend,
     and under ``DEQKERN_BACKEND=auto`` below :data:`TORCH_RMS_NORM_BELOW` elements
-    (host-bound sizes, where torch's C++ op costs less per call), when ``weight`` is
+    (host-bound sizes, where torch's C++ op costs less per call) or for a 16-bit ``x``, when ``weight`` is
     None or has x's dtype. ``deqkern.last_backend()`` then reports ``"eager"``.
 
     Args:

@@ -26,8 +26,8 @@ class FusedRMSNorm(nn.RMSNorm):
     forward, one backward; float32 math whatever the storage dtype).
 
     At small sizes it is torch's own op: under ``DEQKERN_BACKEND=auto``, inputs of fewer
-    than :data:`deqkern.functional.TORCH_RMS_NORM_BELOW` elements (whose weight, if any,
-    has the input's dtype) run ``F.rms_norm``, the op ``nn.RMSNorm`` runs. There the call
+    than :data:`deqkern.functional.TORCH_RMS_NORM_BELOW` elements, and 16-bit inputs of
+    any size (whose weight, if any, has the input's dtype), run ``F.rms_norm``, the op ``nn.RMSNorm`` runs. There the call
     is bound by host time, and torch's C++ op with its C++ autograd node costs less of it
     than a kernel launched from Python; the outputs are then exactly ``nn.RMSNorm``'s.
     ``DEQKERN_BACKEND=triton`` forces the fused kernel at every size.
