@@ -114,8 +114,10 @@ def python_calls(fn) -> tuple[int, int | None]:
     return calls[0], depth[0]
 
 
-def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool) -> list[dict]:
-    on_gpu = device.type == "cuda"
+def update_inputs(n: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """Seeded inputs of the timed entry points: the update op's ``(signal, frozen, h_prev,
+    gain)``, the same four as leaves requiring grad, an output gradient ``(n, d)``, a
+    1024-vector for the empty op and launches, and an ``(n, d)`` norm input requiring grad."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, dt=dtype):
@@ -125,16 +127,22 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
     g = (1 + 0.1 * rand(d, dt=torch.float32)).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (s, f, p, g)]
     grad = rand(n, d)
-    x = torch.randn(1024, device=device)
-    norm, torch_norm = FusedRMSNorm(d, device=device, dtype=dtype), torch.nn.RMSNorm(d, device=device, dtype=dtype)
-    xr = rand(n, d).requires_grad_()
-    state = RowState.start(n, device)
+    return (s, f, p, g), leaves, grad, torch.randn(1024, device=device), rand(n, d).requires_grad_()
 
-    def fwd_bwd(fn, inputs):
-        def run():
-            out = fn(*inputs)
-            torch.autograd.grad(out[0] if isinstance(out, tuple) else out, inputs, grad)
-        return run
+
+def fwd_bwd(fn, inputs, grad):
+    """A call of ``fn(*inputs)`` then ``autograd.grad`` of its (first) output to ``inputs``."""
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out[0] if isinstance(out, tuple) else out, inputs, grad)
+    return run
+
+
+def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed: bool) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    (s, f, p, g), leaves, grad, x, xr = update_inputs(n, d, dtype, device)
+    norm, torch_norm = FusedRMSNorm(d, device=device, dtype=dtype), torch.nn.RMSNorm(d, device=device, dtype=dtype)
+    state = RowState.start(n, device)
 
     update = lambda *t: deqkern.frozen_rmsnorm_update(*t, damping=0.8)  # noqa: E731
     eager = lambda *t: update_reference(*t, 1e-6, 0.8, "rel")[:2]  # noqa: E731
@@ -148,12 +156,12 @@ def entry_rows(n: int, d: int, dtype: torch.dtype, device: torch.device, stubbed
         ("  the same through the custom-op dispatcher",
          lambda: torch.ops.deqkern.frozen_rmsnorm_update(s, f, p, g, 1e-6, 0.8, "rel"), True, False, "triton"),
         ("  eager reference (update_reference)", lambda: eager(s, f, p, g), False, False, "eager"),
-        ("frozen_rmsnorm_update forward + autograd.grad (4 inputs)", fwd_bwd(update, leaves), True, False, "triton"),
-        ("  eager reference", fwd_bwd(eager, leaves), False, False, "eager"),
+        ("frozen_rmsnorm_update forward + autograd.grad (4 inputs)", fwd_bwd(update, leaves, grad), True, False, "triton"),
+        ("  eager reference", fwd_bwd(eager, leaves, grad), False, False, "eager"),
         ("rms_norm forward, fused kernel forced", lambda: rms_norm(s, g, 1e-6), True, False, "triton"),
-        ("FusedRMSNorm forward + backward, fused kernel forced", fwd_bwd(norm, [xr]), True, False, "triton"),
-        ("FusedRMSNorm forward + backward, auto", fwd_bwd(norm, [xr]), True, False, "auto"),
-        ("nn.RMSNorm forward + backward", fwd_bwd(torch_norm, [xr]), False, False, "auto"),
+        ("FusedRMSNorm forward + backward, fused kernel forced", fwd_bwd(norm, [xr], grad), True, False, "triton"),
+        ("FusedRMSNorm forward + backward, auto", fwd_bwd(norm, [xr], grad), True, False, "auto"),
+        ("nn.RMSNorm forward + backward", fwd_bwd(torch_norm, [xr], grad), False, False, "auto"),
         ("solver bookkeeping (commit), in place", lambda: _loop.commit(p, s.clone(), None, state, 1e-30, "rel", True),
          True, False, "triton"),
         ("solver bookkeeping (commit), into a new tensor",

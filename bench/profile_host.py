@@ -68,6 +68,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cell  # noqa: E402
 import common  # noqa: E402
+import host_overhead  # noqa: E402
 from host_overhead import _empty_kernel, launches_stubbed  # noqa: E402
 
 import deqkern  # noqa: E402
@@ -91,28 +92,14 @@ CPP_BACKWARD_NODE = re.compile(r"Backward\d+$")
 def cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[tuple]:
     """``(entry, fn, fused, cuda_only, iterations)`` per entry point at this size and dtype;
     fp32 gets the solve rows only."""
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, dt=dtype):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
-
-    s, f, hp = rand(n, d), rand(n, d), rand(n, d)
-    g = (1 + 0.1 * rand(d, dt=torch.float32)).to(dtype)
-    leaves = [t.clone().requires_grad_() for t in (s, f, hp, g)]
-    grad, x1k = rand(n, d), torch.randn(1024, device=device)
-    xr = rand(n, d).requires_grad_()
+    (s, f, hp, g), leaves, grad, x1k, xr = host_overhead.update_inputs(n, d, dtype, device)
+    fwd_bwd = functools.partial(host_overhead.fwd_bwd, grad=grad)
     fused_norm = FusedRMSNorm(d, device=device, dtype=dtype)
     torch_norm = torch.nn.RMSNorm(d, device=device, dtype=dtype)
     p = bench_cell.Problem(n, d, dtype, device)
     fixed = dict(max_iter=SOLVE_ITERATIONS, tol=1e-30, on_nonconvergence="ignore")
     with torch.no_grad():
         eager_iterations = bench_cell.eager_forward(p)[1]
-
-    def fwd_bwd(fn, inputs):
-        def run():
-            out = fn(*inputs)
-            torch.autograd.grad(out[0] if isinstance(out, tuple) else out, inputs, grad)
-        return run
 
     def no_grad(fn):
         def run():
