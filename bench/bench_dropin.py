@@ -1,6 +1,6 @@
 """Drop-in speedup for an existing torchdeq model: training steps/s, unchanged vs deqkern.
 
-    python bench/bench_dropin.py [--quick] [--device cuda] [--dtype fp32|bf16] [--steps 20]
+    python bench/bench_dropin.py [--quick] [--device cuda] [--dtype fp32|bf16] [--steps 20] [--rounds 3]
 
 The model is written as torchdeq's docs show -- ``get_deq``, ``apply_norm`` /
 ``reset_norm``, a ``DEQFunc`` module ``z = RMSNorm(W z + U x)`` with ``nn.RMSNorm`` --
@@ -18,7 +18,10 @@ state and ``nn.Linear`` then fails on the dtype mismatch, with any solver.
 Check: every variant's per-step losses equal the unchanged run's to a relative
 ``1e-3`` (fp32) / ``3e-2`` (bf16: ``torch.autocast``), step by step. Timing: wall time of
 each training step (forward, backward, optimizer step; CUDA synchronized), median over
-the steps after the first. On a CPU with ``TRITON_INTERPRET=1`` the deqkern variants
+the steps after the first; the variants are trained ``--rounds`` times in turn (u, s, p,
+s+p, u, s, ...) and each one's time is the median of its rounds, so a drift of the
+machine's speed during the run moves every variant alike (the GPU host's per-op cost
+moved by up to 1.6x between back-to-back runs). Losses come from the first round. On a CPU with ``TRITON_INTERPRET=1`` the deqkern variants
 run through the Triton interpreter and are checked but not timed (see
 ``common.CPU_NOTE``); without it they run deqkern's eager path and are timed.
 """
@@ -126,8 +129,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 20, quick 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of all variants (default 3, quick 1)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run (< 1 min on a CPU)")
     args = ap.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
+        ap.error(f"--rounds must be >= 1; got {rounds}")
     if torchdeq is None:
         raise SystemExit("bench_dropin needs torchdeq: pip install torchdeq")
     from deqkern.compat import torchdeq as compat
@@ -140,7 +147,11 @@ def main(argv=None) -> dict:
     if interpreted:
         print(common.CPU_NOTE)
 
-    rows = [train(variant, shape, device, args.dtype, steps) for variant in VARIANTS]
+    runs = [[train(variant, shape, device, args.dtype, steps) for variant in VARIANTS] for _ in range(rounds)]
+    rows = runs[0]
+    for i, row in enumerate(rows):
+        row["round_step_ms"] = [run[i]["step_ms"] for run in runs]
+        row["step_ms"] = statistics.median(row["round_step_ms"])
     reference = rows[0]
     for row in rows:
         worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], reference["losses"]))
@@ -155,7 +166,7 @@ def main(argv=None) -> dict:
             del row["step_ms"]
 
     batch, seq, d_in, d, n_classes = shape
-    payload = {"environment": common.environment(device), "dtype": args.dtype, "steps": steps,
+    payload = {"environment": common.environment(device), "dtype": args.dtype, "steps": steps, "rounds": rounds,
                "shape": {"batch": batch, "seq": seq, "d_in": d_in, "d": d, "classes": n_classes},
                "deq_args": {**DEQ_ARGS, "ift": args.dtype == "fp32"}, "rows": rows}
     headers = ["variant", "check", "max rel. loss diff", "step ms", "steps/s", "× unchanged", "final loss"]
@@ -165,7 +176,7 @@ def main(argv=None) -> dict:
     grad = "IFT" if args.dtype == "fp32" else "1-step grad"
     table = (f"torchdeq DEQ z = RMSNorm(W z + U x), weight_norm, {grad}; B={batch} S={seq} d_in={d_in} d={d}; "
              f"{args.dtype}{' (autocast)' if args.dtype != 'fp32' else ''}; {steps} Adam steps; step ms = median "
-             f"wall time of a training step after the first.\n\n" + common.markdown_table(headers, table_rows))
+             f"wall time of a training step after the first, median of {rounds} interleaved rounds.\n\n" + common.markdown_table(headers, table_rows))
     stem = "dropin" + ("" if args.dtype == "fp32" else f"_{args.dtype}")
     common.publish(device, stem, payload, table, quick=args.quick)
     if any(r["check"] != "ok" for r in rows):
