@@ -7,6 +7,8 @@ non-powers of two. Tolerances: a solve stops within ``tol`` of its fixed point, 
 iterates are compared per row in norm, against twice the eager twin's own error (the
 numerics.py rule, row-wise) plus a few units of the storage dtype."""
 
+import math
+
 import pytest
 import torch
 
@@ -195,6 +197,17 @@ def test_nonfinite_row_and_max_iter(kernel, device):
     check, iterations = read_check(solved.check)
     assert check == host_check(check_vector(solved.state, 1e-4)) and check.unconverged == 0
     assert iterations == int(solved.state.nstep.max())
+
+
+def test_read_check_sums_the_parts_and_never_passes_bad_rows_over():
+    """Columns: unconverged rows, first bad iteration (0: none), bad rows, max residual,
+    iterations. Bad rows without a recorded iteration still count, at iteration 1."""
+    check, iterations = read_check(torch.tensor([[2.0, 0.0, 0.0, 0.5, 3.0], [1.0, 0.0, 0.0, 0.25, 7.0]]))
+    assert (check.unconverged, check.first_bad_iter, check.bad_rows, check.max_residual, iterations) == (3, 0, 0, 0.5, 7)
+    check, _ = read_check(torch.tensor([[2.0, 0.0, 1.0, 0.5, 3.0], [1.0, 5.0, 2.0, 0.25, 7.0]]))
+    assert (check.unconverged, check.first_bad_iter, check.bad_rows) == (3, 5, 3) and math.isnan(check.max_residual)
+    check, _ = read_check(torch.tensor([[2.0, 0.0, 1.0, 0.5, 3.0]]))
+    assert (check.first_bad_iter, check.bad_rows) == (1, 1)
 
 
 def test_matches_the_loop_path(kernel, device):

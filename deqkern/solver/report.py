@@ -124,10 +124,17 @@ def read_check(parts: torch.Tensor) -> tuple[Check, int]:
     p = parts.cpu().numpy()
     if len(p) == 0:
         return Check(0, 0, 0, 0.0), 0
-    bad_rows = int(p[:, 2].sum())
-    first_bad = int(p[:, 1][p[:, 1] > 0].min()) if bad_rows else 0
-    max_residual = math.nan if bad_rows else float(p[:, 3].max())
-    return Check(int(p[:, 0].sum()), first_bad, bad_rows, max_residual), int(p[:, 4].max())
+    total, most = p.sum(0), p.max(0)  # columns: unconverged, first bad iteration, bad rows, max residual, iterations
+    bad_rows = int(total[2])
+    first_bad = max_residual = 0
+    if bad_rows:
+        # (a program's bad rows always come with their iteration; were one missing, the
+        # rows are still reported non-finite, at iteration 1, rather than passed over)
+        bad_iters = p[:, 1][p[:, 1] > 0]
+        first_bad, max_residual = int(bad_iters.min()) if bad_iters.size else 1, math.nan
+    else:
+        max_residual = float(most[3])
+    return Check(int(total[0]), first_bad, bad_rows, max_residual), int(most[4])
 
 
 def report(info: dict, prefix: str, h, state: RowState, parts: Optional[torch.Tensor], tol: float,
