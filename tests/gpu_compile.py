@@ -101,8 +101,8 @@ def launches() -> None:
         stats.summary_triton(state.residual, state.nstep, state.residual, state.nstep, state.prev, norm, 1e-4, mode)
 
 
-def gpu_launch_config(n_rows: int, d: int, interpreted: bool) -> tuple:
-    return launch.launch_config(n_rows, d, False)
+def gpu_launch_config(n_rows: int, d: int, interpreted: bool, tile: int = launch.GPU_TILE) -> tuple:
+    return launch.launch_config(n_rows, d, False, tile)
 
 
 def main() -> int:

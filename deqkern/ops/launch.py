@@ -18,7 +18,7 @@ from triton import knobs as _knobs
 
 __all__ = [
     "STOP_MODES", "rows", "frozen_rows", "cdiv", "next_power_of_2", "sm_count", "launch_config",
-    "compute_dtype", "GPU_TILE", "INTERPRETER_TILE", "AS_IS", "VIEW", "COPY", "row_mode", "as_rows", "Launch",
+    "compute_dtype", "GPU_TILE", "GPU_STREAM_TILE", "INTERPRETER_TILE", "AS_IS", "VIEW", "COPY", "row_mode", "as_rows", "Launch",
 ]
 
 #: Residual definitions and their kernel codes (a ``tl.constexpr``).
@@ -26,6 +26,11 @@ STOP_MODES = {"abs": 0, "rel": 1, "max": 2}
 
 #: Elements per program on a GPU: near 4K keeps a few values per thread per tensor.
 GPU_TILE = 4096
+#: Elements per program of a purely streaming row kernel (the fused update's forward): one
+#: row of 1024 in two warps moved 3.9 TB/s on the H200 where 4096-element tiles in eight
+#: warps moved 3.2 (bf16 32768x1024: 69 against 84 us; 16384x2048: 68 against 83 us;
+#: fp32 8192x512: 20 against 24 us; ``bench/probe_update.py``, commit 45c8739).
+GPU_STREAM_TILE = 1024
 #: Under Triton's interpreter every program costs milliseconds: pack many rows per program.
 INTERPRETER_TILE = 16384
 
@@ -81,11 +86,11 @@ def sm_count(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def launch_config(n_rows: int, d: int, interpreted: bool) -> tuple[int, int, int]:
+def launch_config(n_rows: int, d: int, interpreted: bool, tile: int = GPU_TILE) -> tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_M, num_warps)`` for a kernel that holds BLOCK_M whole rows per
-    program (BLOCK_D >= d)."""
+    program (BLOCK_D >= d), about ``tile`` elements per program on a GPU (16 per thread)."""
     block_d = next_power_of_2(d)
-    tile = INTERPRETER_TILE if interpreted else GPU_TILE
+    tile = INTERPRETER_TILE if interpreted else tile
     block_m = max(1, min(tile // block_d, next_power_of_2(max(n_rows, 1))))
     num_warps = min(16, max(1, (block_m * block_d) // 512))
     return block_d, block_m, num_warps

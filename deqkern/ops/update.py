@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from deqkern.ops.adjoint import rmsnorm_vjp_tl
-from deqkern.ops.launch import (AS_IS, STOP_MODES, Launch, as_rows, cdiv, compute_dtype, launch_config, row_mode,
-                                sm_count)
+from deqkern.ops.launch import (AS_IS, GPU_STREAM_TILE, STOP_MODES, Launch, as_rows, cdiv, compute_dtype,
+                                launch_config, row_mode, sm_count)
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
 __all__ = ["UpdatePlan", "EagerUpdate", "update_reference", "update_backward_reference", "STOP_MODES"]
@@ -186,11 +186,13 @@ class UpdatePlan:
         self.interpreted = signal.device.type == "cpu"
         self.backend = "triton-interpreter" if self.interpreted else "triton"
         self.block_d, self.block_m, self.num_warps = launch_config(n_rows, d, self.interpreted)
+        # the forward only streams its rows: smaller tiles in fewer warps (GPU_STREAM_TILE)
+        _, block_m, num_warps = launch_config(n_rows, d, self.interpreted, GPU_STREAM_TILE)
         self.forward_launch = Launch(
-            _update_fwd_kernel, (cdiv(n_rows, self.block_m),),
+            _update_fwd_kernel, (cdiv(n_rows, block_m),),
             (n_rows, d, self.stride_s, self.stride_f, stride_p, d, float(eps), float(damping), REL_EPS,
-             STOP_MODES[stop_mode], self.block_m, self.block_d),
-            self.num_warps, signal.device)
+             STOP_MODES[stop_mode], block_m, self.block_d),
+            num_warps, signal.device)
         self.backward_launches: dict[tuple[bool, bool], tuple] = {}
 
     def forward(self, signal: torch.Tensor, frozen: torch.Tensor, h_prev: torch.Tensor, gain: torch.Tensor,
