@@ -126,14 +126,13 @@ def read_check(parts: torch.Tensor) -> tuple[Check, int]:
         return Check(0, 0, 0, 0.0), 0
     total, most = p.sum(0), p.max(0)  # columns: unconverged, first bad iteration, bad rows, max residual, iterations
     bad_rows = int(total[2])
-    first_bad = max_residual = 0
     if bad_rows:
         # (a program's bad rows always come with their iteration; were one missing, the
         # rows are still reported non-finite, at iteration 1, rather than passed over)
         bad_iters = p[:, 1][p[:, 1] > 0]
-        first_bad, max_residual = int(bad_iters.min()) if bad_iters.size else 1, math.nan
+        first_bad, max_residual = (int(bad_iters.min()) if bad_iters.size else 1), math.nan
     else:
-        max_residual = float(most[3])
+        first_bad, max_residual = 0, float(most[3])
     return Check(int(total[0]), first_bad, bad_rows, max_residual), int(most[4])
 
 
