@@ -138,6 +138,19 @@ def eager_adjoint(p: Problem, h_star: torch.Tensor, iterations: Optional[int] = 
     return grads, k
 
 
+def backward_alone(p: Problem, solve: Callable[[], tuple[torch.Tensor, dict]]) -> Callable[[], list[torch.Tensor]]:
+    """The backward alone: one forward by ``solve`` (at the first call), then repeated
+    backwards of ``sum(h* . v)`` to ``p``'s parameters."""
+    solved: list = []
+
+    def grads() -> list[torch.Tensor]:
+        if not solved:
+            solved.append(solve()[0])
+        return list(torch.autograd.grad(solved[0], p.params, p.v, retain_graph=True))
+
+    return grads
+
+
 def captured(fn: Callable[[], object]) -> Callable[[], object]:
     """A replay of ``fn`` (fixed work, static inputs) recorded in a CUDA graph at its first
     call (so that a failing capture is reported as its variant's error)."""
@@ -285,27 +298,16 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
             compiled_b = compile_ro(lambda h: eager_adjoint(p, h, kb_ref)[0])
             adjoint("compile-ro", lambda: compiled_b(h_ref), kb_ref)
 
-    def through(solve: Callable[[], tuple[torch.Tensor, dict]]) -> Callable[[], list[torch.Tensor]]:
-        """The backward alone: one forward (at the first call), then repeated backwards."""
-        solved: list = []
-
-        def grads() -> list[torch.Tensor]:
-            if not solved:
-                solved.append(solve()[0])
-            return list(torch.autograd.grad(solved[0], p.params, p.v, retain_graph=True))
-
-        return grads
-
-    adjoint("loop", through(lambda: p.solve_fused(False)))
+    adjoint("loop", backward_alone(p, lambda: p.solve_fused(False)))
     if on_gpu:
-        adjoint("loop-graph", through(lambda: p.solve_fused(True)))
+        adjoint("loop-graph", backward_alone(p, lambda: p.solve_fused(True)))
     with Persistent():
-        adjoint("cell", through(lambda: p.solve_cell(on_nonconvergence="ignore")))
-        adjoint("cell-warn", through(lambda: p.solve_cell()))
+        adjoint("cell", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))
+        adjoint("cell-warn", backward_alone(p, lambda: p.solve_cell()))
     if split:
         with Persistent("block"):
-            adjoint("cell-block", through(lambda: p.solve_cell(on_nonconvergence="ignore")))
-    adjoint("cell-auto", through(lambda: p.solve_cell()))
+            adjoint("cell-block", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))
+    adjoint("cell-auto", backward_alone(p, lambda: p.solve_cell()))
 
     if max_iter_study:
         with Persistent():

@@ -7,14 +7,14 @@ full) with ``BLOCK_M`` rows per program and ``num_warps`` warps, for every pair 
 tile holds at most 16K elements; device microseconds per call (20 calls captured in one
 CUDA graph, median replay / 20, as the ``update`` suite's device columns), GB/s of the
 bytes it must move (signal, frozen, h_prev read, h_next written, the two float32 row
-outputs), and which pair ``launch_config`` picks today. CUDA only.
+outputs), and which pair the forward takes (``launch_config`` at ``GPU_STREAM_TILE``; the
+recording at commit 45c8739 flags the 4096-element tiles it took before). CUDA only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,35 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from deqkern.ops.launch import STOP_MODES, cdiv, launch_config, next_power_of_2  # noqa: E402
+from deqkern.ops.launch import GPU_STREAM_TILE, STOP_MODES, cdiv, launch_config, next_power_of_2  # noqa: E402
 from deqkern.ops.residual import REL_EPS  # noqa: E402
 from deqkern.ops.update import _update_fwd_kernel  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIZES = ["bf16:32768x1024", "fp32:32768x1024", "bf16:8192x1024", "bf16:65536x256", "bf16:16384x2048",
          "fp32:8192x512"]
-
-
-def device_us(launch, calls: int = 20, replays: int = 30) -> float:
-    """Median device microseconds per launch: ``calls`` launches in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            launch()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def sweep(spec: str) -> list[dict]:
@@ -65,7 +43,7 @@ def sweep(spec: str) -> list[dict]:
     res, rstd = (torch.empty(n, device="cuda") for _ in range(2))
     nbytes = 4 * n * d * dtype.itemsize + 2 * 4 * n
     block_d = next_power_of_2(d)
-    default = launch_config(n, d, False)
+    default = launch_config(n, d, False, GPU_STREAM_TILE)
     rows = []
     for block_m in (1, 2, 4, 8, 16):
         if block_m * block_d > 16384:
@@ -79,7 +57,7 @@ def sweep(spec: str) -> list[dict]:
                     s, f, p, g, h, res, rstd, n, d, d, d, d, d, 1e-6, 0.85, REL_EPS, STOP_MODES["rel"], block_m, block_d,
                     num_warps=warps)
 
-            us = device_us(launch)
+            us = 1e3 * common.graph_time_ms(launch, calls=20, reps=30)
             rows.append({"size": spec, "block_m": block_m, "num_warps": warps, "device_us": us,
                          "gb_s": nbytes / us / 1e3, "default": (block_d, block_m, warps) == default})
             print(rows[-1], flush=True)

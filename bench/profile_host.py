@@ -108,14 +108,7 @@ def cases(n: int, d: int, dtype: torch.dtype, device: torch.device) -> list[tupl
         return run
 
     def backward_alone(**kw):
-        """bench_cell's ``through``: one forward at the first call, then the backward alone."""
-        solved = []
-
-        def run():
-            if not solved:
-                solved.append(p.solve_cell(**kw)[0])
-            return torch.autograd.grad(solved[0], p.params, p.v, retain_graph=True)
-        return run
+        return bench_cell.backward_alone(p, lambda: p.solve_cell(**kw))
 
     update = lambda *t: deqkern.frozen_rmsnorm_update(*t, damping=0.8)  # noqa: E731
     eager = lambda *t: update_reference(*t, 1e-6, 0.8, "rel")[:2]  # noqa: E731
