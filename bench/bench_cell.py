@@ -24,6 +24,8 @@ Adjoint (the backward of ``sum(h* . v)``: the adjoint solve and the parameter gr
   ``solve_fused`` IFT with the layer's fused adjoint (``deqkern.nn.cell_adjoint``); cell,
   cell-warn, cell-auto: solve_cell's. The solve_fused and solve_cell rows time
   ``torch.autograd.grad(h*, params, v, retain_graph=True)`` after one forward.
+  cell-body      solve_cell's backward body (the one-launch adjoint solve and the parameter
+                 gradients) called directly: compile-ro's work without the autograd engine
 max_iter study (first size): cell and loop-graph at max_iter 20 and 5 for the same problem.
 
 Checks before timing (a FAIL row is not timed): h* against eager-item's (rel. Frobenius
@@ -147,6 +149,23 @@ def backward_alone(p: Problem, solve: Callable[[], tuple[torch.Tensor, dict]]) -
         if not solved:
             solved.append(solve()[0])
         return list(torch.autograd.grad(solved[0], p.params, p.v, retain_graph=True))
+
+    return grads
+
+
+def backward_body(p: Problem) -> Callable[[], list[torch.Tensor]]:
+    """solve_cell's backward body called directly, without the autograd engine: the
+    adjoint solve (one launch) and the parameter gradients, with the settings solve_cell
+    derives for ``p`` (``b_max_iter``, ``b_tol``) and no host read: the work compile-ro's
+    function does, so that the two compare like for like."""
+    with torch.no_grad():
+        h_star = p.solve_cell(on_nonconvergence="ignore")[0]
+    w, frozen, gain = (t.detach() for t in p.params)
+    s = cell_mod._plan(w, frozen, gain, p.h0, (EPS, DAMPING, MAX_ITER, p.tol, "rel", "ift", None, None, "ignore"))
+
+    def grads() -> list[torch.Tensor]:
+        out = cell_mod._run_adjoint(w, frozen, gain, h_star, p.v, s.eps, s.damping, s.b_max_iter, s.b_tol)
+        return list(cell_mod._param_grads(out.dz, out.d_gain, h_star, frozen, gain, (True, True, True)))
 
     return grads
 
@@ -304,6 +323,7 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     with Persistent():
         adjoint("cell", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))
         adjoint("cell-warn", backward_alone(p, lambda: p.solve_cell()))
+        adjoint("cell-body", backward_body(p))
     if split:
         with Persistent("block"):
             adjoint("cell-block", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))
@@ -345,6 +365,9 @@ TARGETS = [
     ("bf16:256x512", "adjoint", "cell", "compile-ro", 2.0),
     ("fp32:256x512", "adjoint", "cell", "compile-ro", 2.0),
     ("bf16:1024x1024", "adjoint", "cell", "compile-ro", 2.0),
+    ("bf16:256x512", "adjoint", "cell-body", "compile-ro", 2.0),  # like for like: no autograd engine
+    ("fp32:256x512", "adjoint", "cell-body", "compile-ro", 2.0),
+    ("bf16:1024x1024", "adjoint", "cell-body", "compile-ro", 2.0),
     ("*", "forward", "cell-auto", "loop", 1.0),
     ("*", "forward", "cell-auto", "loop-graph", 1.0),
     ("*", "adjoint", "cell-auto", "loop", 1.0),

@@ -4,7 +4,7 @@ split and block kernels, and the host's share of a call.
     python bench/probe_split.py [--sizes bf16:256x512 ...] [--out FILE]
 
 For each size and kernel configuration: the forward solve captured in a CUDA graph at
-``max_iter`` 1, 5 and 10 with ``tol=1e-30`` (every iteration runs), replayed back to back
+``max_iter`` 5 and 10 with ``tol=1e-30`` (every iteration runs), replayed back to back
 between two CUDA events: device microseconds per launch, and their slope per iteration.
 Then wall microseconds per call (back-to-back calls, host included) of the bare launcher
 (``solve_split`` / ``solve_triton``) and of ``deqkern.solve_cell(on_nonconvergence="ignore")``
@@ -14,6 +14,7 @@ at ``max_iter`` 5: what the host adds on top of the device. CUDA only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from bench_cell import captured  # noqa: E402
 from deqkern.ops import persistent, persistent_split  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-SIZES = ["bf16:256x512", "bf16:1024x1024"]
+SIZES = ["bf16:256x512", "fp32:256x512", "bf16:1024x1024"]
 EPS, DAMPING = 1e-6, 0.85
 TOL = 1e-30  # below any residual: every iteration runs
 
@@ -68,23 +69,40 @@ def host_profile(fn, calls: int = 2000) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+#: The split tiles the probe tries: (BLOCK_M, BLOCK_N), rows * d at most the first number.
+TILES = ((2**17, ((16, 64), (32, 64), (16, 128))), (2**62, ((64, 128), (128, 128), (64, 256))))
+#: (exchange, num_warps) pairs tried: the one-barrier kernel spills at 4 warps (ptxas, sm_90).
+KINDS = (("h", 4), ("h", 8), ("z", 8))
+
+
 def candidates(n: int, d: int, h: torch.Tensor) -> list[tuple[str, dict | None]]:
+    """The block kernel, the chooser's configuration, then every tile of TILES that fits
+    on the GPU at once, with each of KINDS (exchange "h": two barriers an iteration, "z":
+    one; warps), the product as one ``tl.dot`` (where W's slice is at most 128 KiB) or
+    as a loop over K tiles."""
     auto = persistent_split.config_of(n, d, h)
     out: list[tuple[str, dict | None]] = [("block", None)]
     if auto is not None:
-        out.append((f"split auto {auto['BLOCK_M']}x{auto['BLOCK_N']}/{auto['SPLIT']} one-dot {auto['ONE_DOT']}", auto))
+        out.append((f"auto {label(auto)}", auto))
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    for bm, bn in ((16, 64), (32, 32), (64, 128)):
+    for bm, bn in next(tiles for most, tiles in TILES if n * d <= most):
         split = -(-d // bn)
-        if -(-n // bm) * split > n_sm or (auto and (bm, bn) == (auto["BLOCK_M"], auto["BLOCK_N"])):
+        if -(-n // bm) * split > n_sm or split == 1 or bn > d:
             continue
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(),
-                   BLOCK_K=64 if h.element_size() <= 2 else 32, num_warps=4 if bm * bn <= 2048 else 8, num_stages=2,
-                   ONE_DOT=False)
-        out.append((f"split {bm}x{bn}/{split} kloop", cfg))
-        if (bm + bn) * d * h.element_size() <= 128 * 1024:
-            out.append((f"split {bm}x{bn}/{split} one-dot", {**cfg, "ONE_DOT": True}))
+        for (exchange, warps), one_dot in itertools.product(KINDS, (False, True)):
+            if one_dot and (bm + bn) * d * h.element_size() > 128 * 1024:
+                continue
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(),
+                       BLOCK_K=64 if h.element_size() <= 2 else 32, num_warps=warps, num_stages=2, ONE_DOT=one_dot,
+                       EXCHANGE=exchange)
+            if cfg != auto:
+                out.append((label(cfg), cfg))
     return out
+
+
+def label(cfg: dict) -> str:
+    return (f"split {cfg['BLOCK_M']}x{cfg['BLOCK_N']}/{cfg['SPLIT']} {cfg.get('EXCHANGE', 'h')}-exchange "
+            f"{cfg['num_warps']}w {'one-dot' if cfg['ONE_DOT'] else 'kloop'}")
 
 
 def main(argv=None) -> dict:
@@ -103,20 +121,20 @@ def main(argv=None) -> dict:
         frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
         gain = torch.ones(d, device="cuda", dtype=dtype)
         h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
-        for label, cfg in candidates(n, d, h0):
+        for name_, cfg in candidates(n, d, h0):
             def solve(m, cfg=cfg):
                 if cfg is None:
                     return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False)
                 return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False, config=cfg)
 
             try:
-                dev = {m: device_us(lambda m=m: solve(m)) for m in (1, 5, 10)}
+                dev = {m: device_us(lambda m=m: solve(m)) for m in (5, 10)}  # (1 would compile apart: == 1)
                 wall5 = 1e3 * common.wall_ms(lambda: solve(5), torch.device("cuda"), calls=50, rounds=5)
-                row = {"dtype": name, "n": n, "d": d, "kernel": label, "device_us_1": dev[1], "device_us_5": dev[5],
+                row = {"dtype": name, "n": n, "d": d, "kernel": name_, "config": cfg, "device_us_5": dev[5],
                        "device_us_10": dev[10], "us_per_iteration": (dev[10] - dev[5]) / 5,
                        "launch_wall_us_5": wall5}
             except Exception as err:  # noqa: BLE001
-                row = {"dtype": name, "n": n, "d": d, "kernel": label, "error": f"{type(err).__name__}: {err}"[:200]}
+                row = {"dtype": name, "n": n, "d": d, "kernel": name_, "error": f"{type(err).__name__}: {err}"[:200]}
             print(json.dumps(row), flush=True)
             rows.append(row)
         saved = persistent_split.KERNEL

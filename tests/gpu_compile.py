@@ -65,7 +65,8 @@ def launches() -> None:
         frozen, h0 = torch.randn(n, d, generator=gen).to(dtype), torch.zeros(n, d, dtype=dtype)
         gain, v = torch.ones(d, dtype=dtype), torch.randn(n, d, generator=gen)
         cfg = persistent_split.split_config(n, d, w.element_size(), N_SM, False)
-        for config in (cfg, {**cfg, "ONE_DOT": not cfg["ONE_DOT"]}):
+        for config in (cfg, {**cfg, "ONE_DOT": not cfg["ONE_DOT"]}, {**cfg, "EXCHANGE": "z"},
+                       {**cfg, "ONE_DOT": not cfg["ONE_DOT"], "EXCHANGE": "z"}):
             if config["ONE_DOT"] and (config["BLOCK_M"] + config["BLOCK_N"]) * max(16, d) * w.element_size() > 2**17:
                 continue  # far past the tile the chooser would take
             for mode, rstd in (("rel", True), ("abs", False), ("max", False))[:3 if n == 256 else 1]:

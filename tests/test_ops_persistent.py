@@ -65,7 +65,9 @@ def assert_rows_close(out, eager, ref, dtype, what, units=8):
 class Kernels:
     """One pair of one-launch kernels: the whole-row block kernels, or the split kernels
     (:mod:`deqkern.ops.persistent_split`; under the interpreter with SPLIT 1) with their
-    own tile choice ("split") or with the product as a loop over K tiles ("split-kloop")."""
+    own tile choice ("split") or with the product as a loop over K tiles ("split-kloop"),
+    each with the forward's exchange of the iterate (two barriers an iteration, "-h") or
+    of z (one, "-z"; the adjoint has one kind)."""
 
     def __init__(self, name):
         self.name = name
@@ -85,10 +87,11 @@ class Kernels:
         config = persistent_split.config_of(h.numel() // d, d, h)
         if config is None:
             pytest.skip(f"no split tile for d={d} at this size (the dispatcher takes the block kernel)")
-        return {**config, "ONE_DOT": False} if self.name == "split-kloop" else config
+        config = {**config, "EXCHANGE": self.name.rsplit("-", 1)[1]}
+        return {**config, "ONE_DOT": False} if "kloop" in self.name else config
 
 
-@pytest.fixture(params=["block", "split", "split-kloop"])
+@pytest.fixture(params=["block", "split-h", "split-z", "split-kloop-h", "split-kloop-z"])
 def kernel(request) -> Kernels:
     return Kernels(request.param)
 
@@ -282,13 +285,15 @@ def forced_split(n_rows, d, block_m, block_n, element_size):
     (100, 777, 32, 128, "max"),  # 7 per group: not a power of two, the last one partly masked
     (257, 96, 16, 32, "abs"),    # 3 per group; 17 groups, the last of one row
 ])
+@pytest.mark.parametrize("exchange", ["h", "z"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_split_groups_on_the_gpu(dtype, n_rows, d, block_m, block_n, stop_mode):
+def test_split_groups_on_the_gpu(dtype, n_rows, d, block_m, block_n, stop_mode, exchange):
     """Groups of programs meeting at the barrier give the eager twin's steps and iterates,
-    forward and adjoint, with the row state and host check written by each group's first."""
+    forward (either exchange) and adjoint, with the row state and host check written by
+    each group's first."""
     gen = torch.Generator().manual_seed(case_seed("split", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
-    cfg = forced_split(n_rows, d, block_m, block_n, cast[0].element_size())
+    cfg = {**forced_split(n_rows, d, block_m, block_n, cast[0].element_size()), "EXCHANGE": exchange}
     tol = TOL[dtype] * (d**0.5 if stop_mode == "abs" else 1.0)  # an absolute residual grows with ||h|| ~ sqrt(d)
     h, state, rstd, parts = persistent_split.solve_split(*cast, EPS, DAMPING, 40, tol, stop_mode, True, config=cfg)
     h_e, state_e, rstd_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, stop_mode, True)

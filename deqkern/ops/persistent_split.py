@@ -343,6 +343,174 @@ def _solve_split_kernel(
 
 
 @triton.jit
+def _acc_norm(m, s, x):
+    """The running per-row ``(m, s)`` of ``_part_norm`` with a new float32 chunk ``x`` (the
+    row norm is ``m * sqrt(s)``) and the chunk's non-finite flag."""
+    mc, sc, bad = _part_norm(x)
+    big = tl.maximum(m, mc)
+    safe = tl.where(big > 0.0, big, 1.0)
+    a = m / safe
+    b = mc / safe
+    return big, s * a * a + sc * b * b, bad
+
+
+@triton.jit
+def _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE: tl.constexpr):
+    """:func:`~deqkern.ops.residual.row_residual_tl` of whole rows from their accumulated
+    ``(m, s, bad)`` of the step and of the next iterate."""
+    bad = bd
+    if STOP_MODE == 2:
+        res = md
+    else:
+        res = md * tl.sqrt(sd)
+        if STOP_MODE == 1:
+            norm = mh * tl.sqrt(sh)
+            bad = tl.maximum(bad, bh)
+            res = res / (norm + rel_eps)
+            bad = tl.maximum(bad, tl.where(norm <= 3.4028234663852886e38, 0.0, 1.0))
+        bad = tl.maximum(bad, tl.where(res <= 3.4028234663852886e38, 0.0, 1.0))
+    return tl.where(bad > 0.0, float("nan"), res)
+
+
+@triton.jit
+def _advance(HB_OLD, HB_NEW, ZB_OLD, GAIN, H, r64, ok, active, rstd, kk, kok, pid_s, d, damping,
+             BLOCK_N: tl.constexpr):
+    """One chunk ``kk`` of whole rows of the next iterate, from the exchanged iterate
+    ``HB_OLD`` and ``z`` (``ZB_OLD``): ``h_next = (1 - damping) h + damping * gain * z * rstd``
+    on active rows. Every program of the group computes it from the same memory with the
+    same code, so all hold the same values; each writes only its own columns (to the next
+    exchange buffer and to h*). Returns the chunk in H's dtype (the next product's operand)
+    and the float32 step and next iterate (0 on inactive rows) for the residual."""
+    cm = ok[:, None] & kok[None, :]
+    at = r64[:, None] * d + kk[None, :]
+    h = tl.load(HB_OLD + at, mask=cm, other=0.0, cache_modifier=".cg")
+    z = tl.load(ZB_OLD + at, mask=cm, other=0.0, cache_modifier=".cg")
+    g = tl.load(GAIN + kk, mask=kok, other=0.0).to(tl.float32)
+    am = active[:, None] & kok[None, :]
+    hf = h.to(tl.float32)
+    h_next = tl.where(am, (1.0 - damping) * hf + damping * (z * rstd[:, None] * g[None, :]), 0.0)
+    hq = tl.where(am, h_next.to(H.dtype.element_ty), h)
+    own = cm & ((kk >= pid_s * BLOCK_N) & (kk < pid_s * BLOCK_N + BLOCK_N))[None, :]
+    tl.store(HB_NEW + at, hq, mask=own)
+    tl.store(H + at, hq, mask=own & active[:, None])
+    return hq, h_next - tl.where(am, hf, 0.0), h_next
+
+
+@triton.jit
+def _solve_split1_kernel(
+    H0, W, F, GAIN, H, BUF, ZB, HB, BAR,
+    n_rows, d, stride_h0, stride_w, stride_f,
+    eps, damping, tol, max_iter, flt_max, rel_eps,
+    STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_DOT: tl.constexpr,
+):
+    """The forward solve with one group barrier per iteration (module docstring, "z
+    exchange"): program ``(i, j)`` writes its columns of ``z`` (float32, ``ZB``) and their
+    partial sums of squares; after the barrier every program of the group forms the whole
+    rows of the next iterate from the exchanged ``z`` and iterate (``HB``, H's dtype) and
+    takes the residual and stop decision from them, then multiplies by its slice of W.
+    ``ZB``, ``HB`` and the partial sums are double-buffered (``(2, R, d)``, ``(2, R, SPLIT)``):
+    a program writes buffer ``1 - p`` only after the barrier that every program passed
+    once it had read buffer ``1 - p`` the previous time. BUF as the two-barrier kernel's."""
+    RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
+    pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
+    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
+    plane = (tl.full((), 0, tl.int64) + n_rows) * d
+    sp = tl.arange(0, SPLIT_P2)
+    sm = ok[:, None] & (sp < SPLIT)[None, :]
+
+    h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
+    tl.store(H + here, h, mask=m)
+    tl.store(HB + here, h, mask=m)
+    wt = _resident_operand(W, stride_w, 1, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
+    z = _product(H0, stride_h0, W, stride_w, 1, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M,
+                 BLOCK_N, BLOCK_K, BLOCK_D)
+    z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(ZB + here, z, mask=m)
+    tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
+    alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
+
+    res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
+    prev = res_old
+    lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
+    nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
+    k = tl.full((), 0, tl.int32)
+    par = tl.full((), 0, tl.int32)
+    pending = tl.where(alive, 1, 0)
+    while pending > 0:
+        old = par.to(tl.int64) * plane
+        new = (1 - par).to(tl.int64) * plane
+        ss = tl.sum(tl.load(SS + par * (n_rows * SPLIT) + r64[:, None] * SPLIT + sp[None, :], mask=sm, other=0.0,
+                            cache_modifier=".cg"), axis=1)
+        rstd = tl.rsqrt(ss / d + eps)
+        if WITH_RSTD:
+            if pid_s == 0:
+                tl.store(RSTD + r, rstd, mask=ok)
+        # (a vector compare: the interpreter mistypes a vector-and-scalar boolean &)
+        active = ok & (res_old >= tol) & (res_old <= flt_max) & (tl.zeros_like(r) + k < max_iter)
+        zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ONE_DOT:
+            kk = tl.arange(0, BLOCK_D)
+            hq, diff, h_next = _advance(HB + old, HB + new, ZB + old, GAIN, H, r64, ok, active, rstd, kk, kk < d,
+                                        pid_s, d, damping, BLOCK_N)
+            md, sd, bd = _part_norm(diff)
+            mh, sh, bh = _part_norm(h_next)
+        else:
+            md, sd, bd, mh, sh, bh = zero, zero, zero, zero, zero, zero
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, d, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                kok = kk < d
+                hq, diff, h_next = _advance(HB + old, HB + new, ZB + old, GAIN, H, r64, ok, active, rstd, kk, kok,
+                                            pid_s, d, damping, BLOCK_N)
+                md, sd, b1 = _acc_norm(md, sd, diff)
+                mh, sh, b2 = _acc_norm(mh, sh, h_next)
+                bd = tl.maximum(bd, b1)
+                bh = tl.maximum(bh, b2)
+                b = tl.load(W + cn[None, :] * stride_w + kk[:, None], mask=kok[:, None] & n_ok[None, :], other=0.0)
+                a = hq
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        res = _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE)
+        prev = tl.where(active, res_old, prev)
+        lowest = tl.where(active & (res < lowest), res, lowest)
+        nstep = tl.where(active, nstep + 1, nstep)
+        res_old = tl.where(active, res, res_old)
+        n_commit = tl.sum(active.to(tl.int32), axis=0)
+        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        k += 1
+        if WITH_RSTD:
+            pending = n_commit  # once an iteration commits nothing, the rstd stored is h*'s
+        else:
+            pending = tl.where(k < max_iter, n_active, 0)
+        pending = tl.where(alive, pending, 0)
+        if pending > 0:
+            if ONE_DOT:
+                a = hq
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                z = tl.dot(a, wt, input_precision=PRECISION)
+            else:
+                z = acc
+            z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(ZB + new + here, z, mask=m)
+            tl.store(SS + (1 - par) * (n_rows * SPLIT) + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
+            alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
+            pending = tl.where(alive, pending, 0)
+            par = 1 - par
+    if not alive:  # a barrier gave up (here or in an earlier launch): NaN, reported at step >= 1
+        tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
+        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+        nstep = tl.maximum(nstep, 1)
+    if pid_s == 0:
+        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
+                     tol, flt_max, BLOCK_M)
+
+
+@triton.jit
 def _adjoint_split_kernel(
     HS, W, F, GAIN, V, G, DZ, BUF, BAR,
     n_rows, d, stride_hs, stride_w, stride_f, stride_v,
@@ -502,18 +670,25 @@ def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, ker
 class _Plan:
     """A launch of one kernel for one call signature, and the layout of its buffer."""
 
-    __slots__ = ("launch", "blocks", "sizes", "total")
+    __slots__ = ("launch", "blocks", "sizes", "total", "exchange")
 
-    def __init__(self, launch: Launch, n_rows: int, blocks: int, extra: int, scratch: int):
+    def __init__(self, launch: Launch, n_rows: int, blocks: int, extra: int, scratch: int, exchange: tuple = (0, 0)):
         self.launch, self.blocks = launch, blocks
         # residual, prev, lowest, nstep, rstd, check, then ``extra`` (the adjoint's d_gain parts) and scratch
-        self.sizes = (n_rows, n_rows, n_rows, n_rows, n_rows, 5 * blocks, extra + scratch)
+        sizes = [n_rows, n_rows, n_rows, n_rows, n_rows, 5 * blocks, extra + scratch]
+        self.exchange = exchange != (0, 0)
+        if self.exchange:  # the z and iterate exchange buffers, each 16-byte aligned (Launch's fast path)
+            sizes[-1] += -sum(sizes) % 4
+            sizes += [exchange[0] + -exchange[0] % 4, exchange[1]]
+        self.sizes = tuple(sizes)
         self.total = sum(self.sizes)  # the buffer's float32 elements
 
     def views(self, buf: torch.Tensor) -> tuple:
-        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``)."""
-        res, prev, lowest, nstep, rstd, check, rest = buf.split_with_sizes(self.sizes)
-        return RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest
+        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``), then
+        the exchange buffers (z float32, iterate as float32 words) where the kernel has them."""
+        res, prev, lowest, nstep, rstd, check, rest, *exchange = buf.split_with_sizes(self.sizes)
+        return (RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest,
+                *exchange)
 
 
 def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, config: Optional[tuple]) -> dict:
@@ -530,10 +705,15 @@ def _solve_plan(n_rows: int, d: int, dtypes: tuple, device: torch.device, stride
                 config: Optional[tuple]) -> _Plan:
     cfg = _resolve(n_rows, d, dtypes[0].itemsize, device, config)
     blocks = cdiv(n_rows, cfg["BLOCK_M"])
-    launch = Launch(_solve_split_kernel, (cfg["SPLIT"], blocks),
-                    (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS, STOP_MODES[stop_mode],
-                     with_rstd, *dots, *_tiles(cfg, d)),
+    one_barrier = cfg.get("EXCHANGE", "h") == "z"
+    tiles = _tiles(cfg, d)
+    launch = Launch(_solve_split1_kernel if one_barrier else _solve_split_kernel, (cfg["SPLIT"], blocks),
+                    (n_rows, d, *strides, float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
+                     STOP_MODES[stop_mode], with_rstd, *dots, *tiles),
                     cfg["num_warps"], device, num_stages=cfg["num_stages"])
+    if one_barrier:
+        return _Plan(launch, n_rows, blocks, 0, 2 * n_rows * cfg["SPLIT"],
+                     (2 * n_rows * d, cdiv(2 * n_rows * d * dtypes[0].itemsize, 4)))
     return _Plan(launch, n_rows, blocks, 0, n_rows * cfg["SPLIT"] * (1 + _NSTAT.value))
 
 
@@ -610,9 +790,11 @@ def solve_split(
                        tol, max_iter, stop_mode, with_rstd, _dots(h0), config and tuple(config.items()))
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
     buf = torch.empty(plan.total, dtype=torch.float32, device=device)
-    plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf,
+    state, rstd, check, _, *exchange = plan.views(buf)
+    if exchange:
+        exchange[1] = exchange[1].view(h0.dtype)
+    plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, *exchange,
                 _barrier_counters(device, plan.blocks))
-    state, rstd, check, _ = plan.views(buf)
     return Solved(h, state, rstd if with_rstd else None, check)
 
 
@@ -635,6 +817,6 @@ def adjoint_split(
     buf = torch.empty(plan.total, dtype=torch.float32, device=device)
     plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
                 _barrier_counters(device, plan.blocks))
-    state, rstd, check, rest = plan.views(buf)
+    state, rstd, check, rest, *_ = plan.views(buf)
     parts = rest[:plan.blocks * d].view(plan.blocks, d)
     return Adjoint(g, state, dz, rstd, parts[0] if plan.blocks == 1 else parts.sum(0), check)
