@@ -31,10 +31,12 @@ reduces the same parts in the same order, so all take the same decisions (which 
 active, when to stop) and leave the loop together; the bookkeeping lives in registers and
 program ``(i, 0)`` writes it out.
 
-The group barrier (``group_sync_tl``) is a sense-reversing barrier on two int32 counters
-per row block in global memory (release on arrival, acquire while polling). Its counters
-return to zero after every barrier, so one zeroed buffer per device and stream serves every
-launch (``_barrier_counters``; a launch being captured in a CUDA graph gets its own). It
+The group barrier (``group_sync_tl``) is one int32 word per row block in global memory,
+each on its own 128-byte line: an arrival count and a generation, one atomic add per
+arrival (acquire-release), one more by the last to arrive, polled with acquire by the
+others. Its count returns to zero after every barrier, so one zeroed buffer per device and
+stream serves every launch (``_barrier_counters``; a launch being captured in a CUDA graph
+gets its own). It
 needs the group's programs to be resident together: the launcher keeps the grid within the
 GPU's SM count, and a group's programs are adjacent in launch order.
 
@@ -77,35 +79,42 @@ MAX_SPINS = 1 << 22
 #: Statistics per row and program of the residual's parts: diff (m, s, bad), h_next (m, s,
 #: bad), and the adjoint's sum(dyg * z).
 _NSTAT: tl.constexpr = tl.constexpr(8)
+#: int32 words between two groups' barrier words (one 128-byte line each: no two groups'
+#: atomics on one line); the soundness flag BAR[0] has the first line.
+_BAR_STRIDE: tl.constexpr = tl.constexpr(32)
+#: Tiles of at most this many elements keep the loop-invariant frozen (forward) and v
+#: (adjoint) tiles in registers; larger ones reload them (registers are short there).
+_HOIST: tl.constexpr = tl.constexpr(2048)
 
 
 # --------------------------------------------------------------------------- device helpers
 @triton.jit
 def group_sync_tl(GROUP, POISON, alive, SPLIT: tl.constexpr, SPINS: tl.constexpr):
-    """A sense-reversing barrier of the group's SPLIT programs on ``GROUP = (count,
-    generation)`` (int32): each program notes the generation, then arrives; the last to
-    arrive resets the count and advances the generation, which the others wait for. The
-    count is back at 0 after every barrier, so the counters are reused from launch to launch
-    without a reset. Returns whether the program is still ``alive``: a wait that gives up
-    after ``SPINS`` polls marks the counters unsound (``POISON``) and returns False; a program
-    no longer alive passes without waiting. The CTA barriers around it order the program's
-    global stores before its arrival and its later loads after the group's. With SPLIT 1 only
-    the CTA barrier remains (the parts are still exchanged through memory, between the
-    program's own threads)."""
+    """A barrier of the group's SPLIT programs on one int32 word ``GROUP``: arrivals in its
+    low 16 bits, the barrier's generation in the high 16. Each program arrives with one
+    atomic add (acquire-release), whose old value gives the generation it waits on; the
+    last to arrive returns the count to 0 and advances the generation in one more add
+    (release), which the others poll for (acquire). The count is back at 0 after every
+    barrier, so the word is reused from launch to launch without a reset (the generation
+    carries on, and wraps: only its change is compared). Returns whether the program is
+    still ``alive``: a wait that gives up after ``SPINS`` polls marks the counters unsound
+    (``POISON``) and returns False; a program no longer alive passes without waiting. The
+    CTA barriers around it order the program's global stores before its arrival and its
+    later loads after the group's. With SPLIT 1 only the CTA barrier remains (the parts
+    are still exchanged through memory, between the program's own threads)."""
     ok = alive
     tl.debug_barrier()
     if SPLIT > 1:
         if alive:
-            gen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
-            arrived = tl.atomic_add(GROUP, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:
-                tl.atomic_xchg(GROUP, 0, sem="relaxed", scope="gpu")
-                tl.atomic_add(GROUP + 1, 1, sem="release", scope="gpu")
+            old = tl.atomic_add(GROUP, 1, sem="acq_rel", scope="gpu")
+            gen = old >> 16
+            if (old & 0xFFFF) == SPLIT - 1:
+                tl.atomic_add(GROUP, 65536 - SPLIT, sem="release", scope="gpu")
             else:
-                seen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
+                seen = tl.atomic_add(GROUP, 0, sem="acquire", scope="gpu") >> 16
                 spins = tl.full((), 0, tl.int32)
                 while (seen == gen) & (spins < SPINS):
-                    seen = tl.atomic_add(GROUP + 1, 0, sem="acquire", scope="gpu")
+                    seen = tl.atomic_add(GROUP, 0, sem="acquire", scope="gpu") >> 16
                     spins += 1
                 ok = seen != gen
                 if seen == gen:
@@ -229,6 +238,12 @@ def _product(A, stride_a, W, stride_wn, stride_wk, b, r64, row_ok, cn, n_ok, d,
 
 
 @triton.jit
+def _frozen_tile(F, r64, stride_f, cn, m):
+    """The program's tile of ``frozen`` (or another per-row input) in float32."""
+    return tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res, prev, lowest, nstep, tol, flt_max,
                  BLOCK_M: tl.constexpr):
     """Program ``(i, 0)``: the row block's bookkeeping and its part of the host check."""
@@ -283,7 +298,7 @@ def _solve_split_kernel(
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
     ST = SS + n_rows * SPLIT
     pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
-    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
+    bar = BAR + _BAR_STRIDE * (1 + pid_m)  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
 
     h = tl.load(H0 + r64[:, None] * stride_h0 + cn[None, :], mask=m, other=0.0)
     tl.store(H + here, h, mask=m)
@@ -294,6 +309,8 @@ def _solve_split_kernel(
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
     nstep = tl.zeros([BLOCK_M], dtype=tl.int32)
+    # small tiles keep frozen in registers (one load less per iteration on the critical path)
+    fz = _frozen_tile(F, r64, stride_f, cn, m) if BLOCK_M * BLOCK_N <= _HOIST else 0.0
     alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
 
     k = tl.full((), 0, tl.int32)
@@ -301,7 +318,7 @@ def _solve_split_kernel(
     while pending > 0:
         z = _product(H, d, W, stride_w, 1, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
                      BLOCK_K, BLOCK_D)
-        z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+        z += fz if BLOCK_M * BLOCK_N <= _HOIST else _frozen_tile(F, r64, stride_f, cn, m)
         tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
         alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         sp = tl.arange(0, SPLIT_P2)
@@ -415,7 +432,7 @@ def _solve_split1_kernel(
     once it had read buffer ``1 - p`` the previous time. BUF as the two-barrier kernel's."""
     RES, PREV, LOWEST, NSTEP, RSTD, CHECK, SS = _buffers(BUF, n_rows, BLOCK_M)
     pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
-    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
+    bar = BAR + _BAR_STRIDE * (1 + pid_m)  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
     plane = (tl.full((), 0, tl.int64) + n_rows) * d
     sp = tl.arange(0, SPLIT_P2)
     sm = ok[:, None] & (sp < SPLIT)[None, :]
@@ -426,7 +443,8 @@ def _solve_split1_kernel(
     wt = _resident_operand(W, stride_w, 1, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     z = _product(H0, stride_h0, W, stride_w, 1, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M,
                  BLOCK_N, BLOCK_K, BLOCK_D)
-    z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    fz = _frozen_tile(F, r64, stride_f, cn, m)
+    z += fz
     tl.store(ZB + here, z, mask=m)
     tl.store(SS + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
     alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
@@ -495,7 +513,7 @@ def _solve_split1_kernel(
                 z = tl.dot(a, wt, input_precision=PRECISION)
             else:
                 z = acc
-            z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+            z += fz if BLOCK_M * BLOCK_N <= _HOIST else _frozen_tile(F, r64, stride_f, cn, m)
             tl.store(ZB + new + here, z, mask=m)
             tl.store(SS + (1 - par) * (n_rows * SPLIT) + r64 * SPLIT + pid_s, tl.sum(z * z, axis=1), mask=ok)
             alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
@@ -526,14 +544,15 @@ def _adjoint_split_kernel(
     SS = DGAIN_PART + tl.cdiv(n_rows, BLOCK_M) * d
     ST = SS + n_rows * SPLIT * 2
     pid_s, pid_m, first, r, ok, r64, cn, n_ok, m, here = _tile(n_rows, d, BLOCK_M, BLOCK_N)
-    bar = BAR + 2 + 2 * pid_m  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
+    bar = BAR + _BAR_STRIDE * (1 + pid_m)  # BAR[0]: set when a launch gave up waiting (group_sync_tl)
     sp = tl.arange(0, SPLIT_P2)
 
     z = _slice_product(HS, stride_hs, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
     bgain = damping * tl.load(GAIN + cn, mask=n_ok, other=0.0).to(tl.float32)
-    g = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    g = _frozen_tile(V, r64, stride_v, cn, m)
+    g0 = g
     tl.store(SS + (r64 * SPLIT + pid_s) * 2, tl.sum(z * z, axis=1), mask=ok)
     tl.store(SS + (r64 * SPLIT + pid_s) * 2 + 1, tl.sum(bgain[None, :] * g * z, axis=1), mask=ok)
     alive = group_sync_tl(bar, BAR, tl.load(BAR, cache_modifier=".cg") == 0, SPLIT, SPINS)
@@ -560,7 +579,7 @@ def _adjoint_split_kernel(
                      BLOCK_K, BLOCK_D)
         active = ok & (res_old >= tol) & (res_old <= flt_max)
         am = active[:, None] & n_ok[None, :]
-        v = tl.load(V + r64[:, None] * stride_v + cn[None, :], mask=am, other=0.0).to(tl.float32)
+        v = g0 if BLOCK_M * BLOCK_N <= _HOIST else _frozen_tile(V, r64, stride_v, cn, m)
         g_prev = tl.where(am, g, 0.0)
         g_next = tl.where(am, v + (1.0 - damping) * g + u, 0.0)
         _store_parts(ST, r64, ok, pid_s, g_next - g_prev, g_next, tl.sum(bgain[None, :] * g_next * z, axis=1), SPLIT)
@@ -747,11 +766,12 @@ def forget_barriers() -> None:
 
 
 def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """Two int32 counters per row block, after one soundness flag, for a launch on the current stream of ``device``:
+    """One int32 barrier word per row block, each on its own line after the soundness flag's,
+    for a launch on the current stream of ``device``:
     the stream's cached zeroed buffer (launches on one stream run one after another, and
     each leaves the counters at zero), or a new one while a CUDA graph is being captured
     (a memset in the graph: the graph's launches then use memory of the graph's own)."""
-    size = 2 + 2 * blocks
+    size = _BAR_STRIDE.value * (1 + blocks)
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(size, dtype=torch.int32, device=device)
@@ -761,7 +781,7 @@ def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
         key = (device, 0)
     counters = _BARRIERS.get(key)
     if counters is None or counters.numel() < size:
-        counters = _BARRIERS[key] = torch.zeros(max(size, 512), dtype=torch.int32, device=device)
+        counters = _BARRIERS[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
     return counters
 
 
