@@ -16,6 +16,17 @@ Per iteration of the forward (two group barriers)::
     h_next = (1 - damping) * h + damping * gain * z * rstd
     partial residual statistics; h_next written back        -> barrier -> residual, commit
 
+With ``EXCHANGE="z"`` in the configuration (``_solve_split1_kernel``) the forward needs one
+group barrier per iteration: each program writes its columns of ``z`` (float32) and their
+partial sum of squares; after the barrier every program of the group forms the whole rows
+of ``h_next`` from the exchanged ``z`` and iterate, so it takes the residual and the stop
+decision without a second exchange, and writes only its own columns. It reads three times
+the bytes per iteration. Measured on an H200 (``bench/probe_split.py``, commit 57e0cc0, device
+microseconds per iteration): bf16 256x512 7.9 against 7.2 for the two-barrier kernel's best
+tile, fp32 256x512 14.8 against 15.9, bf16 1024x1024 42.7 against 19.0 (the larger tile
+streams its z rows from L2). The chooser keeps the two-barrier kernel ("h"); "z" is there
+to be asked for and measured.
+
 and of the adjoint (``g <- v + J^T g`` at h*, z and n = z * rstd computed once)::
 
     u      = dz[rows] @ W[:, cols]
