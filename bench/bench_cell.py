@@ -200,14 +200,12 @@ class Persistent:
         self.kernel = kernel
 
     def __enter__(self):
-        self.saved = (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_ELEMENTS_WIDE, cell_mod.PERSISTENT_MAX_D,
-                      persistent_split.KERNEL)
-        cell_mod.PERSISTENT_MAX_ELEMENTS = cell_mod.PERSISTENT_MAX_ELEMENTS_WIDE = cell_mod.PERSISTENT_MAX_D = 2**62
+        self.saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
+        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D = 2**62, 2**62
         persistent_split.KERNEL = self.kernel
 
     def __exit__(self, *exc):
-        (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_ELEMENTS_WIDE, cell_mod.PERSISTENT_MAX_D,
-         persistent_split.KERNEL) = self.saved
+        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = self.saved
 
 
 def kernel_note(p: "Problem") -> str:
@@ -417,14 +415,13 @@ def main(argv=None) -> dict:
     notes = [f"damping={DAMPING}, ||W||₂={SIGMA}, h0=0, max_iter={MAX_ITER}, tol: "
              + ", ".join(f"{k} {TOL[v]:g}" for k, v in DTYPES.items())
              + f"; {calls} back-to-back calls per round, median of {rounds} rounds (host included)."
-             + f" Heuristic: persistent when rows*d <= {cell_mod.PERSISTENT_MAX_ELEMENTS} "
-             + f"({cell_mod.PERSISTENT_MAX_ELEMENTS_WIDE} for d > 512) and d <= {cell_mod.PERSISTENT_MAX_D}."]
+             + f" Heuristic: persistent when rows*d <= {cell_mod.PERSISTENT_MAX_ELEMENTS} and d <= "
+             + f"{cell_mod.PERSISTENT_MAX_D}."]
     if device.type != "cuda":
         notes.append("CPU run: only eager-item is timed (a smoke test); deqkern variants run through the "
                      "Triton interpreter and are checked, not timed; no CUDA-graph or compile variants.")
     payload = {"environment": common.environment(device), "notes": notes, "rows": rows, "targets": targets(rows),
                "persistent_max_elements": cell_mod.PERSISTENT_MAX_ELEMENTS,
-               "persistent_max_elements_wide": cell_mod.PERSISTENT_MAX_ELEMENTS_WIDE,
                "persistent_max_d": cell_mod.PERSISTENT_MAX_D}
     table = "\n".join(f"> {note}" for note in notes) + "\n\n" + common.markdown_table(
         ["dtype", "N×d", "phase", "variant", "check", "iters", "ms / call", "note"],

@@ -276,5 +276,4 @@ def test_bad_input(args, kwargs, exc, fragment):
 def test_heuristic():
     assert cell_mod.use_persistent(256, 512) and cell_mod.use_persistent(4096, 1024)
     assert not cell_mod.use_persistent(256, 4096)  # too wide for the row-wise phase
-    assert cell_mod.use_persistent(65536, 512) and not cell_mod.use_persistent(65537, 512)  # beyond: unmeasured, the loop
-    assert not cell_mod.use_persistent(8192, 1024)  # wide rows: the loop won at 8192x1024
+    assert cell_mod.use_persistent(32768, 1024) and not cell_mod.use_persistent(65536, 1024)  # beyond: unmeasured, the loop

@@ -41,21 +41,16 @@ from deqkern.solver.config import validate_options
 from deqkern.solver.loop import enforce
 from deqkern.solver.report import Info, report
 
-__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_ELEMENTS_WIDE", "PERSISTENT_MAX_D",
-           "BACKEND"]
+__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_D", "BACKEND"]
 
 #: Largest ``rows * d`` solved by the persistent kernel. Measured on the H200
-#: (bench/bench_cell.py, bf16, 5 iterations, wall per call, commit 0718903): the one-launch
-#: solve beat the GEMM + update loop at 256x512 to 1024x1024 (split kernel, 5-19x) and at
-#: 32768x512 (block kernel, 1.18 against 1.81 ms); 2**25 (32768x1024) is the largest size it
-#: covers until a larger one is measured.
+#: (bench/bench_cell.py, bf16, 5 iterations, wall per call): the one-launch solve beat the
+#: GEMM + update loop at every size run but once. At 8192x1024 the block kernel took 1.06-1.07
+#: ms in four runs; the loop, mostly host-bound there, 2.25, 1.30, 0.892 and 1.58 ms
+#: (commits 781a827, 35112ac, 0718903, 6493f7b): the device-bound kernel is the steadier
+#: choice. 32768x512: 1.18-1.20 against 1.45-2.89 ms. 2**25 (32768x1024) is the largest size
+#: it covers until a larger one is measured.
 PERSISTENT_MAX_ELEMENTS = 2**25
-#: The same bound for rows wider than 512, where each row block of the block kernel streams
-#: all of W (2 MiB at d=1024, bf16) from L2 every iteration: at 8192x1024 the loop took
-#: 0.892 ms against the block kernel's 1.06 (same run). The crossover was not measured;
-#: 2**22 (4096x1024) is its estimate from the kernel's traffic (half the 8192-row time)
-#: against the loop's time, which is mostly host there.
-PERSISTENT_MAX_ELEMENTS_WIDE = 2**22
 #: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
 PERSISTENT_MAX_D = 2048
 #: What :func:`deqkern.last_backend` reports after the persistent kernel ran.
@@ -65,10 +60,8 @@ _WHAT = "deqkern.solve_cell"
 
 def use_persistent(n_rows: int, d: int) -> bool:
     """The size heuristic: the persistent kernel for ``n_rows x d`` problems up to
-    :data:`PERSISTENT_MAX_ELEMENTS` (:data:`PERSISTENT_MAX_ELEMENTS_WIDE` for ``d > 512``)
-    with ``d <= PERSISTENT_MAX_D``, else the loop path."""
-    most = PERSISTENT_MAX_ELEMENTS if d <= 512 else PERSISTENT_MAX_ELEMENTS_WIDE
-    return d <= PERSISTENT_MAX_D and n_rows * d <= most
+    :data:`PERSISTENT_MAX_ELEMENTS` with ``d <= PERSISTENT_MAX_D``, else the loop path."""
+    return d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
 
 
 # --------------------------------------------------------------------------- validation
