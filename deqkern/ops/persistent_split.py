@@ -249,6 +249,19 @@ def _product(A, stride_a, W, stride_wn, stride_wk, b, r64, row_ok, cn, n_ok, d,
 
 
 @triton.jit
+def _commit_rows(active, res, res_old, prev, lowest, nstep, tol, flt_max):
+    """One iteration's bookkeeping of the active rows (previous and lowest residual, steps,
+    residual) and the counts of rows it committed and of rows still above ``tol``."""
+    prev = tl.where(active, res_old, prev)
+    lowest = tl.where(active & (res < lowest), res, lowest)
+    nstep = tl.where(active, nstep + 1, nstep)
+    res_old = tl.where(active, res, res_old)
+    n_commit = tl.sum(active.to(tl.int32), axis=0)
+    n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+    return prev, lowest, nstep, res_old, n_commit, n_active
+
+
+@triton.jit
 def _frozen_tile(F, r64, stride_f, cn, m):
     """The program's tile of ``frozen`` (or another per-row input) in float32."""
     return tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
@@ -264,6 +277,20 @@ def _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, r
     tl.store(NSTEP + r, nstep, mask=ok)
     tl.debug_barrier()
     block_check_tl(RES, NSTEP, CHECK, pid_m, first, n_rows, tol, flt_max, BLOCK_M)
+
+
+@triton.jit
+def _finish_forward(H, here, m, alive, RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_s, pid_m, first, n_rows, res_old,
+                    prev, lowest, nstep, tol, flt_max, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward's end: NaN rows where a barrier gave up (here or in an earlier launch;
+    reported at step >= 1), then program ``(i, 0)`` writes the row state."""
+    if not alive:
+        tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
+        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
+        nstep = tl.maximum(nstep, 1)
+    if pid_s == 0:
+        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
+                     tol, flt_max, BLOCK_M)
 
 
 @triton.jit
@@ -349,25 +376,16 @@ def _solve_split_kernel(
         h = tl.where(am, h_next.to(H.dtype.element_ty).to(tl.float32), h)
         alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         res = _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE, SPLIT, SPLIT_P2)
-        prev = tl.where(active, res_old, prev)
-        lowest = tl.where(active & (res < lowest), res, lowest)
-        nstep = tl.where(active, nstep + 1, nstep)
-        res_old = tl.where(active, res, res_old)
-        n_commit = tl.sum(active.to(tl.int32), axis=0)
-        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        prev, lowest, nstep, res_old, n_commit, n_active = _commit_rows(active, res, res_old, prev, lowest, nstep,
+                                                                          tol, flt_max)
         k += 1
         if WITH_RSTD:
             pending = n_commit
         else:
             pending = tl.where(k < max_iter, n_active, 0)
         pending = tl.where(alive, pending, 0)
-    if not alive:  # a barrier gave up (here or in an earlier launch): NaN, reported at step >= 1
-        tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
-        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
-        nstep = tl.maximum(nstep, 1)
-    if pid_s == 0:
-        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
-                     tol, flt_max, BLOCK_M)
+    _finish_forward(H, here, m, alive, RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_s, pid_m, first, n_rows, res_old,
+                    prev, lowest, nstep, tol, flt_max, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -504,12 +522,8 @@ def _solve_split1_kernel(
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         res = _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE)
-        prev = tl.where(active, res_old, prev)
-        lowest = tl.where(active & (res < lowest), res, lowest)
-        nstep = tl.where(active, nstep + 1, nstep)
-        res_old = tl.where(active, res, res_old)
-        n_commit = tl.sum(active.to(tl.int32), axis=0)
-        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        prev, lowest, nstep, res_old, n_commit, n_active = _commit_rows(active, res, res_old, prev, lowest, nstep,
+                                                                          tol, flt_max)
         k += 1
         if WITH_RSTD:
             pending = n_commit  # once an iteration commits nothing, the rstd stored is h*'s
@@ -530,13 +544,8 @@ def _solve_split1_kernel(
             alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
             pending = tl.where(alive, pending, 0)
             par = 1 - par
-    if not alive:  # a barrier gave up (here or in an earlier launch): NaN, reported at step >= 1
-        tl.store(H + here, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32).to(H.dtype.element_ty), mask=m)
-        res_old = tl.full([BLOCK_M], float("nan"), tl.float32)
-        nstep = tl.maximum(nstep, 1)
-    if pid_s == 0:
-        _write_state(RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_m, first, n_rows, res_old, prev, lowest, nstep,
-                     tol, flt_max, BLOCK_M)
+    _finish_forward(H, here, m, alive, RES, PREV, LOWEST, NSTEP, CHECK, r, ok, pid_s, pid_m, first, n_rows, res_old,
+                    prev, lowest, nstep, tol, flt_max, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -600,11 +609,8 @@ def _adjoint_split_kernel(
         dz = rstd[:, None] * (bgain[None, :] * g_next - n * (rstd * dyz / d)[:, None])
         tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=am)
         g = tl.where(am, g_next, g)
-        prev = tl.where(active, res_old, prev)
-        lowest = tl.where(active & (res < lowest), res, lowest)
-        nstep = tl.where(active, nstep + 1, nstep)
-        res_old = tl.where(active, res, res_old)
-        n_active = tl.sum((active & (res >= tol) & (res <= flt_max)).to(tl.int32), axis=0)
+        prev, lowest, nstep, res_old, _, n_active = _commit_rows(active, res, res_old, prev, lowest, nstep, tol,
+                                                                 flt_max)
         alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
         k += 1
         pending = tl.where(alive & (k < max_iter), n_active, 0)
