@@ -357,3 +357,18 @@ def test_kernel_choice_is_validated(monkeypatch):
     assert persistent_split.use_split(4, 8, h)  # on a CPU only when asked for
     monkeypatch.setattr(persistent_split, "KERNEL", "auto")
     assert not persistent_split.use_split(4, 8, h)
+
+
+def test_split_row_state_is_made_when_first_read(device):
+    """The split launch returns its row state as views made on first read (a solve whose
+    statistics nobody reads pays for none), with the same values as the views made at once."""
+    gen = torch.Generator().manual_seed(case_seed("lazy-state", 13, 24))
+    _, cast = make_cell(13, 24, torch.float32, gen, device=device)
+    out = persistent_split.solve_split(*cast, EPS, DAMPING, 25, TOL[torch.float32], "rel", False)
+    assert out.state._fields is None
+    ref = persistent.solve_reference(*cast, EPS, DAMPING, 25, TOL[torch.float32], "rel", False)
+    assert out.state.nstep.dtype == torch.int32 and out.state._fields is not None
+    assert torch.equal(out.state.nstep, ref.state.nstep.to(torch.int32))
+    assert bool((out.state.residual < TOL[torch.float32]).all())
+    assert bool((out.state.lowest <= out.state.residual).all()) and bool((out.state.prev > out.state.residual).all())
+    assert out.state.lowest_step is None and out.state.best is None

@@ -50,7 +50,7 @@ from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
 from deqkern.ops.launch import STOP_MODES, cdiv, compute_dtype, frozen_rows, next_power_of_2, rows, sm_count
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
-__all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args", "FP32_DOT",
+__all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args", "dot_tuple", "FP32_DOT",
            "new_row_state", "product_tl", "init_state_tl", "commit_state_tl", "block_check_tl", "cell_z", "cell_rstd",
            "any_active"]
 
@@ -246,8 +246,21 @@ def dot_args(t: torch.Tensor) -> dict:
     precision argument, Triton's default "tf32", only concerns float32 operands); float32
     uses TF32 where torch allows it for matmuls, else :data:`FP32_DOT`; bfloat16 is upcast
     under the interpreter (see ``product_tl``)."""
-    exact = t.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"  # allow_tf32, cheaper
-    return dict(PRECISION=FP32_DOT if exact else "tf32", DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16)
+    precision, dot_f32 = dot_tuple(t)
+    return dict(PRECISION=precision, DOT_F32=dot_f32)
+
+
+def dot_tuple(t: torch.Tensor) -> tuple:
+    """:func:`dot_args`'s values ``(PRECISION, DOT_F32)``, cached per storage kind (the float32
+    matmul precision is read for float32 storage only)."""
+    dtype = t.dtype
+    return _dot_tuple(dtype, t.device.type, torch.get_float32_matmul_precision() if dtype == torch.float32 else "")
+
+
+@functools.lru_cache(maxsize=64)
+def _dot_tuple(dtype: torch.dtype, device_type: str, matmul_precision: str) -> tuple:
+    exact = dtype == torch.float32 and matmul_precision == "highest"  # allow_tf32, cheaper
+    return FP32_DOT if exact else "tf32", device_type == "cpu" and dtype == torch.bfloat16
 
 
 class Solved(NamedTuple):

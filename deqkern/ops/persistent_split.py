@@ -75,7 +75,7 @@ import triton.language as tl
 
 from deqkern.ops.commit import FLT_MAX, RowState
 from deqkern.ops.launch import STOP_MODES, Launch, cdiv, frozen_rows, next_power_of_2, rows, sm_count
-from deqkern.ops.persistent import Solved, block_check_tl, dot_args
+from deqkern.ops.persistent import Solved, block_check_tl, dot_tuple
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
 
@@ -703,13 +703,33 @@ def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, ker
 
 
 # --------------------------------------------------------------------------- launchers
+class _BufferState(RowState):
+    """The row state of a split launch: its four per-row fields are views of the launch's
+    float32 buffer, made when first read (a call that never reads them, as with
+    ``on_nonconvergence="ignore"``, makes none: a few microseconds of host time)."""
+
+    def __init__(self, buf: torch.Tensor, n_rows: int):  # the dataclass's fields are the properties below
+        self._buf, self._n, self._fields = buf, n_rows, None
+
+    def _views(self) -> tuple:
+        if self._fields is None:
+            res, prev, lowest, nstep = self._buf[:4 * self._n].view(4, self._n).unbind(0)
+            self._fields = (res, prev, lowest, nstep.view(torch.int32))
+        return self._fields
+
+    residual = property(lambda self: self._views()[0])
+    prev = property(lambda self: self._views()[1])
+    lowest = property(lambda self: self._views()[2])
+    nstep = property(lambda self: self._views()[3])
+
+
 class _Plan:
     """A launch of one kernel for one call signature, and the layout of its buffer."""
 
-    __slots__ = ("launch", "blocks", "sizes", "total", "exchange")
+    __slots__ = ("launch", "n_rows", "blocks", "sizes", "offsets", "total", "exchange")
 
     def __init__(self, launch: Launch, n_rows: int, blocks: int, extra: int, scratch: int, exchange: tuple = (0, 0)):
-        self.launch, self.blocks = launch, blocks
+        self.launch, self.n_rows, self.blocks = launch, n_rows, blocks
         # residual, prev, lowest, nstep, rstd, check, then ``extra`` (the adjoint's d_gain parts) and scratch
         sizes = [n_rows, n_rows, n_rows, n_rows, n_rows, 5 * blocks, extra + scratch]
         self.exchange = exchange != (0, 0)
@@ -717,14 +737,25 @@ class _Plan:
             sizes[-1] += -sum(sizes) % 4
             sizes += [exchange[0] + -exchange[0] % 4, exchange[1]]
         self.sizes = tuple(sizes)
+        self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
         self.total = sum(self.sizes)  # the buffer's float32 elements
 
+    def check(self, buf: torch.Tensor) -> torch.Tensor:
+        """The host check's ``(row blocks, 5)`` view of the buffer."""
+        return buf.as_strided((self.blocks, 5), (5, 1), self.offsets[5])
+
+    def rstd(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf.as_strided((self.n_rows,), (1,), self.offsets[4])
+
+    def exchange_buffers(self, buf: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """The one-barrier forward's z (float32) and iterate (``dtype``) buffers."""
+        return (buf.as_strided((self.sizes[7],), (1,), self.offsets[7]),
+                buf.as_strided((self.sizes[8],), (1,), self.offsets[8]).view(dtype))
+
     def views(self, buf: torch.Tensor) -> tuple:
-        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``), then
-        the exchange buffers (z float32, iterate as float32 words) where the kernel has them."""
-        res, prev, lowest, nstep, rstd, check, rest, *exchange = buf.split_with_sizes(self.sizes)
-        return (RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest,
-                *exchange)
+        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``)."""
+        res, prev, lowest, nstep, rstd, check, rest, *_ = buf.split_with_sizes(self.sizes)
+        return RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest
 
 
 def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, config: Optional[tuple]) -> dict:
@@ -802,11 +833,6 @@ def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
     return counters
 
 
-def _dots(t: torch.Tensor) -> tuple:
-    args = dot_args(t)
-    return args["PRECISION"], args["DOT_F32"]
-
-
 def solve_split(
     weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
     damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool, config: Optional[dict] = None,
@@ -824,15 +850,13 @@ def solve_split(
     device = h0.device
     # every tensor's dtype is in the key: the launch reuses one compiled kernel
     plan = _solve_plan(n_rows, d, (h0.dtype, w.dtype, f.dtype, gain.dtype), device, (h_in.stride(0), w.stride(0), stride_f), eps, damping,
-                       tol, max_iter, stop_mode, with_rstd, _dots(h0), config and tuple(config.items()))
+                       tol, max_iter, stop_mode, with_rstd, dot_tuple(h0), config and tuple(config.items()))
     h = torch.empty(h0.shape, dtype=h0.dtype, device=device)
     buf = torch.empty(plan.total, dtype=torch.float32, device=device)
-    state, rstd, check, _, *exchange = plan.views(buf)
-    if exchange:
-        exchange[1] = exchange[1].view(h0.dtype)
+    exchange = plan.exchange_buffers(buf, h0.dtype) if plan.exchange else ()
     plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, *exchange,
                 _barrier_counters(device, plan.blocks))
-    return Solved(h, state, rstd if with_rstd else None, check)
+    return Solved(h, _BufferState(buf, n_rows), plan.rstd(buf) if with_rstd else None, plan.check(buf))
 
 
 def adjoint_split(
@@ -848,12 +872,12 @@ def adjoint_split(
     n_rows = hs.shape[0]
     device = h_star.device
     plan = _adjoint_plan(n_rows, d, (h_star.dtype, w.dtype, f.dtype, gain.dtype, vv.dtype), device, (hs.stride(0), w.stride(0), stride_f, vv.stride(0)),
-                         eps, damping, tol, max_iter, _dots(weight), config and tuple(config.items()))
+                         eps, damping, tol, max_iter, dot_tuple(weight), config and tuple(config.items()))
     g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
     buf = torch.empty(plan.total, dtype=torch.float32, device=device)
     plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
                 _barrier_counters(device, plan.blocks))
-    state, rstd, check, rest, *_ = plan.views(buf)
+    state, rstd, check, rest = plan.views(buf)
     parts = rest[:plan.blocks * d].view(plan.blocks, d)
     return Adjoint(g, state, dz, rstd, parts[0] if plan.blocks == 1 else parts.sum(0), check)
