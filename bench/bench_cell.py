@@ -3,7 +3,9 @@
     python bench/bench_cell.py [--out DIR] [--sizes bf16:256x512 ...] [--rounds 7] [--calls 50] [--tiny]
 
 Wall time per call over back-to-back calls: ``calls`` calls between two synchronizations,
-host included; the median of ``rounds`` such rounds. Problem: the cell
+host included; the median of ``rounds`` such rounds, the rounds of a size's variants taken
+in turn (every variant is checked first, then timed round by round), so that the host's
+drift during a run reaches each variant alike. Problem: the cell
 ``h <- (1-b) h + b * g * RMSNorm(h W^T + frozen)``, b = 0.85, ||W||_2 = 0.5, h0 = 0, frozen and
 the loss cotangent ~ N(0, 1): 5 iterations to rel. tol 2e-2 in bf16, 10 to 1e-4 in fp32.
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -237,14 +240,16 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
                          "check": f"ERROR ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"})
             print(f"  {name} {n}x{d} {phase:8s} {variant:14s} {rows[-1]['check']}", flush=True)
 
+    timed: dict = {}  # row index -> the call to time, once every variant of the size is checked
+
     def record(phase: str, variant: str, status: str, fn: Optional[Callable], iterations=None, note: str = ""):
         row = {**base, "phase": phase, "variant": variant, "check": status, "iterations": iterations, "note": note}
         if status == "ok" and fn is not None and (on_gpu or variant in CPU_TIMED):
-            row["ms"] = common.wall_ms(fn, device, calls=calls, rounds=rounds)
+            timed[len(rows)] = fn
         elif status == "ok":
             row["note"] = (note + "; " if note else "") + "checked, not timed (CPU)"
         rows.append(row)
-        print(f"  {name} {n}x{d} {phase:8s} {variant:14s} {status:6s} {row.get('ms', '-')}", flush=True)
+        print(f"  {name} {n}x{d} {phase:8s} {variant:14s} {status:6s}", flush=True)
 
     with torch.no_grad():
         h_ref, k_ref = eager_forward(p)
@@ -336,6 +341,13 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
         if on_gpu:
             for max_iter in (20, 5):
                 forward(f"loop-graph-max{max_iter}", lambda m=max_iter: (p.solve_fused(True, max_iter=m)[0], m))
+
+    # every variant's rounds in turn: the host's drift during the size's run reaches them alike
+    for index, samples in common.interleaved_wall_ms(timed, device, rounds=rounds, calls=calls).items():
+        rows[index]["ms"] = statistics.median(samples)
+        rows[index]["round_ms"] = samples
+        row = rows[index]
+        print(f"  {name} {n}x{d} {row['phase']:8s} {row['variant']:14s} {row['ms']:.4f} ms", flush=True)
     return rows
 
 
@@ -414,7 +426,8 @@ def main(argv=None) -> dict:
         rows.extend(new)
     notes = [f"damping={DAMPING}, ||W||₂={SIGMA}, h0=0, max_iter={MAX_ITER}, tol: "
              + ", ".join(f"{k} {TOL[v]:g}" for k, v in DTYPES.items())
-             + f"; {calls} back-to-back calls per round, median of {rounds} rounds (host included)."
+             + f"; {calls} back-to-back calls per round, median of {rounds} rounds taken in turn"
+             + " across a size's variants (host included)."
              + f" Heuristic: persistent when rows*d <= {cell_mod.PERSISTENT_MAX_ELEMENTS} and d <= "
              + f"{cell_mod.PERSISTENT_MAX_D}."]
     if device.type != "cuda":

@@ -163,25 +163,38 @@ def wall_ms(fn: Callable[[], object], device: torch.device, *, rounds: int = 5, 
     ``round_s`` seconds (3 to 1000). Unlike :func:`time_ms` (``do_bench`` flushes the L2
     between calls, hiding up to tens of microseconds of host time per call, or a CUDA
     graph, hiding all of it), this charges every microsecond the host spends."""
+    return statistics.median(interleaved_wall_ms({0: fn}, device, rounds=rounds, calls=calls, round_s=round_s)[0])
+
+
+def interleaved_wall_ms(fns: dict, device: torch.device, *, rounds: int = 5, calls: int | None = None,
+                        round_s: float = 0.05) -> dict:
+    """:func:`wall_ms`'s rounds for several functions, taken in turn (a, b, c, a, b, c, ...),
+    so that a drift of the host's speed during the run reaches each of them alike: each
+    key's list of per-round milliseconds per call. Each function is warmed up (and its
+    ``calls`` calibrated) before the first round."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    if calls is None:
-        start = time.perf_counter()
+    counts = {}
+    for key, fn in fns.items():
         for _ in range(3):
             fn()
         sync()
-        calls = max(3, min(1000, int(round_s / max((time.perf_counter() - start) / 3, 1e-7))))
-    samples = []
+        counts[key] = calls
+        if calls is None:
+            start = time.perf_counter()
+            for _ in range(3):
+                fn()
+            sync()
+            counts[key] = max(3, min(1000, int(round_s / max((time.perf_counter() - start) / 3, 1e-7))))
+    samples: dict = {key: [] for key in fns}
     for _ in range(rounds):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(samples)
+        for key, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(counts[key]):
+                fn()
+            sync()
+            samples[key].append((time.perf_counter() - start) / counts[key] * 1e3)
+    return samples
 
 
 def graph_time_ms(fn: Callable[[], object], calls: int, reps: int) -> float:
