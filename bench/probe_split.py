@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
         gain = torch.ones(d, device="cuda", dtype=dtype)
         h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
-        for name_, cfg in candidates(n, d, h0):
+        for kernel, cfg in candidates(n, d, h0):
             def solve(m, cfg=cfg):
                 if cfg is None:
                     return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False)
@@ -130,11 +130,11 @@ def main(argv=None) -> dict:
             try:
                 dev = {m: device_us(lambda m=m: solve(m)) for m in (5, 10)}  # (1 would compile apart: == 1)
                 wall5 = 1e3 * common.wall_ms(lambda: solve(5), torch.device("cuda"), calls=50, rounds=5)
-                row = {"dtype": name, "n": n, "d": d, "kernel": name_, "config": cfg, "device_us_5": dev[5],
+                row = {"dtype": name, "n": n, "d": d, "kernel": kernel, "config": cfg, "device_us_5": dev[5],
                        "device_us_10": dev[10], "us_per_iteration": (dev[10] - dev[5]) / 5,
                        "launch_wall_us_5": wall5}
             except Exception as err:  # noqa: BLE001
-                row = {"dtype": name, "n": n, "d": d, "kernel": name_, "error": f"{type(err).__name__}: {err}"[:200]}
+                row = {"dtype": name, "n": n, "d": d, "kernel": kernel, "error": f"{type(err).__name__}: {err}"[:200]}
             print(json.dumps(row), flush=True)
             rows.append(row)
         saved = persistent_split.KERNEL

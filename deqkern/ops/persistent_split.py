@@ -146,12 +146,31 @@ def _part_norm(x):
 
 
 @triton.jit
-def _combine_norm(m, s):
-    """The row norm from its parts ``(BLOCK_M, SPLIT)``: ``M * sqrt(sum(s * (m/M)^2))``."""
+def _combine_parts(m, s):
+    """A row's ``(m, s)`` (norm ``m * sqrt(s)``) from its parts ``(BLOCK_M, SPLIT)``:
+    ``M = max(m)``, ``sum(s * (m/M)^2)``."""
     big = tl.max(m, axis=1)
     safe = tl.where(big > 0.0, big, 1.0)
     q = m / safe[:, None]
-    return big * tl.sqrt(tl.sum(s * q * q, axis=1))
+    return big, tl.sum(s * q * q, axis=1)
+
+
+@triton.jit
+def _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE: tl.constexpr):
+    """:func:`~deqkern.ops.residual.row_residual_tl` of whole rows from their accumulated
+    ``(m, s, bad)`` of the step and of the next iterate."""
+    bad = bd
+    if STOP_MODE == 2:
+        res = md
+    else:
+        res = md * tl.sqrt(sd)
+        if STOP_MODE == 1:
+            norm = mh * tl.sqrt(sh)
+            bad = tl.maximum(bad, bh)
+            res = res / (norm + rel_eps)
+            bad = tl.maximum(bad, tl.where(norm <= 3.4028234663852886e38, 0.0, 1.0))
+        bad = tl.maximum(bad, tl.where(res <= 3.4028234663852886e38, 0.0, 1.0))
+    return tl.where(bad > 0.0, float("nan"), res)
 
 
 @triton.jit
@@ -179,21 +198,21 @@ def _load_parts(ST, r64, ok, j, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
 
 @triton.jit
 def _residual_from_parts(ST, r64, ok, rel_eps, STOP_MODE: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
-    """:func:`~deqkern.ops.residual.row_residual_tl` of the whole rows, from the parts."""
-    bad = tl.max(_load_parts(ST, r64, ok, 2, SPLIT, SPLIT_P2), axis=1)
+    """:func:`_residual_of` of the whole rows, from the programs' parts (only those the
+    stop mode uses are read)."""
+    bd = tl.max(_load_parts(ST, r64, ok, 2, SPLIT, SPLIT_P2), axis=1)
+    zero = tl.zeros_like(bd)
     md = _load_parts(ST, r64, ok, 0, SPLIT, SPLIT_P2)
+    mh, sh, bh = zero, zero, zero
     if STOP_MODE == 2:
-        res = tl.max(md, axis=1)
+        md, sd = tl.max(md, axis=1), zero
     else:
-        res = _combine_norm(md, _load_parts(ST, r64, ok, 1, SPLIT, SPLIT_P2))
+        md, sd = _combine_parts(md, _load_parts(ST, r64, ok, 1, SPLIT, SPLIT_P2))
         if STOP_MODE == 1:
-            norm = _combine_norm(_load_parts(ST, r64, ok, 3, SPLIT, SPLIT_P2),
-                                 _load_parts(ST, r64, ok, 4, SPLIT, SPLIT_P2))
-            bad = tl.maximum(bad, tl.max(_load_parts(ST, r64, ok, 5, SPLIT, SPLIT_P2), axis=1))
-            res = res / (norm + rel_eps)
-            bad = tl.maximum(bad, tl.where(norm <= 3.4028234663852886e38, 0.0, 1.0))
-        bad = tl.maximum(bad, tl.where(res <= 3.4028234663852886e38, 0.0, 1.0))
-    return tl.where(bad > 0.0, float("nan"), res)
+            mh, sh = _combine_parts(_load_parts(ST, r64, ok, 3, SPLIT, SPLIT_P2),
+                                    _load_parts(ST, r64, ok, 4, SPLIT, SPLIT_P2))
+            bh = tl.max(_load_parts(ST, r64, ok, 5, SPLIT, SPLIT_P2), axis=1)
+    return _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE)
 
 
 @triton.jit
@@ -401,24 +420,6 @@ def _acc_norm(m, s, x):
 
 
 @triton.jit
-def _residual_of(md, sd, bd, mh, sh, bh, rel_eps, STOP_MODE: tl.constexpr):
-    """:func:`~deqkern.ops.residual.row_residual_tl` of whole rows from their accumulated
-    ``(m, s, bad)`` of the step and of the next iterate."""
-    bad = bd
-    if STOP_MODE == 2:
-        res = md
-    else:
-        res = md * tl.sqrt(sd)
-        if STOP_MODE == 1:
-            norm = mh * tl.sqrt(sh)
-            bad = tl.maximum(bad, bh)
-            res = res / (norm + rel_eps)
-            bad = tl.maximum(bad, tl.where(norm <= 3.4028234663852886e38, 0.0, 1.0))
-        bad = tl.maximum(bad, tl.where(res <= 3.4028234663852886e38, 0.0, 1.0))
-    return tl.where(bad > 0.0, float("nan"), res)
-
-
-@triton.jit
 def _advance(HB_OLD, HB_NEW, ZB_OLD, GAIN, H, r64, ok, active, rstd, kk, kok, pid_s, d, damping,
              BLOCK_N: tl.constexpr):
     """One chunk ``kk`` of whole rows of the next iterate, from the exchanged iterate
@@ -496,7 +497,6 @@ def _solve_split1_kernel(
                 tl.store(RSTD + r, rstd, mask=ok)
         # (a vector compare: the interpreter mistypes a vector-and-scalar boolean &)
         active = ok & (res_old >= tol) & (res_old <= flt_max) & (tl.zeros_like(r) + k < max_iter)
-        zero = tl.zeros([BLOCK_M], dtype=tl.float32)
         if ONE_DOT:
             kk = tl.arange(0, BLOCK_D)
             hq, diff, h_next = _advance(HB + old, HB + new, ZB + old, GAIN, H, r64, ok, active, rstd, kk, kk < d,
@@ -504,6 +504,7 @@ def _solve_split1_kernel(
             md, sd, bd = _part_norm(diff)
             mh, sh, bh = _part_norm(h_next)
         else:
+            zero = tl.zeros([BLOCK_M], dtype=tl.float32)
             md, sd, bd, mh, sh, bh = zero, zero, zero, zero, zero, zero
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, d, BLOCK_K):
@@ -569,7 +570,7 @@ def _adjoint_split_kernel(
 
     z = _slice_product(HS, stride_hs, W, stride_w, 1, r64, ok, cn, n_ok, d, PRECISION, DOT_F32,
                        BLOCK_M, BLOCK_N, BLOCK_K)
-    z += tl.load(F + r64[:, None] * stride_f + cn[None, :], mask=m, other=0.0).to(tl.float32)
+    z += _frozen_tile(F, r64, stride_f, cn, m)
     bgain = damping * tl.load(GAIN + cn, mask=n_ok, other=0.0).to(tl.float32)
     g = _frozen_tile(V, r64, stride_v, cn, m)
     g0 = g
@@ -753,9 +754,10 @@ class _Plan:
                 buf.as_strided((self.sizes[8],), (1,), self.offsets[8]).view(dtype))
 
     def views(self, buf: torch.Tensor) -> tuple:
-        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``)."""
-        res, prev, lowest, nstep, rstd, check, rest, *_ = buf.split_with_sizes(self.sizes)
-        return RowState(res, prev, lowest, nstep.view(torch.int32)), rstd, check.view(self.blocks, 5), rest
+        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``); the
+        row state's are made when first read (:class:`_BufferState`)."""
+        return (_BufferState(buf, self.n_rows), self.rstd(buf), self.check(buf),
+                buf.as_strided((self.sizes[6],), (1,), self.offsets[6]))
 
 
 def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, config: Optional[tuple]) -> dict:

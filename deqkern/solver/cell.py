@@ -310,8 +310,9 @@ def _persistent(weight, frozen, gain, h0, s: _Settings, needs_grad: bool, with_r
             dict.__setitem__(info, "rstd", rstd.view(h.shape[:-1]))
     h_star = h  # h0's shape, not a view: autograd lets the caller modify it in place (then refuses backward)
     check = report(info, "", h_star, state, parts, s.tol, s.stop_mode, s.on_nonconvergence)
-    if check is not None:  # (the split kernels' row state is made when first read)
-        _enforce(check, s.on_nonconvergence, _WHAT, state.nstep.numel(), s.max_iter, s.tol, s.stop_mode, info)
+    # the row count from h*: the split kernels' row state is made when first read
+    _enforce(check, s.on_nonconvergence, _WHAT, h_star.numel() // h_star.shape[-1], s.max_iter, s.tol, s.stop_mode,
+             info)
     if not needs_grad or (compiling and s.backward == "ift"):
         return h_star, info
     if s.backward == "onestep":
