@@ -16,7 +16,8 @@ Forward (no grad):
   loop           ``deqkern.solve_fused`` with the GEMM + fused update step (as FrozenContextDEQ)
   loop-graph     the same with ``graph=True`` (``max_iter`` iterations, on_nonconvergence="ignore")
   cell           ``deqkern.solve_cell``, the persistent kernel forced, on_nonconvergence="ignore"
-                 (the split kernel where the size takes it: the note says which)
+                 (the cluster kernel, else the split one where the size takes it: the note says which)
+  cell-split     the same with the Triton kernels only (sizes that take the cluster kernel)
   cell-block     the same with the whole-row block kernel forced (sizes that take the split one)
   cell-warn      the same with the default "warn" (one host sync per call)
   cell-auto      ``solve_cell`` as its size heuristic chooses (the backend it ran is in the note)
@@ -55,7 +56,7 @@ import common  # noqa: E402
 import deqkern  # noqa: E402
 from deqkern.functional import update_with_stats  # noqa: E402
 from deqkern.nn import cell_adjoint  # noqa: E402
-from deqkern.ops import persistent_split  # noqa: E402
+from deqkern.ops import persistent_cluster, persistent_split  # noqa: E402
 from deqkern.solver import cell as cell_mod  # noqa: E402
 from deqkern.solver import solve_fused  # noqa: E402
 
@@ -197,7 +198,8 @@ def captured(fn: Callable[[], object]) -> Callable[[], object]:
 
 class Persistent:
     """Within the block, solve_cell takes the persistent kernel whatever the size, and
-    ``kernel`` ("auto", "block", "split") picks which one (deqkern.ops.persistent_split.KERNEL)."""
+    ``kernel`` ("auto", "block", "split") picks which one (deqkern.ops.persistent_split.KERNEL;
+    "split" and "block" never take the cluster kernel)."""
 
     def __init__(self, kernel: str = "auto"):
         self.kernel = kernel
@@ -212,8 +214,11 @@ class Persistent:
 
 
 def kernel_note(p: "Problem") -> str:
-    """Which one-launch kernel the size takes, with the split tile."""
+    """Which one-launch kernel the size takes, with the cluster shape or split tile."""
     n, d = p.h0.shape
+    if persistent_split.KERNEL in ("auto", "cluster") and persistent_cluster.use_cluster(p.w, p.frozen, p.gain, p.h0):
+        c, bm = persistent_cluster.cluster_config(n, d, p.dtype, p.h0.device.index or 0)
+        return f"cluster kernel, {c} CTAs x {bm} rows"
     if not persistent_split.use_split(n, d, p.h0):
         return "block kernel"
     c = persistent_split.config_of(n, d, p.h0)
@@ -266,8 +271,8 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
             if isinstance(iterations, dict):
                 iterations = iterations["iterations"]
             note = f"backend {deqkern.last_backend()}" if variant == "cell-auto" else ""
-            if variant in ("cell", "cell-block"):
-                note = kernel_note(p) if variant == "cell" else "block kernel"
+            if variant in ("cell", "cell-split", "cell-block"):
+                note = kernel_note(p) if variant != "cell-block" else "block kernel"
 
             def timed():
                 with torch.no_grad():
@@ -297,6 +302,9 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     with Persistent():
         forward("cell", lambda: p.solve_cell(on_nonconvergence="ignore"))
         forward("cell-warn", lambda: p.solve_cell())
+    if persistent_cluster.use_cluster(p.w, p.frozen, p.gain, p.h0):
+        with Persistent("split"):
+            forward("cell-split", lambda: p.solve_cell(on_nonconvergence="ignore"))
     split = persistent_split.use_split(n, d, p.h0)
     if split:
         with Persistent("block"):

@@ -1,5 +1,5 @@
 """Where the one-launch solve's time goes: device time per iteration and per launch of the
-split and block kernels, and the host's share of a call.
+cluster, split and block kernels, and the host's share of a call.
 
     python bench/probe_split.py [--sizes bf16:256x512 ...] [--out FILE]
 
@@ -7,8 +7,10 @@ For each size and kernel configuration: the forward solve captured in a CUDA gra
 ``max_iter`` 5 and 10 with ``tol=1e-30`` (every iteration runs), replayed back to back
 between two CUDA events: device microseconds per launch, and their slope per iteration.
 Then wall microseconds per call (back-to-back calls, host included) of the bare launcher
-(``solve_split`` / ``solve_triton``) and of ``deqkern.solve_cell(on_nonconvergence="ignore")``
-at ``max_iter`` 5: what the host adds on top of the device. CUDA only.
+(``solve_cluster`` / ``solve_split`` / ``solve_triton``) and of
+``deqkern.solve_cell(on_nonconvergence="ignore")`` at ``max_iter`` 5 as each kernel choice
+takes it: what the host adds on top of the device. ``--kernels`` limits the configurations
+(cluster, auto, block, split). CUDA only.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import common  # noqa: E402
 
 import deqkern  # noqa: E402
 from bench_cell import captured  # noqa: E402
-from deqkern.ops import persistent, persistent_split  # noqa: E402
+from deqkern.ops import persistent, persistent_cluster, persistent_split  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIZES = ["bf16:256x512", "fp32:256x512", "bf16:1024x1024"]
@@ -75,15 +77,26 @@ TILES = ((2**17, ((16, 64), (32, 64), (16, 128))), (2**62, ((64, 128), (128, 128
 KINDS = (("h", 4), ("h", 8), ("z", 8))
 
 
-def candidates(n: int, d: int, h: torch.Tensor) -> list[tuple[str, dict | None]]:
-    """The block kernel, the chooser's configuration, then every tile of TILES that fits
+def candidates(n: int, d: int, h: torch.Tensor, kernels: tuple) -> list[tuple[str, object]]:
+    """Every cluster shape ``(C, BM)`` the GPU holds (``"cluster"``), the block kernel, the
+    split chooser's configuration (``"auto"``), then (``"split"``) every tile of TILES that fits
     on the GPU at once, with each of KINDS (exchange "h": two barriers an iteration, "z":
     one; warps), the product as one ``tl.dot`` (where W's slice is at most 128 KiB) or
     as a loop over K tiles."""
+    out: list[tuple[str, object]] = []
+    if "cluster" in kernels:
+        chosen = persistent_cluster.cluster_config(n, d, h.dtype, 0)
+        for bn, bm in itertools.product((32, 64, 128), (16, 32)):
+            shape = (d // bn, bm)
+            if d % bn == 0 and persistent_cluster.cluster_config(n, d, h.dtype, 0, shape) is not None:
+                out.append((f"cluster C={shape[0]} BM={bm}{' (chosen)' if shape == chosen else ''}", shape))
     auto = persistent_split.config_of(n, d, h)
-    out: list[tuple[str, dict | None]] = [("block", None)]
-    if auto is not None:
+    if "block" in kernels:
+        out.append(("block", None))
+    if auto is not None and "auto" in kernels:
         out.append((f"auto {label(auto)}", auto))
+    if "split" not in kernels:
+        return out
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     for bm, bn in next(tiles for most, tiles in TILES if n * d <= most):
         split = -(-d // bn)
@@ -109,6 +122,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=SIZES)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", nargs="+", default=["cluster", "block", "auto", "split"])
     args = ap.parse_args(argv)
     rows = []
     for spec in args.sizes:
@@ -121,8 +135,11 @@ def main(argv=None) -> dict:
         frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
         gain = torch.ones(d, device="cuda", dtype=dtype)
         h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
-        for kernel, cfg in candidates(n, d, h0):
+        for kernel, cfg in candidates(n, d, h0, tuple(args.kernels)):
             def solve(m, cfg=cfg):
+                if isinstance(cfg, tuple):
+                    return persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False,
+                                                            config=cfg)
                 if cfg is None:
                     return persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False)
                 return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False, config=cfg)
@@ -138,7 +155,7 @@ def main(argv=None) -> dict:
             print(json.dumps(row), flush=True)
             rows.append(row)
         saved = persistent_split.KERNEL
-        for kernel in ("auto", "block"):
+        for kernel in ("auto", "split", "block"):
             persistent_split.KERNEL = kernel
             with torch.no_grad():
                 us = 1e3 * common.wall_ms(lambda: deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS,

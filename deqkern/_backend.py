@@ -143,7 +143,8 @@ def last_backend() -> Optional[str]:
     """The backend that ran the most recent fused op call in this process.
 
     One of ``"triton"``, ``"triton-interpreter"``, ``"eager"``, ``"triton-persistent"``
-    (:func:`deqkern.solve_cell`'s one-launch solve, on a GPU or the interpreter), or
+    (:func:`deqkern.solve_cell`'s one-launch solve, on a GPU or the interpreter),
+    ``"cuda-cluster"`` (its forward by the thread-block-cluster kernel on sm_90+), or
     ``None`` before the first call. Under ``torch.compile`` it reflects the last eager
     execution of the op.
     """

@@ -357,7 +357,7 @@ def test_unsound_barrier_counters_give_nan_not_wrong_numbers(monkeypatch, device
 def test_kernel_choice_is_validated(monkeypatch):
     monkeypatch.setattr(persistent_split, "KERNEL", "fast")
     h = torch.zeros(4, 8)
-    with pytest.raises(ValueError, match="DEQKERN_PERSISTENT_KERNEL.*'auto', 'split' or 'block'.*'fast'"):
+    with pytest.raises(ValueError, match="DEQKERN_PERSISTENT_KERNEL.*'auto', 'cluster', 'split' or 'block'.*'fast'"):
         persistent_split.use_split(4, 8, h)
     monkeypatch.setattr(persistent_split, "KERNEL", "split")
     assert persistent_split.use_split(4, 8, h)  # on a CPU only when asked for

@@ -79,11 +79,14 @@ from deqkern.ops.persistent import Solved, block_check_tl, dot_tuple
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
 
-__all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "forget_barriers", "KERNEL"]
+__all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "forget_barriers", "KERNEL",
+           "BufferState"]
 
-#: Which one-launch kernel :func:`use_split` picks: "auto" (the split kernel where a GPU
-#: would leave at least half its SMs idle with whole-row blocks), "split" or "block"
-#: (``DEQKERN_PERSISTENT_KERNEL``; for tests and benchmarks).
+#: Which one-launch kernel solves the cell (``DEQKERN_PERSISTENT_KERNEL``): "auto" (the
+#: cluster kernel of :mod:`deqkern.ops.persistent_cluster` where it is built and fits, else
+#: the split kernel where a GPU would leave at least half its SMs idle with whole-row
+#: blocks, else the block kernel), "cluster" (as "auto"), "split" or "block" (these two
+#: never the cluster kernel; for tests and benchmarks).
 KERNEL = os.environ.get("DEQKERN_PERSISTENT_KERNEL", "auto")
 #: Polls of a group barrier before a program gives up (about a second or more).
 MAX_SPINS = 1 << 22
@@ -691,20 +694,20 @@ def use_split(n_rows: int, d: int, t: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _use_split(n_rows: int, d: int, element_size: int, device: torch.device, kernel: str) -> bool:
-    if kernel not in ("auto", "split", "block"):
-        raise ValueError(f"DEQKERN_PERSISTENT_KERNEL (deqkern.ops.persistent_split.KERNEL) must be 'auto', 'split' "
-                         f"or 'block'; got {kernel!r}")
+    if kernel not in ("auto", "cluster", "split", "block"):
+        raise ValueError(f"DEQKERN_PERSISTENT_KERNEL (deqkern.ops.persistent_split.KERNEL) must be 'auto', 'cluster', "
+                         f"'split' or 'block'; got {kernel!r}")
     if kernel == "block" or n_rows == 0:
         return False
     cpu = device.type == "cpu"
     n_sm = 1 if cpu else sm_count(device.index or 0)
     if split_config(n_rows, d, element_size, n_sm, cpu) is None:
         return False
-    return kernel == "split" or (not cpu and 2 * cdiv(n_rows, 16) <= n_sm)
+    return kernel == "split" or (not cpu and 2 * cdiv(n_rows, 16) <= n_sm)  # "cluster": as "auto" here
 
 
 # --------------------------------------------------------------------------- launchers
-class _BufferState(RowState):
+class BufferState(RowState):
     """The row state of a split launch: its four per-row fields are views of the launch's
     float32 buffer, made when first read (a call that never reads them, as with
     ``on_nonconvergence="ignore"``, makes none: a few microseconds of host time)."""
@@ -755,8 +758,8 @@ class _Plan:
 
     def views(self, buf: torch.Tensor) -> tuple:
         """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``); the
-        row state's are made when first read (:class:`_BufferState`)."""
-        return (_BufferState(buf, self.n_rows), self.rstd(buf), self.check(buf),
+        row state's are made when first read (:class:`BufferState`)."""
+        return (BufferState(buf, self.n_rows), self.rstd(buf), self.check(buf),
                 buf.as_strided((self.sizes[6],), (1,), self.offsets[6]))
 
 
@@ -858,7 +861,7 @@ def solve_split(
     exchange = plan.exchange_buffers(buf, h0.dtype) if plan.exchange else ()
     plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, *exchange,
                 _barrier_counters(device, plan.blocks))
-    return Solved(h, _BufferState(buf, n_rows), plan.rstd(buf) if with_rstd else None, plan.check(buf))
+    return Solved(h, BufferState(buf, n_rows), plan.rstd(buf) if with_rstd else None, plan.check(buf))
 
 
 def adjoint_split(

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from deqkern import _backend
 from deqkern.functional import update_with_stats
-from deqkern.ops import persistent, persistent_adjoint, persistent_split
+from deqkern.ops import persistent, persistent_adjoint, persistent_cluster, persistent_split
 from deqkern.ops.commit import RowState
 from deqkern.ops.launch import compute_dtype
 from deqkern.solver.adjoint import Equilibrium
@@ -164,6 +164,9 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) 
         _backend.record("eager")
         with torch.no_grad():
             return persistent.solve_reference(*args)
+    if persistent_cluster.use_cluster(weight, frozen, gain, h0):
+        _backend.record(persistent_cluster.BACKEND)
+        return persistent_cluster.solve_cluster(*args)  # its launch handles a device that is not the current one
     _backend.record(BACKEND)  # the kernels record no autograd graph
     if persistent_split.use_split(h0.numel() // h0.shape[-1], h0.shape[-1], h0):
         return persistent_split.solve_split(*args)  # its launch handles a device that is not the current one

@@ -1,0 +1,65 @@
+// deqkern._cluster: the Python face of the cluster solve (cell_cluster.cu). The launcher in
+// deqkern/ops/persistent_cluster.py validates everything (dtypes, shapes, alignment) and
+// caches the configuration; these functions only fill the parameters and launch.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "cell_cluster.h"
+
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kCellFloat32;
+    case at::kBFloat16: return kCellBFloat16;
+    case at::kHalf: return kCellFloat16;
+    default: TORCH_CHECK(false, "deqkern._cluster: float32, bfloat16 or float16 expected, got ", t);
+  }
+  return -1;
+}
+
+void solve(const at::Tensor& h0, const at::Tensor& w, const at::Tensor& f, const at::Tensor& gain, at::Tensor& h,
+           at::Tensor& buf, int64_t stride_f, int64_t cluster, int64_t block_m, double eps, double damping, double tol,
+           int64_t max_iter, int64_t stop_mode, bool with_rstd, double rel_eps) {
+  c10::cuda::CUDAGuard guard(h0.device());
+  CellClusterParams p{h0.data_ptr(), w.data_ptr(), f.data_ptr(), gain.data_ptr(), h.data_ptr(),
+                      buf.data_ptr<float>(), static_cast<int>(h0.size(0)), static_cast<int>(w.size(0)),
+                      h0.stride(0), w.stride(0), stride_f, static_cast<float>(eps), static_cast<float>(damping),
+                      static_cast<float>(tol), static_cast<float>(rel_eps), static_cast<int>(max_iter),
+                      static_cast<int>(stop_mode), with_rstd ? 1 : 0};
+  const cudaError_t err = cell_cluster_launch(p, dtype_code(h0.scalar_type()), static_cast<int>(cluster),
+                                              static_cast<int>(block_m), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.solve: ", cudaGetErrorString(err));
+}
+
+int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster,
+                   int64_t block_m) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  CellClusterParams p{};
+  p.n_rows = static_cast<int>(n_rows);
+  p.d = static_cast<int>(d);
+  int clusters = 0;
+  const cudaError_t err =
+      cell_cluster_max_active(p, dtype_code(dtype), static_cast<int>(cluster), static_cast<int>(block_m), &clusters);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // a configuration the device cannot hold: none
+    return 0;
+  }
+  return clusters;
+}
+
+int64_t smem(at::ScalarType dtype, int64_t d, int64_t cluster, int64_t block_m) {
+  return static_cast<int64_t>(cell_cluster_smem(dtype_code(dtype), static_cast<int>(d), static_cast<int>(cluster),
+                                                static_cast<int>(block_m)));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The frozen-context cell's one-launch solve on Hopper thread-block clusters (sm_90)";
+  m.def("solve", &solve, "One solve: h0, w, frozen, gain, h (out), buf (out), stride_f, cluster, block_m, eps, "
+        "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
+  m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none)");
+  m.def("smem", &smem, "Shared memory per CTA (bytes) of a configuration; 0 if the kernel has no such tile");
+}

@@ -1,0 +1,140 @@
+"""The forward one-launch solve on Hopper thread-block clusters (sm_90 and later).
+
+The Triton split kernel (:mod:`deqkern.ops.persistent_split`) spends its iterations on L2
+round trips: the exchanged iterate, the partial sums, two group barriers in global memory,
+and W's slice re-read. Triton has no thread-block clusters, so this kernel is CUDA C++
+(``csrc/cuda/cell_cluster.cu``, built as ``deqkern._cluster`` where torch is a CUDA build
+and nvcc is found): a cluster of ``C`` CTAs owns ``BM`` rows, each CTA keeps its ``d / C``
+rows of W and the block's whole iterate rows in shared memory for the solve, and the CTAs
+exchange the iterate and the per-row partial sums through distributed shared memory with
+the hardware cluster barrier between. An iteration reads nothing from global memory.
+
+Same arguments, outputs, stop rule and bookkeeping as :func:`persistent_split.solve_split`
+(the float32 buffer has the same layout; ``check`` has one row per cluster). Float32
+storage multiplies with three TF32 products (about float32's accuracy) on the tensor
+cores. The tiles the kernel has: ``d / C`` in (32, 64, 128) columns per CTA, ``C <= 16``,
+``BM`` 16 or 32 rows; h0, W, frozen and gain of one dtype; h0's and W's rows 16-byte
+aligned. Anything else takes the Triton kernels (:func:`use_cluster` decides).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows
+from deqkern.ops.persistent import Solved
+from deqkern.ops import persistent_split
+from deqkern.ops.persistent_split import BufferState
+from deqkern.ops.residual import REL_EPS
+
+try:
+    from deqkern import _cluster as _ext
+except ImportError:  # a CPU build of torch, no nvcc, or DEQKERN_NO_CUDA_EXT=1 (setup.py)
+    _ext = None
+
+__all__ = ["BACKEND", "available", "cluster_config", "forced_config", "use_cluster", "solve_cluster"]
+
+#: What :func:`deqkern.last_backend` reports after this kernel ran.
+BACKEND = "cuda-cluster"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Cost model of one iteration of a cluster (seconds), used only to rank configurations:
+#: a fixed part (two cluster barriers, the distributed-shared-memory round trips) and the
+#: CTA's product at an assumed tensor-core rate (float32: three TF32 products).
+_FIXED_SECONDS = 1.5e-6
+_FLOPS_PER_SM = {2: 3e12, 4: 0.75e12}
+
+
+def available(device: torch.device) -> bool:
+    """Whether the extension is built and ``device`` is a CUDA GPU of compute capability 9.0 or later."""
+    return _ext is not None and device.type == "cuda" and _capability(device.index or 0) >= 9
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def forced_config() -> Optional[tuple[int, int]]:
+    """``DEQKERN_CLUSTER_CONFIG="C,BM"`` (benchmarks and tests), or None."""
+    value = os.environ.get("DEQKERN_CLUSTER_CONFIG", "").strip()
+    if not value:
+        return None
+    try:
+        c, bm = (int(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(f"DEQKERN_CLUSTER_CONFIG must be 'C,BM' (two integers); got {value!r}") from None
+    return c, bm
+
+
+@functools.lru_cache(maxsize=1024)
+def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: Optional[tuple] = None) -> Optional[tuple]:
+    """``(C, BM)`` for ``n_rows`` rows of width ``d`` on GPU ``index``, or None where no tile
+    of the kernel fits: every ``C`` with ``d / C`` in (32, 64, 128) and ``BM`` in (16, 32)
+    that the device holds, ranked by the cost model above times the waves of clusters
+    (``cdiv(n_rows / BM, clusters held at once)``). ``forced``: that configuration if it fits."""
+    if _ext is None or dtype not in _DTYPES or n_rows == 0:
+        return None
+    best, best_cost = None, float("inf")
+    for block_m in (16, 32):
+        for block_n in (32, 64, 128):
+            c = d // block_n
+            if d % block_n or not 1 <= c <= 16 or (forced is not None and forced != (c, block_m)):
+                continue
+            held = _ext.max_active(dtype, index, n_rows, d, c, block_m) if _ext.smem(dtype, d, c, block_m) else 0
+            if held == 0:
+                continue
+            waves = cdiv(cdiv(n_rows, block_m), held)
+            cost = waves * (_FIXED_SECONDS + 2.0 * block_m * block_n * d / _FLOPS_PER_SM[min(dtype.itemsize, 4)])
+            if cost < best_cost:
+                best, best_cost = (c, block_m), cost
+    return best
+
+
+def use_cluster(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor) -> bool:
+    """Whether :func:`solve_cluster` takes this solve (``DEQKERN_PERSISTENT_KERNEL`` "auto"
+    or "cluster", the extension on an sm_90+ GPU, one dtype, a tile that fits, aligned rows)."""
+    if persistent_split.KERNEL not in ("auto", "cluster") or not available(h0.device):
+        return False
+    dtype = h0.dtype
+    if weight.dtype != dtype or frozen.dtype != dtype or gain.dtype != dtype:
+        return False
+    d = h0.shape[-1]
+    if _config(h0.numel() // d, d, dtype, h0.device.index or 0) is None:
+        return False
+    return _aligned(weight) and _aligned(h0)
+
+
+def _config(n_rows: int, d: int, dtype: torch.dtype, index: int) -> Optional[tuple]:
+    return cluster_config(n_rows, d, dtype, index, forced_config())
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """16-byte aligned rows (the kernel copies rows in 16-byte words)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(-2) * size % 16 == 0)
+
+
+def solve_cluster(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
+    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool, config: Optional[tuple] = None,
+) -> Solved:
+    """:func:`deqkern.ops.persistent.solve_triton` by the cluster kernel (same arguments and
+    outputs; ``check`` has one row per cluster). Only where :func:`use_cluster` says so.
+    ``config``: ``(C, BM)`` from :func:`cluster_config` (benchmarks), else its own choice."""
+    d = weight.shape[0]
+    h_in = rows(h0, d)
+    f, stride_f = frozen_rows(frozen, d)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    n_rows = h_in.shape[0]
+    c, block_m = config or _config(n_rows, d, h0.dtype, h0.device.index or 0)
+    blocks = cdiv(n_rows, block_m)
+    h = torch.empty(h0.shape, dtype=h0.dtype, device=h0.device)
+    buf = torch.empty(5 * n_rows + 5 * blocks, dtype=torch.float32, device=h0.device)
+    _ext.solve(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, stride_f, c, block_m,
+               eps, damping, tol, max_iter, STOP_MODES[stop_mode], with_rstd, REL_EPS)
+    rstd = buf.as_strided((n_rows,), (1,), 4 * n_rows) if with_rstd else None
+    return Solved(h, BufferState(buf, n_rows), rstd, buf.as_strided((blocks, 5), (5, 1), 5 * n_rows))

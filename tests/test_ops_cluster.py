@@ -1,0 +1,152 @@
+"""The forward solve on Hopper thread-block clusters (deqkern.ops.persistent_cluster, CUDA
+C++) against the eager twin and a float64 fixed point, at every cluster shape the kernel
+has for each width (forced through ``DEQKERN_CLUSTER_CONFIG``), with the same row state,
+rstd and host check as the Triton kernels. Needs the built extension and an sm_90 GPU;
+on a CPU only the dispatch is checked."""
+
+import pytest
+import torch
+
+import deqkern
+from deqkern.ops import persistent, persistent_cluster, persistent_split
+from deqkern.solver.loop import check_vector, host_check
+from deqkern.solver.report import read_check
+from numerics import case_seed
+from test_ops_persistent import DAMPING, DTYPES, EPS, TOL, assert_rows_close, assert_same_steps, fixed_point64, make_cell
+
+needs_cluster = pytest.mark.skipif(
+    not (torch.cuda.is_available() and persistent_cluster.available(torch.device("cuda", 0))),
+    reason="needs deqkern._cluster and an sm_90+ GPU")
+
+#: (rows, d, stop mode) and the cluster shapes (C, BM) the kernel has at that width: d / C
+#: in (32, 64, 128) columns per CTA; rows past the last full block; C not a power of two.
+CASES = [(21, 64, "rel"), (257, 96, "abs"), (300, 512, "max"), (40, 1024, "rel")]
+
+
+def shapes(d):
+    return [(d // bn, bm) for bn in (32, 64, 128) if d % bn == 0 and d // bn <= 16 for bm in (16, 32)]
+
+
+def force(monkeypatch, n_rows, d, dtype, shape):
+    """Make the kernel use cluster shape ``shape``, or skip where the GPU cannot hold it."""
+    if persistent_cluster.cluster_config(n_rows, d, dtype, 0, shape) is None:
+        pytest.skip(f"the GPU holds no cluster {shape} at d={d} ({dtype})")
+    monkeypatch.setenv("DEQKERN_CLUSTER_CONFIG", f"{shape[0]},{shape[1]}")
+
+
+@needs_cluster
+@pytest.mark.parametrize("n_rows,d,stop_mode,shape",
+                         [(n, d, m, s) for n, d, m in CASES for s in shapes(d)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_parity(monkeypatch, dtype, n_rows, d, stop_mode, shape):
+    gen = torch.Generator().manual_seed(case_seed("cluster", dtype, n_rows, d))
+    f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
+    force(monkeypatch, n_rows, d, dtype, shape)
+    tol = TOL[dtype] * (d**0.5 if stop_mode == "abs" else 1.0)  # an absolute residual grows with ||h|| ~ sqrt(d)
+    assert persistent_cluster.use_cluster(*cast)
+    h, state, rstd, parts = persistent_cluster.solve_cluster(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
+    h_e, state_e, rstd_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
+    assert h.dtype == dtype and h.shape == (n_rows, d)
+    assert bool((state.residual < tol).all())
+    assert len(set(state.nstep.tolist())) >= 2, "rows should converge at different iterations"
+    assert bool((state.lowest <= state.residual).all()) and bool((state.prev > state.residual).all())
+    assert_same_steps(state.nstep, state_e.nstep)
+    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
+    # rstd of the returned iterate's z, against float64 at that iterate
+    z64 = h.double() @ f64[0].T + f64[1]
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(z64.pow(2).mean(-1) + EPS), rtol=1e-5, atol=0)
+    check, iterations = read_check(parts)
+    assert check == host_check(check_vector(state, tol)) and iterations == int(state.nstep.max())
+
+
+@needs_cluster
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nonfinite_row_max_iter_and_broadcast_frozen():
+    """A NaN row freezes at step 1 with a NaN residual, rows that cannot converge stop at
+    max_iter with the eager twin's iterates; a (d,) frozen vector broadcasts (stride 0)."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-nan"))
+    _, (w, frozen, gain, h0) = make_cell(37, 64, torch.float32, gen, device="cuda")
+    frozen[4, 3] = float("nan")
+    h, state, _, parts = persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
+    h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
+    assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
+    others = torch.arange(37, device="cuda") != 4
+    assert bool((state.nstep[others] == 6).all()) and torch.equal(state.nstep, state_e.nstep)
+    torch.testing.assert_close(h[others], h_e[others], rtol=1e-5, atol=1e-6)
+    check, iterations = read_check(parts)
+    assert (check.unconverged, check.first_bad_iter, check.bad_rows) == (37, 1, 1) and iterations == 6
+
+    row = frozen[7].clone()
+    h, state, _, _ = persistent_cluster.solve_cluster(w, row, gain, h0, EPS, DAMPING, 40, 1e-5, "rel", False)
+    h_e, state_e, _, _ = persistent.solve_reference(w, row, gain, h0, EPS, DAMPING, 40, 1e-5, "rel", False)
+    assert bool((state.residual < 1e-5).all())
+    torch.testing.assert_close(h, h_e, rtol=1e-5, atol=1e-6)
+
+
+@needs_cluster
+def test_captured_in_a_cuda_graph():
+    """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-graph"))
+    _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
+    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
+    h_ref, state_ref, _, _ = persistent_cluster.solve_cluster(*args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        persistent_cluster.solve_cluster(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, state, _, _ = persistent_cluster.solve_cluster(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)
+
+
+@needs_cluster
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_solve_cell_takes_it_and_matches_the_split_kernel(monkeypatch, dtype):
+    """``solve_cell`` runs its forward on the cluster kernel where it fits (the adjoint on
+    the Triton kernel): h* and the gradients agree with the split kernel's."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-cell", dtype))
+    _, (w, frozen, gain, h0) = make_cell(256, 512, dtype, gen, device="cuda")
+    tol = TOL[dtype]
+    out = {}
+    for kernel in ("auto", "split"):
+        monkeypatch.setattr(persistent_split, "KERNEL", kernel)
+        params = [t.clone().requires_grad_() for t in (w, frozen, gain)]
+        h, info = deqkern.solve_cell(*params, h0, damping=DAMPING, eps=EPS, tol=tol, max_iter=40)
+        backend = deqkern.last_backend()
+        h.float().pow(2).sum().backward()
+        out[kernel] = (h, info["nstep"], [p.grad for p in params], backend)
+    assert out["auto"][3] == "triton-persistent" and out["split"][3] == "triton-persistent"  # the adjoint ran last
+    assert_same_steps(out["auto"][1], out["split"][1])
+    for got, expected in zip([out["auto"][0], *out["auto"][2]], [out["split"][0], *out["split"][2]]):
+        err = float((got.double() - expected.double()).norm() / expected.double().norm())
+        assert err <= 5 * tol, (got.shape, err)
+    monkeypatch.setattr(persistent_split, "KERNEL", "auto")
+    with torch.no_grad():
+        deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=tol)
+    assert deqkern.last_backend() == persistent_cluster.BACKEND
+
+
+@needs_cluster
+def test_what_it_does_not_take():
+    """Widths without a tile, mixed dtypes and unaligned rows go to the Triton kernels."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-no"))
+    _, (w, frozen, gain, h0) = make_cell(64, 96, torch.bfloat16, gen, device="cuda")
+    assert persistent_cluster.use_cluster(w, frozen, gain, h0)
+    _, odd = make_cell(64, 100, torch.bfloat16, gen, device="cuda")
+    assert not persistent_cluster.use_cluster(*odd)
+    assert not persistent_cluster.use_cluster(w, frozen.float(), gain, h0)
+    shifted = torch.empty(64 * 96 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(64, 96)
+    assert not persistent_cluster.use_cluster(w, frozen, gain, shifted.copy_(h0))
+
+
+def test_cpu_tensors_never_take_it(monkeypatch):
+    """CPU tensors never take the kernel; a malformed forced configuration is a ValueError naming the variable."""
+    _, cast = make_cell(8, 64, torch.float32, torch.Generator().manual_seed(0))
+    assert not persistent_cluster.use_cluster(*cast)
+    monkeypatch.setenv("DEQKERN_CLUSTER_CONFIG", "8;16")
+    with pytest.raises(ValueError, match="DEQKERN_CLUSTER_CONFIG must be 'C,BM'.*'8;16'"):
+        persistent_cluster.forced_config()
