@@ -42,10 +42,8 @@ int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t
   int clusters = 0;
   const cudaError_t err =
       cell_cluster_max_active(p, dtype_code(dtype), static_cast<int>(cluster), static_cast<int>(block_m), &clusters);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // a configuration the device cannot hold: none
-    return 0;
-  }
+  if (err != cudaSuccess) cudaGetLastError();  // clear it: the error is reported here
+  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.max_active: ", cudaGetErrorString(err));
   return clusters;
 }
 
@@ -60,6 +58,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The frozen-context cell's one-launch solve on Hopper thread-block clusters (sm_90)";
   m.def("solve", &solve, "One solve: h0, w, frozen, gain, h (out), buf (out), stride_f, cluster, block_m, eps, "
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
-  m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none)");
+  m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
   m.def("smem", &smem, "Shared memory per CTA (bytes) of a configuration; 0 if the kernel has no such tile");
 }

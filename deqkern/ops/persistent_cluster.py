@@ -84,7 +84,7 @@ def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: 
             c = d // block_n
             if d % block_n or not 1 <= c <= 16 or (forced is not None and forced != (c, block_m)):
                 continue
-            held = _ext.max_active(dtype, index, n_rows, d, c, block_m) if _ext.smem(dtype, d, c, block_m) else 0
+            held = _held(dtype, index, n_rows, d, c, block_m)
             if held == 0:
                 continue
             waves = cdiv(cdiv(n_rows, block_m), held)
@@ -92,6 +92,17 @@ def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: 
             if cost < best_cost:
                 best, best_cost = (c, block_m), cost
     return best
+
+
+def _held(dtype: torch.dtype, index: int, n_rows: int, d: int, c: int, block_m: int) -> int:
+    """Clusters of the shape the GPU holds at once (0: a tile the kernel lacks, or one the
+    GPU cannot launch, e.g. too much shared memory)."""
+    if not _ext.smem(dtype, d, c, block_m):
+        return 0
+    try:
+        return _ext.max_active(dtype, index, n_rows, d, c, block_m)
+    except RuntimeError:
+        return 0
 
 
 def use_cluster(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor) -> bool:
