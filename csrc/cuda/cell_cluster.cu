@@ -433,8 +433,13 @@ cudaError_t run(const CellClusterParams& p, int cluster, int blocks, cudaStream_
   cudaGetDevice(&device);
   if (!(configured >> (device & 63) & 1u)) {
     int optin = 0;
+    cudaFuncAttributes attributes;
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) return err;
+    // the opt-in limit covers static and dynamic shared memory together
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               optin - static_cast<int>(attributes.sharedSizeBytes));
     if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
     configured |= uint64_t{1} << (device & 63);
