@@ -12,15 +12,17 @@ from deqkern.ops import persistent, persistent_cluster, persistent_split
 from deqkern.solver.loop import check_vector, host_check
 from deqkern.solver.report import read_check
 from numerics import case_seed
-from test_ops_persistent import DAMPING, DTYPES, EPS, TOL, assert_rows_close, assert_same_steps, fixed_point64, make_cell
+from test_ops_persistent import DAMPING, EPS, TOL, assert_rows_close, assert_same_steps, fixed_point64, make_cell
 
 needs_cluster = pytest.mark.skipif(
     not (torch.cuda.is_available() and persistent_cluster.available(torch.device("cuda", 0))),
     reason="needs deqkern._cluster and an sm_90+ GPU")
 
+#: The dtypes the kernel takes (float32 stays on the Triton kernels).
+DTYPES = [torch.bfloat16, torch.float16]
 #: (rows, d, stop mode) and the cluster shapes (C, BM) the kernel has at that width: d / C
 #: in (32, 64, 128) columns per CTA; rows past the last full block; C not a power of two.
-CASES = [(21, 64, "rel"), (257, 96, "abs"), (300, 512, "max"), (40, 1024, "rel")]
+CASES = [(21, 64, "rel"), (257, 96, "abs"), (300, 512, "max"), (40, 256, "rel")]
 
 
 def shapes(d):
@@ -60,27 +62,27 @@ def test_forward_parity(monkeypatch, dtype, n_rows, d, stop_mode, shape):
 
 
 @needs_cluster
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_nonfinite_row_max_iter_and_broadcast_frozen():
     """A NaN row freezes at step 1 with a NaN residual, rows that cannot converge stop at
-    max_iter with the eager twin's iterates; a (d,) frozen vector broadcasts (stride 0)."""
+    max_iter with the eager twin's steps; a (d,) frozen vector broadcasts (stride 0)."""
     gen = torch.Generator().manual_seed(case_seed("cluster-nan"))
-    _, (w, frozen, gain, h0) = make_cell(37, 64, torch.float32, gen, device="cuda")
+    f64, (w, frozen, gain, h0) = make_cell(37, 64, torch.bfloat16, gen, device="cuda")
     frozen[4, 3] = float("nan")
     h, state, _, parts = persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
     h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
     assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
     others = torch.arange(37, device="cuda") != 4
     assert bool((state.nstep[others] == 6).all()) and torch.equal(state.nstep, state_e.nstep)
-    torch.testing.assert_close(h[others], h_e[others], rtol=1e-5, atol=1e-6)
+    assert bool((state.residual[others] >= 1e-7).all()) and bool(torch.isfinite(h[others]).all())
     check, iterations = read_check(parts)
     assert (check.unconverged, check.first_bad_iter, check.bad_rows) == (37, 1, 1) and iterations == 6
 
-    row = frozen[7].clone()
-    h, state, _, _ = persistent_cluster.solve_cluster(w, row, gain, h0, EPS, DAMPING, 40, 1e-5, "rel", False)
-    h_e, state_e, _, _ = persistent.solve_reference(w, row, gain, h0, EPS, DAMPING, 40, 1e-5, "rel", False)
-    assert bool((state.residual < 1e-5).all())
-    torch.testing.assert_close(h, h_e, rtol=1e-5, atol=1e-6)
+    w64, frozen64, gain64, h64 = f64
+    tol = TOL[torch.bfloat16]
+    h, state, _, _ = persistent_cluster.solve_cluster(w, frozen[7].clone(), gain, h0, EPS, DAMPING, 40, tol, "rel", False)
+    h_e, _, _, _ = persistent.solve_reference(w, frozen[7].clone(), gain, h0, EPS, DAMPING, 40, tol, "rel", False)
+    assert bool((state.residual < tol).all())
+    assert_rows_close(h, h_e, fixed_point64(w64, frozen64[7], gain64, h64), torch.bfloat16, "h_star")
 
 
 @needs_cluster
@@ -119,26 +121,23 @@ def test_solve_cell_takes_it_and_matches_the_split_kernel(monkeypatch, dtype):
         backend = deqkern.last_backend()
         h.float().pow(2).sum().backward()
         out[kernel] = (h, info["nstep"], [p.grad for p in params], backend)
-    assert out["auto"][3] == "triton-persistent" and out["split"][3] == "triton-persistent"  # the adjoint ran last
+    assert out["auto"][3] == persistent_cluster.BACKEND and out["split"][3] == "triton-persistent"
     assert_same_steps(out["auto"][1], out["split"][1])
     for got, expected in zip([out["auto"][0], *out["auto"][2]], [out["split"][0], *out["split"][2]]):
         err = float((got.double() - expected.double()).norm() / expected.double().norm())
         assert err <= 5 * tol, (got.shape, err)
-    monkeypatch.setattr(persistent_split, "KERNEL", "auto")
-    with torch.no_grad():
-        deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=tol)
-    assert deqkern.last_backend() == persistent_cluster.BACKEND
 
 
 @needs_cluster
 def test_what_it_does_not_take():
-    """Widths without a tile, mixed dtypes and unaligned rows go to the Triton kernels."""
+    """float32, widths without a tile, mixed dtypes and unaligned rows go to the Triton kernels."""
     gen = torch.Generator().manual_seed(case_seed("cluster-no"))
     _, (w, frozen, gain, h0) = make_cell(64, 96, torch.bfloat16, gen, device="cuda")
     assert persistent_cluster.use_cluster(w, frozen, gain, h0)
     _, odd = make_cell(64, 100, torch.bfloat16, gen, device="cuda")
     assert not persistent_cluster.use_cluster(*odd)
     assert not persistent_cluster.use_cluster(w, frozen.float(), gain, h0)
+    assert not persistent_cluster.use_cluster(w.float(), frozen.float(), gain.float(), h0.float())
     shifted = torch.empty(64 * 96 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(64, 96)
     assert not persistent_cluster.use_cluster(w, frozen, gain, shifted.copy_(h0))
 

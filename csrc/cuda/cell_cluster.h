@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-enum CellDtype { kCellFloat32 = 0, kCellBFloat16 = 1, kCellFloat16 = 2 };
+enum CellDtype { kCellBFloat16 = 1, kCellFloat16 = 2 };
 
 struct CellClusterParams {
   const void* h0;    // (R, d) rows, row stride stride_h0, 16-byte aligned rows
@@ -23,7 +23,7 @@ struct CellClusterParams {
 };
 
 // Shared memory one CTA needs (bytes); 0 if the tile is not one the kernel has
-// (d / cluster must be 32, 64 or 128; block_m 16 or 32).
+// (bfloat16 or float16; d / cluster must be 32, 64 or 128; block_m 16 or 32).
 size_t cell_cluster_smem(int dtype, int d, int cluster, int block_m);
 // The solve on `stream`: cdiv(n_rows, block_m) clusters of `cluster` CTAs.
 cudaError_t cell_cluster_launch(const CellClusterParams& p, int dtype, int cluster, int block_m, cudaStream_t stream);

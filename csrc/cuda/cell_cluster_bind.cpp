@@ -11,10 +11,9 @@ namespace {
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kCellFloat32;
     case at::kBFloat16: return kCellBFloat16;
     case at::kHalf: return kCellFloat16;
-    default: TORCH_CHECK(false, "deqkern._cluster: float32, bfloat16 or float16 expected, got ", t);
+    default: TORCH_CHECK(false, "deqkern._cluster: bfloat16 or float16 expected, got ", t);
   }
   return -1;
 }

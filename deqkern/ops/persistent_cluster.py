@@ -10,11 +10,13 @@ exchange the iterate and the per-row partial sums through distributed shared mem
 the hardware cluster barrier between. An iteration reads nothing from global memory.
 
 Same arguments, outputs, stop rule and bookkeeping as :func:`persistent_split.solve_split`
-(the float32 buffer has the same layout; ``check`` has one row per cluster). Float32
-storage multiplies with three TF32 products (about float32's accuracy) on the tensor
-cores. The tiles the kernel has: ``d / C`` in (32, 64, 128) columns per CTA, ``C <= 16``,
-``BM`` 16 or 32 rows; h0, W, frozen and gain of one dtype; h0's and W's rows 16-byte
-aligned. Anything else takes the Triton kernels (:func:`use_cluster` decides).
+(the float32 buffer has the same layout; ``check`` has one row per cluster). What the
+kernel takes: bfloat16 or float16 (h0, W, frozen and gain of one dtype), ``d / C`` in (32,
+64, 128) columns per CTA with ``C <= 16``, ``BM`` 16 or 32 rows, and shared memory for W's
+slice, the iterate rows and two z buffers (``2 * BM * d`` float32): ``d`` up to about 600.
+h0's and W's rows 16-byte aligned. Anything else takes the Triton kernels
+(:func:`use_cluster` decides). Float32 stays on Triton: the tensor cores would multiply
+in TF32 (or three TF32 products, which measured no faster than the split kernel).
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ __all__ = ["BACKEND", "available", "cluster_config", "forced_config", "use_clust
 
 #: What :func:`deqkern.last_backend` reports after this kernel ran.
 BACKEND = "cuda-cluster"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.bfloat16, torch.float16)
 #: Cost model of one iteration of a cluster (seconds), used only to rank configurations:
-#: a fixed part (two cluster barriers, the distributed-shared-memory round trips) and the
-#: CTA's product at an assumed tensor-core rate (float32: three TF32 products).
+#: a fixed part (the cluster barrier, the exchange), the CTA's product at an assumed
+#: tensor-core rate, and the row phase (every CTA works through the block's whole rows).
 _FIXED_SECONDS = 1.5e-6
-_FLOPS_PER_SM = {2: 3e12, 4: 0.75e12}
+_FLOPS_PER_SM = 3e12
+_ROW_SECONDS_PER_ELEMENT = 0.5e-9
 
 
 def available(device: torch.device) -> bool:
@@ -88,7 +91,8 @@ def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: 
             if held == 0:
                 continue
             waves = cdiv(cdiv(n_rows, block_m), held)
-            cost = waves * (_FIXED_SECONDS + 2.0 * block_m * block_n * d / _FLOPS_PER_SM[min(dtype.itemsize, 4)])
+            cost = waves * (_FIXED_SECONDS + 2.0 * block_m * block_n * d / _FLOPS_PER_SM
+                            + block_m * d * _ROW_SECONDS_PER_ELEMENT)
             if cost < best_cost:
                 best, best_cost = (c, block_m), cost
     return best
