@@ -61,16 +61,29 @@ __device__ __forceinline__ T from_f(float x) {
 template <typename T>
 __device__ __forceinline__ void warp_product(const T* a, const T* b, int ld, int k_lo, int k_hi, float* out,
                                              int ldo) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
-  for (int k = k_lo; k < k_hi; k += 16) {
-    wmma::load_matrix_sync(af, a + k, ld);
-    wmma::load_matrix_sync(bf, b + k, ld);
-    wmma::mma_sync(acc, af, bf, acc);
+  // two accumulators over alternate K steps: half the dependent MMA chain
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a0, a1;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b0, b1;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+  wmma::fill_fragment(acc0, 0.0f);
+  wmma::fill_fragment(acc1, 0.0f);
+  int k = k_lo;
+  for (; k + 16 < k_hi; k += 32) {
+    wmma::load_matrix_sync(a0, a + k, ld);
+    wmma::load_matrix_sync(b0, b + k, ld);
+    wmma::load_matrix_sync(a1, a + k + 16, ld);
+    wmma::load_matrix_sync(b1, b + k + 16, ld);
+    wmma::mma_sync(acc0, a0, b0, acc0);
+    wmma::mma_sync(acc1, a1, b1, acc1);
   }
-  wmma::store_matrix_sync(out, acc, ldo, wmma::mem_row_major);
+  if (k < k_hi) {
+    wmma::load_matrix_sync(a0, a + k, ld);
+    wmma::load_matrix_sync(b0, b + k, ld);
+    wmma::mma_sync(acc0, a0, b0, acc0);
+  }
+#pragma unroll
+  for (int i = 0; i < acc0.num_elements; ++i) acc0.x[i] += acc1.x[i];
+  wmma::store_matrix_sync(out, acc0, ldo, wmma::mem_row_major);
 }
 
 // Reductions over a row's TPR adjacent lanes (mask: those lanes).
@@ -106,13 +119,24 @@ __device__ __forceinline__ float residual_of(float md, float sd, float bd, float
   return bad > 0.0f ? __int_as_float(0x7fc00000) : res;
 }
 
-// The next iterate's element c of a row: (1 - damping) h + damping * z * rstd * gain.
+// Four consecutive elements c.. of a row: z (+ frozen), the iterate (storage dtype) and gain.
 template <typename T>
-__device__ __forceinline__ float next_of(const float* zr, const T* hr, const float* gs, int c, float rstd,
-                                         float damping, float& h) {
-  h = to_f(hr[c]);
-  return (1.0f - damping) * h + damping * (zr[c] * rstd * gs[c]);
-}
+struct Quad {
+  float z[4], h[4], g[4];
+  __device__ __forceinline__ void load(const float* zr, const T* hr, const float* gs, int c) {
+    const float4 zv = *reinterpret_cast<const float4*>(zr + c), gv = *reinterpret_cast<const float4*>(gs + c);
+    const uint2 hv = *reinterpret_cast<const uint2*>(hr + c);
+    const T* hp = reinterpret_cast<const T*>(&hv);
+    z[0] = zv.x; z[1] = zv.y; z[2] = zv.z; z[3] = zv.w;
+    g[0] = gv.x; g[1] = gv.y; g[2] = gv.z; g[3] = gv.w;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = to_f(hp[j]);
+  }
+  // the next iterate: (1 - damping) h + damping * z * rstd * gain
+  __device__ __forceinline__ float next(int j, float rstd, float damping) const {
+    return (1.0f - damping) * h[j] + damping * (z[j] * rstd * g[j]);
+  }
+};
 
 // row_residual_tl's overflow-safe parts of a row's step and next iterate (max magnitude m,
 // sum((x/m)^2), non-finite flag), for the rare row whose plain sums of squares overflow,
@@ -121,13 +145,17 @@ template <typename T, int TPR>
 __device__ float scaled_residual(const float* zr, const T* hr, const float* gs, int d, int sub, float rstd,
                                  const CellClusterParams& p, unsigned mask) {
   float md = 0.0f, mh = 0.0f, bd = 0.0f, bh = 0.0f;
-  for (int c = sub; c < d; c += TPR) {
-    float h;
-    const float hn = next_of(zr, hr, gs, c, rstd, p.damping, h), step = hn - h;
-    md = fmaxf(md, fabsf(step));
-    mh = fmaxf(mh, fabsf(hn));
-    bd = fabsf(step) <= kFltMax ? bd : 1.0f;
-    bh = fabsf(hn) <= kFltMax ? bh : 1.0f;
+  Quad<T> q;
+  for (int c = 4 * sub; c < d; c += 4 * TPR) {
+    q.load(zr, hr, gs, c);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float hn = q.next(j, rstd, p.damping), step = hn - q.h[j];
+      md = fmaxf(md, fabsf(step));
+      mh = fmaxf(mh, fabsf(hn));
+      bd = fabsf(step) <= kFltMax ? bd : 1.0f;
+      bh = fabsf(hn) <= kFltMax ? bh : 1.0f;
+    }
   }
   md = group_max<TPR>(md, mask);
   mh = group_max<TPR>(mh, mask);
@@ -135,11 +163,14 @@ __device__ float scaled_residual(const float* zr, const T* hr, const float* gs, 
   bh = group_max<TPR>(bh, mask);
   const float safe_d = md > 0.0f ? md : 1.0f, safe_h = mh > 0.0f ? mh : 1.0f;
   float sd = 0.0f, sh = 0.0f;
-  for (int c = sub; c < d; c += TPR) {
-    float h;
-    const float hn = next_of(zr, hr, gs, c, rstd, p.damping, h), qd = (hn - h) / safe_d, qh = hn / safe_h;
-    sd += qd * qd;
-    sh += qh * qh;
+  for (int c = 4 * sub; c < d; c += 4 * TPR) {
+    q.load(zr, hr, gs, c);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float hn = q.next(j, rstd, p.damping), qd = (hn - q.h[j]) / safe_d, qh = hn / safe_h;
+      sd += qd * qd;
+      sh += qh * qh;
+    }
   }
   sd = group_sum<TPR>(sd, mask);
   sh = group_sum<TPR>(sh, mask);
@@ -258,17 +289,24 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     const float* zr = zb + r * d;
     T* hr = hs + r * ld;
     float ss = 0.0f;
-    for (int c = sub; c < d; c += TPR) ss += zr[c] * zr[c];
+    for (int c = 4 * sub; c < d; c += 4 * TPR) {
+      const float4 zv = *reinterpret_cast<const float4*>(zr + c);
+      ss += zv.x * zv.x + zv.y * zv.y + zv.z * zv.z + zv.w * zv.w;
+    }
     const float rstd = rsqrtf(group_sum<TPR>(ss, mask) / static_cast<float>(d) + p.eps);
     rstd_last = rstd;
     const bool active = ok && res_old >= p.tol && res_old <= kFltMax && k < p.max_iter;
     float sd = 0.0f, sh = 0.0f, md = 0.0f;
-    for (int c = sub; c < d; c += TPR) {
-      float h;
-      const float hn = next_of(zr, hr, gs, c, rstd, p.damping, h), step = hn - h;
-      sd += step * step;
-      sh += hn * hn;
-      md = fmaxf(md, fabsf(step));
+    Quad<T> q;
+    for (int c = 4 * sub; c < d; c += 4 * TPR) {
+      q.load(zr, hr, gs, c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float hn = q.next(j, rstd, p.damping), step = hn - q.h[j];
+        sd += step * step;
+        sh += hn * hn;
+        md = fmaxf(md, fabsf(step));
+      }
     }
     sd = group_sum<TPR>(sd, mask);
     sh = group_sum<TPR>(sh, mask);
@@ -284,9 +322,12 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       res = scaled_residual<T, TPR>(zr, hr, gs, d, sub, rstd, p, mask);
     }
     if (active) {
-      for (int c = sub; c < d; c += TPR) {
-        float h;
-        hr[c] = from_f<T>(next_of(zr, hr, gs, c, rstd, p.damping, h));
+      for (int c = 4 * sub; c < d; c += 4 * TPR) {
+        q.load(zr, hr, gs, c);
+        T out[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[j] = from_f<T>(q.next(j, rstd, p.damping));
+        *reinterpret_cast<uint2*>(hr + c) = *reinterpret_cast<const uint2*>(out);
       }
       prev = res_old;
       lowest = res < lowest ? res : lowest;

@@ -22,6 +22,7 @@ in TF32 (or three TF32 products, which measured no faster than the split kernel)
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -43,13 +44,15 @@ __all__ = ["BACKEND", "available", "cluster_config", "forced_config", "use_clust
 #: What :func:`deqkern.last_backend` reports after this kernel ran.
 BACKEND = "cuda-cluster"
 _DTYPES = (torch.bfloat16, torch.float16)
-#: Cost model of one iteration of a cluster (seconds), used only to rank configurations:
-#: a fixed part (the cluster barrier, the exchange), the CTA's product at an assumed
-#: tensor-core rate, and the row phase (every CTA works through the block's whole rows).
-_FIXED_SECONDS = 1.5e-6
-_FLOPS_PER_SM = 3e12
-_ROW_SECONDS_PER_ELEMENT = 0.5e-9
-
+#: How the cluster shape is chosen, from device time per iteration on an H200
+#: (bench/probe_split.py, bf16, BM 16; commit 16d3e89 and its successor):
+#:   d=512: C=4 5.7 us, C=8 9.1, C=16 12.9 (BM 32: about twice BM 16's)
+#:   d=256: C=2 3.8 us, C=4 3.2, C=8 3.9
+#: the exchange and barrier grow with C and the product with d / C: C near 4 and 16-row
+#: blocks were best at both widths. A second wave of clusters doubles the time, and
+#: already at 1024x512 (64 clusters) the split kernel was faster (12.2 against 19.9 us per
+#: iteration): the kernel is taken only where all clusters are resident at once.
+_PREFERRED_C = 4
 
 def available(device: torch.device) -> bool:
     """Whether the extension is built and ``device`` is a CUDA GPU of compute capability 9.0 or later."""
@@ -75,26 +78,25 @@ def forced_config() -> Optional[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=1024)
 def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: Optional[tuple] = None) -> Optional[tuple]:
-    """``(C, BM)`` for ``n_rows`` rows of width ``d`` on GPU ``index``, or None where no tile
-    of the kernel fits: every ``C`` with ``d / C`` in (32, 64, 128) and ``BM`` in (16, 32)
-    that the device holds, ranked by the cost model above times the waves of clusters
-    (``cdiv(n_rows / BM, clusters held at once)``). ``forced``: that configuration if it fits."""
+    """``(C, BM)`` for ``n_rows`` rows of width ``d`` on GPU ``index``, or None where the
+    kernel should not run: of every ``C`` with ``d / C`` in (32, 64, 128) and ``BM`` in (16,
+    32) whose ``cdiv(n_rows, BM)`` clusters the GPU holds at once, the ``C`` nearest 4, then
+    ``BM`` 16 (the measurements above). ``forced``: that configuration wherever the GPU
+    can launch it (one wave or more; benchmarks and tests)."""
     if _ext is None or dtype not in _DTYPES or n_rows == 0:
         return None
-    best, best_cost = None, float("inf")
+    best, best_key = None, None
     for block_m in (16, 32):
         for block_n in (32, 64, 128):
             c = d // block_n
             if d % block_n or not 1 <= c <= 16 or (forced is not None and forced != (c, block_m)):
                 continue
             held = _held(dtype, index, n_rows, d, c, block_m)
-            if held == 0:
+            if held == 0 or (forced is None and cdiv(n_rows, block_m) > held):
                 continue
-            waves = cdiv(cdiv(n_rows, block_m), held)
-            cost = waves * (_FIXED_SECONDS + 2.0 * block_m * block_n * d / _FLOPS_PER_SM
-                            + block_m * d * _ROW_SECONDS_PER_ELEMENT)
-            if cost < best_cost:
-                best, best_cost = (c, block_m), cost
+            key = (abs(math.log2(c / _PREFERRED_C)), block_m)
+            if best_key is None or key < best_key:
+                best, best_key = (c, block_m), key
     return best
 
 
