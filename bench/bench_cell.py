@@ -213,6 +213,23 @@ class Persistent:
         cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = self.saved
 
 
+def pinned(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` under the kernel choice in force now (a :class:`Persistent` block or none):
+    variants are timed after every variant is checked, outside their blocks, so each call
+    puts the choice back (three attribute writes) and restores the one it found."""
+    choice = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
+
+    def call():
+        saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
+        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = choice
+        try:
+            return fn()
+        finally:
+            cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = saved
+
+    return call
+
+
 def kernel_note(p: "Problem") -> str:
     """Which one-launch kernel the size takes, with the cluster shape or split tile."""
     n, d = p.h0.shape
@@ -250,7 +267,7 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     def record(phase: str, variant: str, status: str, fn: Optional[Callable], iterations=None, note: str = ""):
         row = {**base, "phase": phase, "variant": variant, "check": status, "iterations": iterations, "note": note}
         if status == "ok" and fn is not None and (on_gpu or variant in CPU_TIMED):
-            timed[len(rows)] = fn
+            timed[len(rows)] = pinned(fn)
         elif status == "ok":
             row["note"] = (note + "; " if note else "") + "checked, not timed (CPU)"
         rows.append(row)
