@@ -233,9 +233,9 @@ def pinned(fn: Callable[[], object]) -> Callable[[], object]:
 def kernel_note(p: "Problem") -> str:
     """Which one-launch kernel the size takes, with the cluster shape or split tile."""
     n, d = p.h0.shape
-    if persistent_split.KERNEL in ("auto", "cluster") and persistent_cluster.use_cluster(p.w, p.frozen, p.gain, p.h0):
-        c, bm = persistent_cluster.cluster_config(n, d, p.dtype, p.h0.device.index or 0)
-        return f"cluster kernel, {c} CTAs x {bm} rows"
+    config = persistent_cluster.cluster_for(p.w, p.frozen, p.gain, p.h0)
+    if config is not None:
+        return f"cluster kernel, {config[0]} CTAs x {config[1]} rows"
     if not persistent_split.use_split(n, d, p.h0):
         return "block kernel"
     c = persistent_split.config_of(n, d, p.h0)
@@ -319,7 +319,7 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
     with Persistent():
         forward("cell", lambda: p.solve_cell(on_nonconvergence="ignore"))
         forward("cell-warn", lambda: p.solve_cell())
-    if persistent_cluster.use_cluster(p.w, p.frozen, p.gain, p.h0):
+    if persistent_cluster.cluster_for(p.w, p.frozen, p.gain, p.h0) is not None:
         with Persistent("split"):
             forward("cell-split", lambda: p.solve_cell(on_nonconvergence="ignore"))
     split = persistent_split.use_split(n, d, p.h0)

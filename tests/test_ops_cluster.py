@@ -45,8 +45,8 @@ def test_forward_parity(monkeypatch, dtype, n_rows, d, stop_mode, shape):
     f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
     force(monkeypatch, n_rows, d, dtype, shape)
     tol = TOL[dtype] * (d**0.5 if stop_mode == "abs" else 1.0)  # an absolute residual grows with ||h|| ~ sqrt(d)
-    assert persistent_cluster.use_cluster(*cast)
-    h, state, rstd, parts = persistent_cluster.solve_cluster(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
+    assert persistent_cluster.cluster_for(*cast) == shape
+    h, state, rstd, parts = persistent_cluster.solve_cluster(*cast, EPS, DAMPING, 40, tol, stop_mode, True, shape)
     h_e, state_e, rstd_e, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, stop_mode, True)
     assert h.dtype == dtype and h.shape == (n_rows, d)
     assert bool((state.residual < tol).all())
@@ -68,7 +68,9 @@ def test_nonfinite_row_max_iter_and_broadcast_frozen():
     gen = torch.Generator().manual_seed(case_seed("cluster-nan"))
     f64, (w, frozen, gain, h0) = make_cell(37, 64, torch.bfloat16, gen, device="cuda")
     frozen[4, 3] = float("nan")
-    h, state, _, parts = persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
+    config = persistent_cluster.cluster_for(w, frozen, gain, h0)
+    h, state, _, parts = persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False,
+                                                          config)
     h_e, state_e, _, _ = persistent.solve_reference(w, frozen, gain, h0, EPS, DAMPING, 6, 1e-7, "rel", False)
     assert state.nstep[4] == 1 and torch.isnan(state.residual[4]) and torch.isnan(h[4]).all()
     others = torch.arange(37, device="cuda") != 4
@@ -79,7 +81,8 @@ def test_nonfinite_row_max_iter_and_broadcast_frozen():
 
     w64, frozen64, gain64, h64 = f64
     tol = TOL[torch.bfloat16]
-    h, state, _, _ = persistent_cluster.solve_cluster(w, frozen[7].clone(), gain, h0, EPS, DAMPING, 40, tol, "rel", False)
+    h, state, _, _ = persistent_cluster.solve_cluster(w, frozen[7].clone(), gain, h0, EPS, DAMPING, 40, tol, "rel",
+                                                      False, config)
     h_e, _, _, _ = persistent.solve_reference(w, frozen[7].clone(), gain, h0, EPS, DAMPING, 40, tol, "rel", False)
     assert bool((state.residual < tol).all())
     assert_rows_close(h, h_e, fixed_point64(w64, frozen64[7], gain64, h64), torch.bfloat16, "h_star")
@@ -90,7 +93,7 @@ def test_captured_in_a_cuda_graph():
     """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
     gen = torch.Generator().manual_seed(case_seed("cluster-graph"))
     _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
-    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
+    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True, persistent_cluster.cluster_for(*cast))
     h_ref, state_ref, _, _ = persistent_cluster.solve_cluster(*args)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -129,23 +132,26 @@ def test_solve_cell_takes_it_and_matches_the_split_kernel(monkeypatch, dtype):
 
 
 @needs_cluster
-def test_what_it_does_not_take():
-    """float32, widths without a tile, mixed dtypes and unaligned rows go to the Triton kernels."""
+def test_what_it_does_not_take(monkeypatch):
+    """float32, widths without a tile, mixed dtypes, unaligned rows and the Triton kernels
+    asked for by name go to the Triton kernels."""
     gen = torch.Generator().manual_seed(case_seed("cluster-no"))
     _, (w, frozen, gain, h0) = make_cell(64, 96, torch.bfloat16, gen, device="cuda")
-    assert persistent_cluster.use_cluster(w, frozen, gain, h0)
+    assert persistent_cluster.cluster_for(w, frozen, gain, h0) == (3, 16)
     _, odd = make_cell(64, 100, torch.bfloat16, gen, device="cuda")
-    assert not persistent_cluster.use_cluster(*odd)
-    assert not persistent_cluster.use_cluster(w, frozen.float(), gain, h0)
-    assert not persistent_cluster.use_cluster(w.float(), frozen.float(), gain.float(), h0.float())
+    assert persistent_cluster.cluster_for(*odd) is None
+    assert persistent_cluster.cluster_for(w, frozen.float(), gain, h0) is None
+    assert persistent_cluster.cluster_for(w.float(), frozen.float(), gain.float(), h0.float()) is None
     shifted = torch.empty(64 * 96 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(64, 96)
-    assert not persistent_cluster.use_cluster(w, frozen, gain, shifted.copy_(h0))
+    assert persistent_cluster.cluster_for(w, frozen, gain, shifted.copy_(h0)) is None
+    monkeypatch.setattr(persistent_split, "KERNEL", "split")
+    assert persistent_cluster.cluster_for(w, frozen, gain, h0) is None
 
 
 def test_cpu_tensors_never_take_it(monkeypatch):
     """CPU tensors never take the kernel; a malformed forced configuration is a ValueError naming the variable."""
     _, cast = make_cell(8, 64, torch.float32, torch.Generator().manual_seed(0))
-    assert not persistent_cluster.use_cluster(*cast)
+    assert persistent_cluster.cluster_for(*cast) is None
     monkeypatch.setenv("DEQKERN_CLUSTER_CONFIG", "8;16")
     with pytest.raises(ValueError, match="DEQKERN_CLUSTER_CONFIG must be 'C,BM'.*'8;16'"):
         persistent_cluster.forced_config()

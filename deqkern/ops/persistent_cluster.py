@@ -15,7 +15,7 @@ kernel takes: bfloat16 or float16 (h0, W, frozen and gain of one dtype), ``d / C
 64, 128) columns per CTA with ``C <= 16``, ``BM`` 16 or 32 rows, and shared memory for W's
 slice, the iterate rows and two z buffers (``2 * BM * d`` float32): ``d`` up to about 600.
 h0's and W's rows 16-byte aligned. Anything else takes the Triton kernels
-(:func:`use_cluster` decides). Float32 stays on Triton: the tensor cores would multiply
+(:func:`cluster_for` decides). Float32 stays on Triton: the tensor cores would multiply
 in TF32 (or three TF32 products, which measured no faster than the split kernel).
 """
 
@@ -36,10 +36,10 @@ from deqkern.ops.residual import REL_EPS
 
 try:
     from deqkern import _cluster as _ext
-except ImportError:  # a CPU build of torch, no nvcc, or DEQKERN_NO_CUDA_EXT=1 (setup.py)
+except (ImportError, OSError):  # a CPU build of torch, no nvcc, DEQKERN_NO_CUDA_EXT=1 (setup.py), another torch
     _ext = None
 
-__all__ = ["BACKEND", "available", "cluster_config", "forced_config", "use_cluster", "solve_cluster"]
+__all__ = ["BACKEND", "available", "cluster_config", "forced_config", "cluster_for", "solve_cluster"]
 
 #: What :func:`deqkern.last_backend` reports after this kernel ran.
 BACKEND = "cuda-cluster"
@@ -55,8 +55,9 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _PREFERRED_C = 4
 
 def available(device: torch.device) -> bool:
-    """Whether the extension is built and ``device`` is a CUDA GPU of compute capability 9.0 or later."""
-    return _ext is not None and device.type == "cuda" and _capability(device.index or 0) >= 9
+    """Whether the extension is built and ``device`` is a CUDA GPU of compute capability 9.x
+    (the build's only target: sm_90 machine code, no PTX for later GPUs to compile)."""
+    return _ext is not None and device.type == "cuda" and _capability(device.index or 0) == 9
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,8 +66,14 @@ def _capability(index: int) -> int:
 
 
 def forced_config() -> Optional[tuple[int, int]]:
-    """``DEQKERN_CLUSTER_CONFIG="C,BM"`` (benchmarks and tests), or None."""
-    value = os.environ.get("DEQKERN_CLUSTER_CONFIG", "").strip()
+    """``DEQKERN_CLUSTER_CONFIG="C,BM"`` (benchmarks and tests), or None. Read every call
+    (tests set it per case); parsed once per value."""
+    return _parse_forced(os.environ.get("DEQKERN_CLUSTER_CONFIG", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_forced(value: str) -> Optional[tuple[int, int]]:
+    value = value.strip()
     if not value:
         return None
     try:
@@ -111,22 +118,18 @@ def _held(dtype: torch.dtype, index: int, n_rows: int, d: int, c: int, block_m: 
         return 0
 
 
-def use_cluster(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor) -> bool:
-    """Whether :func:`solve_cluster` takes this solve (``DEQKERN_PERSISTENT_KERNEL`` "auto"
-    or "cluster", the extension on an sm_90+ GPU, one dtype, a tile that fits, aligned rows)."""
-    if persistent_split.KERNEL not in ("auto", "cluster") or not available(h0.device):
-        return False
+def cluster_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor) -> Optional[tuple]:
+    """The ``(C, BM)`` :func:`solve_cluster` would use for this solve, or None where it does
+    not take it: ``DEQKERN_PERSISTENT_KERNEL`` other than "auto" / "cluster", no extension or
+    not an sm_90 GPU, mixed or 32-bit dtypes, no resident tile (:func:`cluster_config`), or
+    rows not 16-byte aligned. Metadata only."""
     dtype = h0.dtype
-    if weight.dtype != dtype or frozen.dtype != dtype or gain.dtype != dtype:
-        return False
+    if (persistent_split.KERNEL not in ("auto", "cluster") or weight.dtype != dtype or frozen.dtype != dtype
+            or gain.dtype != dtype or not available(h0.device)):
+        return None
     d = h0.shape[-1]
-    if _config(h0.numel() // d, d, dtype, h0.device.index or 0) is None:
-        return False
-    return _aligned(weight) and _aligned(h0)
-
-
-def _config(n_rows: int, d: int, dtype: torch.dtype, index: int) -> Optional[tuple]:
-    return cluster_config(n_rows, d, dtype, index, forced_config())
+    config = cluster_config(h0.numel() // d, d, dtype, h0.device.index or 0, forced_config())
+    return config if config is not None and _aligned(weight) and _aligned(h0) else None
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -137,17 +140,17 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def solve_cluster(
     weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor, eps: float,
-    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool, config: Optional[tuple] = None,
+    damping: float, max_iter: int, tol: float, stop_mode: str, with_rstd: bool, config: tuple,
 ) -> Solved:
     """:func:`deqkern.ops.persistent.solve_triton` by the cluster kernel (same arguments and
-    outputs; ``check`` has one row per cluster). Only where :func:`use_cluster` says so.
-    ``config``: ``(C, BM)`` from :func:`cluster_config` (benchmarks), else its own choice."""
+    outputs; ``check`` has one row per cluster), with the ``config`` :func:`cluster_for`
+    returned for it (or :func:`cluster_config`'s, forced: benchmarks and tests)."""
     d = weight.shape[0]
     h_in = rows(h0, d)
     f, stride_f = frozen_rows(frozen, d)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     n_rows = h_in.shape[0]
-    c, block_m = config or _config(n_rows, d, h0.dtype, h0.device.index or 0)
+    c, block_m = config
     blocks = cdiv(n_rows, block_m)
     h = torch.empty(h0.shape, dtype=h0.dtype, device=h0.device)
     buf = torch.empty(5 * n_rows + 5 * blocks, dtype=torch.float32, device=h0.device)

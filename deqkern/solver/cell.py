@@ -2,8 +2,9 @@
 
 ``h = (1 - damping) * h + damping * gain * RMSNorm(h @ weight.T + frozen)``, row by row.
 Small problems run the whole solve in one persistent kernel (:mod:`deqkern.ops.persistent`:
-one launch forward, one for the adjoint, no host sync inside either); large ones the GEMM +
-fused-update loop of :func:`deqkern.solve_fused` (:func:`use_persistent` decides).
+one launch forward, one for the adjoint, no host sync inside either; the forward on Hopper
+thread-block clusters where :mod:`deqkern.ops.persistent_cluster` takes it); large ones the
+GEMM + fused-update loop of :func:`deqkern.solve_fused` (:func:`use_persistent` decides).
 
 Gradients. ``"ift"``: the persistent adjoint solve gives ``g`` and ``dz = VJP_z(g)`` at
 ``h*``; then ``d_frozen = dz``, ``d_weight = dz.T @ h*``, ``d_gain = damping * sum g * n``
@@ -164,9 +165,10 @@ def _run_solve(weight, frozen, gain, h0, s: _Settings, with_rstd: bool = False) 
         _backend.record("eager")
         with torch.no_grad():
             return persistent.solve_reference(*args)
-    if persistent_cluster.use_cluster(weight, frozen, gain, h0):
+    config = persistent_cluster.cluster_for(weight, frozen, gain, h0)
+    if config is not None:
         _backend.record(persistent_cluster.BACKEND)
-        return persistent_cluster.solve_cluster(*args)  # its launch handles a device that is not the current one
+        return persistent_cluster.solve_cluster(*args, config)  # its launch handles a device that is not the current one
     _backend.record(BACKEND)  # the kernels record no autograd graph
     if persistent_split.use_split(h0.numel() // h0.shape[-1], h0.shape[-1], h0):
         return persistent_split.solve_split(*args)  # its launch handles a device that is not the current one
@@ -393,7 +395,9 @@ def solve_cell(
         ValueError / TypeError for bad arguments, as :func:`deqkern.solve`.
 
     :func:`deqkern.last_backend` reports ``"triton-persistent"`` when the persistent
-    kernel ran (``"eager"`` for its torch twin: float64, or no Triton).
+    kernel ran, ``"cuda-cluster"`` when the forward ran on the cluster kernel (bf16/fp16 on
+    an sm_90 GPU, a few hundred rows, ``d`` up to about 600), ``"eager"`` for the torch twin
+    (float64, or no Triton).
     """
     if isinstance(weight, torch.Tensor) and isinstance(h0, torch.Tensor):
         weight, h0 = _autocast(weight, h0)
