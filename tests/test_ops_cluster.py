@@ -12,7 +12,8 @@ from deqkern.ops import persistent, persistent_cluster, persistent_split
 from deqkern.solver.loop import check_vector, host_check
 from deqkern.solver.report import read_check
 from numerics import case_seed
-from test_ops_persistent import DAMPING, EPS, TOL, assert_rows_close, assert_same_steps, fixed_point64, make_cell
+from test_ops_persistent import (DAMPING, EPS, TOL, assert_graph_replays, assert_rows_close, assert_same_steps,
+                                 fixed_point64, make_cell)
 
 needs_cluster = pytest.mark.skipif(
     not (torch.cuda.is_available() and persistent_cluster.available(torch.device("cuda", 0))),
@@ -93,19 +94,8 @@ def test_captured_in_a_cuda_graph():
     """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
     gen = torch.Generator().manual_seed(case_seed("cluster-graph"))
     _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
-    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True, persistent_cluster.cluster_for(*cast))
-    h_ref, state_ref, _, _ = persistent_cluster.solve_cluster(*args)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        persistent_cluster.solve_cluster(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        h, state, _, _ = persistent_cluster.solve_cluster(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)
+    assert_graph_replays(persistent_cluster.solve_cluster,
+                         (*cast, EPS, DAMPING, 20, 2e-2, "rel", True, persistent_cluster.cluster_for(*cast)))
 
 
 @needs_cluster

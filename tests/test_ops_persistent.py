@@ -262,16 +262,21 @@ def test_captured_in_a_cuda_graph(kernel):
     """No host sync inside the launch: it records in a CUDA graph and replays to the same result."""
     gen = torch.Generator().manual_seed(case_seed("graph"))
     _, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
-    args = (*cast, EPS, DAMPING, 20, 2e-2, "rel", True)
-    h_ref, state_ref, _, _ = kernel.solve(*args)
+    assert_graph_replays(kernel.solve, (*cast, EPS, DAMPING, 20, 2e-2, "rel", True))
+
+
+def assert_graph_replays(solve, args):
+    """``solve(*args)`` records in a CUDA graph (after a side-stream warm-up) and its replay
+    gives the eager call's h* and steps."""
+    h_ref, state_ref, _, _ = solve(*args)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        kernel.solve(*args)
+        solve(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        h, state, _, _ = kernel.solve(*args)
+        h, state, _, _ = solve(*args)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(h, h_ref) and torch.equal(state.nstep, state_ref.nstep)

@@ -138,6 +138,22 @@ struct Quad {
   }
 };
 
+// f(step, next) for each of this thread's elements of a row (columns 4 sub.., in fours):
+// step = h_next - h, next = h_next.
+template <typename T, int TPR, typename F>
+__device__ __forceinline__ void for_each_step(const float* zr, const T* hr, const float* gs, int d, int sub,
+                                              float rstd, float damping, F&& f) {
+  Quad<T> q;
+  for (int c = 4 * sub; c < d; c += 4 * TPR) {
+    q.load(zr, hr, gs, c);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float hn = q.next(j, rstd, damping);
+      f(hn - q.h[j], hn);
+    }
+  }
+}
+
 // row_residual_tl's overflow-safe parts of a row's step and next iterate (max magnitude m,
 // sum((x/m)^2), non-finite flag), for the rare row whose plain sums of squares overflow,
 // underflow or are not finite.
@@ -145,33 +161,23 @@ template <typename T, int TPR>
 __device__ float scaled_residual(const float* zr, const T* hr, const float* gs, int d, int sub, float rstd,
                                  const CellClusterParams& p, unsigned mask) {
   float md = 0.0f, mh = 0.0f, bd = 0.0f, bh = 0.0f;
-  Quad<T> q;
-  for (int c = 4 * sub; c < d; c += 4 * TPR) {
-    q.load(zr, hr, gs, c);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float hn = q.next(j, rstd, p.damping), step = hn - q.h[j];
-      md = fmaxf(md, fabsf(step));
-      mh = fmaxf(mh, fabsf(hn));
-      bd = fabsf(step) <= kFltMax ? bd : 1.0f;
-      bh = fabsf(hn) <= kFltMax ? bh : 1.0f;
-    }
-  }
+  for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
+    md = fmaxf(md, fabsf(step));
+    mh = fmaxf(mh, fabsf(hn));
+    bd = fabsf(step) <= kFltMax ? bd : 1.0f;
+    bh = fabsf(hn) <= kFltMax ? bh : 1.0f;
+  });
   md = group_max<TPR>(md, mask);
   mh = group_max<TPR>(mh, mask);
   bd = group_max<TPR>(bd, mask);
   bh = group_max<TPR>(bh, mask);
   const float safe_d = md > 0.0f ? md : 1.0f, safe_h = mh > 0.0f ? mh : 1.0f;
   float sd = 0.0f, sh = 0.0f;
-  for (int c = 4 * sub; c < d; c += 4 * TPR) {
-    q.load(zr, hr, gs, c);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float hn = q.next(j, rstd, p.damping), qd = (hn - q.h[j]) / safe_d, qh = hn / safe_h;
-      sd += qd * qd;
-      sh += qh * qh;
-    }
-  }
+  for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
+    const float qd = step / safe_d, qh = hn / safe_h;
+    sd += qd * qd;
+    sh += qh * qh;
+  });
   sd = group_sum<TPR>(sd, mask);
   sh = group_sum<TPR>(sh, mask);
   return residual_of(md, sd, bd, mh, sh, bh, p.rel_eps, p.stop_mode);
@@ -297,17 +303,11 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     rstd_last = rstd;
     const bool active = ok && res_old >= p.tol && res_old <= kFltMax && k < p.max_iter;
     float sd = 0.0f, sh = 0.0f, md = 0.0f;
-    Quad<T> q;
-    for (int c = 4 * sub; c < d; c += 4 * TPR) {
-      q.load(zr, hr, gs, c);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float hn = q.next(j, rstd, p.damping), step = hn - q.h[j];
-        sd += step * step;
-        sh += hn * hn;
-        md = fmaxf(md, fabsf(step));
-      }
-    }
+    for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
+      sd += step * step;
+      sh += hn * hn;
+      md = fmaxf(md, fabsf(step));
+    });
     sd = group_sum<TPR>(sd, mask);
     sh = group_sum<TPR>(sh, mask);
     md = group_max<TPR>(md, mask);
@@ -322,6 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       res = scaled_residual<T, TPR>(zr, hr, gs, d, sub, rstd, p, mask);
     }
     if (active) {
+      Quad<T> q;
       for (int c = 4 * sub; c < d; c += 4 * TPR) {
         q.load(zr, hr, gs, c);
         T out[4];
