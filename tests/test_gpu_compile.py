@@ -1,8 +1,10 @@
 """deqkern's Triton kernels compile for an sm_90 GPU (Triton's
 frontend, passes and ptxas, no GPU needed): ``tests/gpu_compile.py`` in a process without
-Triton's interpreter, which a test process on a CPU machine has turned on."""
+Triton's interpreter, which a test process on a CPU machine has turned on. The CUDA
+cluster kernel compiles with nvcc where one is installed."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +24,23 @@ def test_kernels_compile_for_sm90():
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     count = int(done.stdout.strip().splitlines()[-1].split()[1])
     assert count >= 20, done.stdout[-2000:]  # every launcher's kernels, several configurations each
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    found = shutil.which("nvcc") or str(Path(home) / "bin" / "nvcc")
+    return found if Path(found).exists() else None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc here to compile the CUDA extension's kernel with")
+def test_cluster_kernel_compiles_for_sm90(tmp_path):
+    """csrc/cuda/cell_cluster.cu (the extension a CUDA build of torch compiles with setup.py)
+    compiles for sm_90 with nvcc alone, every instantiation without register spills."""
+    source = Path(__file__).parent.parent / "csrc" / "cuda" / "cell_cluster.cu"
+    done = subprocess.run([_nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
+                           "-c", str(source), "-o", str(tmp_path / "cell_cluster.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    spills = [line for line in done.stderr.splitlines() if "spill stores" in line]
+    assert len(spills) == 12, done.stderr[-3000:]  # bf16/fp16 x 16/32 rows x 32/64/128 columns
+    assert all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in spills), "\n".join(spills)
