@@ -92,6 +92,19 @@ _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES) if hasattr(os.environ, "encodekey") else None
 
 
+def raw_env(name: str) -> Optional[object]:
+    """The raw value of the environment variable ``name`` (bytes on POSIX; None if unset),
+    read as :func:`environment` reads its own: a dict lookup where CPython allows."""
+    if hasattr(os.environ, "encodekey") and isinstance(_ENV_DATA, dict):
+        return _ENV_DATA.get(_encoded(name))
+    return os.environ.get(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _encoded(name: str) -> object:
+    return os.environ.encodekey(name)
+
+
 def environment() -> tuple:
     """The raw values of the environment variables the choice depends on (a cache key)."""
     if _ENV_KEYS is not None and isinstance(_ENV_DATA, dict):

@@ -56,34 +56,27 @@ __device__ __forceinline__ T from_f(float x) {
   else return __float2half_rn(x);
 }
 
-// One warp: out (16x16, row-major, ldo) = a[16 rows, k_lo:k_hi] @ b[16 rows, k_lo:k_hi]^T,
-// a and b row-major with leading dimension ld (b's rows are W's rows: a column-major B).
-template <typename T>
+// One warp: NT adjacent 16x16 tiles, out[:, 16 i:16 i + 16] (row-major, ldo) = a[16 rows,
+// k_lo:k_hi] @ b[16 i.. rows, k_lo:k_hi]^T for i < NT; a and b row-major with leading
+// dimension ld (b's rows are W's rows: a column-major B). Each K step loads the A fragment
+// once for the NT products, and the NT accumulators are independent chains.
+template <typename T, int NT>
 __device__ __forceinline__ void warp_product(const T* a, const T* b, int ld, int k_lo, int k_hi, float* out,
                                              int ldo) {
-  // two accumulators over alternate K steps: half the dependent MMA chain
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a0, a1;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b0, b1;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
-  wmma::fill_fragment(acc0, 0.0f);
-  wmma::fill_fragment(acc1, 0.0f);
-  int k = k_lo;
-  for (; k + 16 < k_hi; k += 32) {
-    wmma::load_matrix_sync(a0, a + k, ld);
-    wmma::load_matrix_sync(b0, b + k, ld);
-    wmma::load_matrix_sync(a1, a + k + 16, ld);
-    wmma::load_matrix_sync(b1, b + k + 16, ld);
-    wmma::mma_sync(acc0, a0, b0, acc0);
-    wmma::mma_sync(acc1, a1, b1, acc1);
-  }
-  if (k < k_hi) {
-    wmma::load_matrix_sync(a0, a + k, ld);
-    wmma::load_matrix_sync(b0, b + k, ld);
-    wmma::mma_sync(acc0, a0, b0, acc0);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[NT];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) wmma::fill_fragment(acc[i], 0.0f);
+  for (int k = k_lo; k < k_hi; k += 16) {
+    wmma::load_matrix_sync(af, a + k, ld);
+#pragma unroll
+    for (int i = 0; i < NT; ++i) wmma::load_matrix_sync(bf[i], b + i * 16 * ld + k, ld);
+#pragma unroll
+    for (int i = 0; i < NT; ++i) wmma::mma_sync(acc[i], af, bf[i], acc[i]);
   }
 #pragma unroll
-  for (int i = 0; i < acc0.num_elements; ++i) acc0.x[i] += acc1.x[i];
-  wmma::store_matrix_sync(out, acc0, ldo, wmma::mem_row_major);
+  for (int i = 0; i < NT; ++i) wmma::store_matrix_sync(out + i * 16, acc[i], ldo, wmma::mem_row_major);
 }
 
 // Reductions over a row's TPR adjacent lanes (mask: those lanes).
@@ -188,8 +181,9 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   constexpr int PAD = 8;                // 16 bytes between shared rows (bank spread)
   constexpr int BN = 32 * CPL;          // the CTA's columns of z
   constexpr int VEC = 8;                // elements per 16-byte copy
-  constexpr int TILES = (BM / 16) * (BN / 16);
-  constexpr int KSPLIT = TILES < kWarps ? kWarps / TILES : 1;
+  constexpr int TN = BN / 16;           // 16x16 tiles across the CTA's columns
+  constexpr int NT = TN < 4 ? TN : 4;   // tiles per warp (sharing their A fragments)
+  constexpr int WGROUPS = (BM / 16) * (TN / NT);  // warps by their tiles; each group splits K
   constexpr int TPR = kThreads / BM;    // threads per row in the row phase (16 or 8)
   constexpr int GROUPS = BM * BN / 4;   // float4 groups of the CTA's z tile
   constexpr int PER_THREAD = (GROUPS + kThreads - 1) / kThreads;
@@ -210,8 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   T* ws = reinterpret_cast<T*>(smem);                  // (BN, ld): W's rows c0.., resident for the solve
   T* hs = ws + BN * ld;                                // (BM, ld): the block's iterate rows (every CTA the same)
   float* zx = reinterpret_cast<float*>(hs + BM * ld);  // (2, BM, d): z + frozen, exchanged, double-buffered
-  float* zp = zx + 2 * BM * d;                         // (KSPLIT, BM, BN): product partials
-  float* gs = zp + KSPLIT * BM * BN;                   // (d,): gain
+  float* gs = zx + 2 * BM * d;                         // (d,): gain
   __shared__ int check_i[4];                           // unconverged, non-finite, first non-finite step, max nstep
   __shared__ float check_max;                          // largest finite residual (>= 0: int order)
 
@@ -251,22 +244,23 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   int nstep = 0;
   cluster.sync();  // every CTA of the cluster has started (its shared memory may be written) and loaded
 
-  const int nk = d / 16, chunk = (nk + KSPLIT - 1) / KSPLIT;
+  // K split over at most C warps: the ksplit partial (BM, BN) tiles then fill at most the z
+  // buffer not in use this iteration (BM * d floats), where they are kept
+  const int ksplit = min(kWarps / WGROUPS, C);
+  const int nk = d / 16, chunk = (nk + ksplit - 1) / ksplit;
   int k = 0, parity = 0;
   bool pending = true;
   while (pending) {
-    // 1. the product: warp w takes tile w % TILES and K slice w / TILES (or tiles w, w + 8, ...)
-    if constexpr (TILES >= kWarps) {
-      for (int t = warp; t < TILES; t += kWarps) {
-        const int tm = t / (BN / 16), tn = t % (BN / 16);
-        warp_product<T>(hs + tm * 16 * ld, ws + tn * 16 * ld, ld, 0, d, zp + tm * 16 * BN + tn * 16, BN);
-      }
-    } else {
-      const int t = warp % TILES, ks = warp / TILES;
-      const int tm = t / (BN / 16), tn = t % (BN / 16);
+    // 1. the product: warp w takes tile group w % WGROUPS and K slice w / WGROUPS. Its partials go
+    // to the other z buffer: other CTAs store into it only after the coming barrier, and this
+    // CTA last read it in the previous iteration's row phase.
+    float* zp = zx + (parity ^ 1) * BM * d;
+    if (warp < WGROUPS * ksplit) {
+      const int group = warp % WGROUPS, ks = warp / WGROUPS;
+      const int tm = group / (TN / NT), tn = (group % (TN / NT)) * NT;
       const int lo = min(nk, ks * chunk) * 16, hi = min(nk, (ks + 1) * chunk) * 16;
-      warp_product<T>(hs + tm * 16 * ld, ws + tn * 16 * ld, ld, lo, hi, zp + ks * BM * BN + tm * 16 * BN + tn * 16,
-                      BN);
+      warp_product<T, NT>(hs + tm * 16 * ld, ws + tn * 16 * ld, ld, lo, hi, zp + ks * BM * BN + tm * 16 * BN + tn * 16,
+                          BN);
     }
     __syncthreads();
 
@@ -279,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
         const int row = g / (BN / 4), col = (g % (BN / 4)) * 4;
         float4 v = fz[i];
 #pragma unroll
-        for (int s = 0; s < KSPLIT; ++s) {
+        for (int s = 0; s < ksplit; ++s) {
           const float4 part = *reinterpret_cast<const float4*>(zp + s * BM * BN + row * BN + col);
           v.x += part.x; v.y += part.y; v.z += part.z; v.w += part.w;
         }
@@ -381,10 +375,8 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
 
 template <typename T, int BM, int CPL>
 size_t smem_bytes(int d) {
-  constexpr int BN = 32 * CPL, TILES = (BM / 16) * (BN / 16);
-  constexpr int KSPLIT = TILES < kWarps ? kWarps / TILES : 1;
-  return sizeof(T) * static_cast<size_t>(BN + BM) * (d + 8) +
-         sizeof(float) * (2 * static_cast<size_t>(BM) * d + KSPLIT * BM * BN + d);
+  constexpr int BN = 32 * CPL;
+  return sizeof(T) * static_cast<size_t>(BN + BM) * (d + 8) + sizeof(float) * (2 * static_cast<size_t>(BM) * d + d);
 }
 
 template <typename T, int BM, int CPL>

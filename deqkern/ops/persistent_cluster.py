@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 
+from deqkern import _backend
+from deqkern.ops import persistent_split
 from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows
 from deqkern.ops.persistent import Solved
-from deqkern.ops import persistent_split
 from deqkern.ops.persistent_split import BufferState
 from deqkern.ops.residual import REL_EPS
 
@@ -67,13 +67,13 @@ def _capability(index: int) -> int:
 
 def forced_config() -> Optional[tuple[int, int]]:
     """``DEQKERN_CLUSTER_CONFIG="C,BM"`` (benchmarks and tests), or None. Read every call
-    (tests set it per case); parsed once per value."""
-    return _parse_forced(os.environ.get("DEQKERN_CLUSTER_CONFIG", ""))
+    (tests set it per case) as a raw dict lookup, parsed once per value."""
+    return _parse_forced(_backend.raw_env("DEQKERN_CLUSTER_CONFIG"))
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_forced(value: str) -> Optional[tuple[int, int]]:
-    value = value.strip()
+def _parse_forced(raw: object) -> Optional[tuple[int, int]]:
+    value = (raw.decode() if isinstance(raw, bytes) else raw or "").strip()
     if not value:
         return None
     try:
@@ -123,12 +123,12 @@ def cluster_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, 
     not take it: ``DEQKERN_PERSISTENT_KERNEL`` other than "auto" / "cluster", no extension or
     not an sm_90 GPU, mixed or 32-bit dtypes, no resident tile (:func:`cluster_config`), or
     rows not 16-byte aligned. Metadata only."""
-    dtype = h0.dtype
+    dtype, device = h0.dtype, h0.device
     if (persistent_split.KERNEL not in ("auto", "cluster") or weight.dtype != dtype or frozen.dtype != dtype
-            or gain.dtype != dtype or not available(h0.device)):
+            or gain.dtype != dtype or not available(device)):
         return None
     d = h0.shape[-1]
-    config = cluster_config(h0.numel() // d, d, dtype, h0.device.index or 0, forced_config())
+    config = cluster_config(h0.numel() // d, d, dtype, device.index or 0, forced_config())
     return config if config is not None and _aligned(weight) and _aligned(h0) else None
 
 
