@@ -45,9 +45,9 @@ __all__ = ["BACKEND", "available", "cluster_config", "forced_config", "cluster_f
 BACKEND = "cuda-cluster"
 _DTYPES = (torch.bfloat16, torch.float16)
 #: How the cluster shape is chosen, from device time per iteration on an H200
-#: (bench/probe_split.py, bf16, BM 16; commit 16d3e89 and its successor):
-#:   d=512: C=4 5.7 us, C=8 9.1, C=16 12.9 (BM 32: about twice BM 16's)
-#:   d=256: C=2 3.8 us, C=4 3.2, C=8 3.9
+#: (bench/probe_split.py, bf16, BM 16; commits b5e015e and de74cbe):
+#:   d=512: C=4 5.5-5.9 us, C=8 9.1-9.6, C=16 12.9-13.4 (BM 32: about twice BM 16's)
+#:   d=256: C=2 3.7-3.9 us, C=4 3.1-3.3, C=8 3.8-4.3
 #: the exchange and barrier grow with C and the product with d / C: C near 4 and 16-row
 #: blocks were best at both widths. A second wave of clusters doubles the time, and
 #: already at 1024x512 (64 clusters) the split kernel was faster (12.2 against 19.9 us per
