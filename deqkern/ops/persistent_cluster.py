@@ -1,19 +1,21 @@
-"""The forward one-launch solve on Hopper thread-block clusters (sm_90 and later).
+"""The forward one-launch solve on Hopper thread-block clusters (sm_90).
 
 The Triton split kernel (:mod:`deqkern.ops.persistent_split`) spends its iterations on L2
 round trips: the exchanged iterate, the partial sums, two group barriers in global memory,
 and W's slice re-read. Triton has no thread-block clusters, so this kernel is CUDA C++
 (``csrc/cuda/cell_cluster.cu``, built as ``deqkern._cluster`` where torch is a CUDA build
 and nvcc is found): a cluster of ``C`` CTAs owns ``BM`` rows, each CTA keeps its ``d / C``
-rows of W and the block's whole iterate rows in shared memory for the solve, and the CTAs
-exchange the iterate and the per-row partial sums through distributed shared memory with
-the hardware cluster barrier between. An iteration reads nothing from global memory.
+rows of W and a copy of the block's iterate rows in shared memory for the solve, stores its
+tile of ``z`` into every CTA's ``z`` buffer through distributed shared memory, and after
+one hardware cluster barrier every CTA forms the whole rows' next iterate, residual and
+stop decision itself. An iteration reads nothing from global memory.
 
 Same arguments, outputs, stop rule and bookkeeping as :func:`persistent_split.solve_split`
 (the float32 buffer has the same layout; ``check`` has one row per cluster). What the
 kernel takes: bfloat16 or float16 (h0, W, frozen and gain of one dtype), ``d / C`` in (32,
 64, 128) columns per CTA with ``C <= 16``, ``BM`` 16 or 32 rows, and shared memory for W's
-slice, the iterate rows and two z buffers (``2 * BM * d`` float32): ``d`` up to about 600.
+slice, the iterate rows and two z buffers (``2 * BM * d`` float32): ``d`` up to about 800
+(the widths tested on the GPU: 64 to 512).
 h0's and W's rows 16-byte aligned. Anything else takes the Triton kernels
 (:func:`cluster_for` decides). Float32 stays on Triton: the tensor cores would multiply
 in TF32 (or three TF32 products, which measured no faster than the split kernel).
@@ -53,6 +55,7 @@ _DTYPES = (torch.bfloat16, torch.float16)
 #: already at 1024x512 (64 clusters) the split kernel was faster (12.2 against 19.9 us per
 #: iteration): the kernel is taken only where all clusters are resident at once.
 _PREFERRED_C = 4
+
 
 def available(device: torch.device) -> bool:
     """Whether the extension is built and ``device`` is a CUDA GPU of compute capability 9.x

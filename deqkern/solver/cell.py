@@ -396,7 +396,7 @@ def solve_cell(
 
     :func:`deqkern.last_backend` reports ``"triton-persistent"`` when the persistent
     kernel ran, ``"cuda-cluster"`` when the forward ran on the cluster kernel (bf16/fp16 on
-    an sm_90 GPU, a few hundred rows, ``d`` up to about 600), ``"eager"`` for the torch twin
+    an sm_90 GPU, a few hundred rows, ``d`` up to about 800), ``"eager"`` for the torch twin
     (float64, or no Triton).
     """
     if isinstance(weight, torch.Tensor) and isinstance(h0, torch.Tensor):
