@@ -205,27 +205,35 @@ class Persistent:
         self.kernel = kernel
 
     def __enter__(self):
-        self.saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
-        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D = 2**62, 2**62
-        persistent_split.KERNEL = self.kernel
+        self.saved = _choice()
+        _set_choice((2**62, 2**62, self.kernel))
 
     def __exit__(self, *exc):
-        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = self.saved
+        _set_choice(self.saved)
+
+
+def _choice() -> tuple:
+    """The kernel choice in force: solve_cell's size limits and the one-launch kernel."""
+    return cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
+
+
+def _set_choice(choice: tuple) -> None:
+    cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = choice
 
 
 def pinned(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` under the kernel choice in force now (a :class:`Persistent` block or none):
     variants are timed after every variant is checked, outside their blocks, so each call
     puts the choice back (three attribute writes) and restores the one it found."""
-    choice = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
+    choice = _choice()
 
     def call():
-        saved = cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL
-        cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = choice
+        saved = _choice()
+        _set_choice(choice)
         try:
             return fn()
         finally:
-            cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_D, persistent_split.KERNEL = saved
+            _set_choice(saved)
 
     return call
 

@@ -86,10 +86,9 @@ def candidates(n: int, d: int, h: torch.Tensor, kernels: tuple) -> list[tuple[st
     out: list[tuple[str, object]] = []
     if "cluster" in kernels:
         chosen = persistent_cluster.cluster_config(n, d, h.dtype, 0)
-        for bn, bm in itertools.product((32, 64, 128), (16, 32)):
-            shape = (d // bn, bm)
-            if d % bn == 0 and persistent_cluster.cluster_config(n, d, h.dtype, 0, shape) is not None:
-                out.append((f"cluster C={shape[0]} BM={bm}{' (chosen)' if shape == chosen else ''}", shape))
+        for shape in persistent_cluster.shapes(d):
+            if persistent_cluster.cluster_config(n, d, h.dtype, 0, shape) is not None:
+                out.append((f"cluster C={shape[0]} BM={shape[1]}{' (chosen)' if shape == chosen else ''}", shape))
     auto = persistent_split.config_of(n, d, h)
     if "block" in kernels:
         out.append(("block", None))

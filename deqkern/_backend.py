@@ -95,7 +95,7 @@ _ENV_KEYS = tuple(os.environ.encodekey(name) for name in _ENV_NAMES) if hasattr(
 def raw_env(name: str) -> Optional[object]:
     """The raw value of the environment variable ``name`` (bytes on POSIX; None if unset),
     read as :func:`environment` reads its own: a dict lookup where CPython allows."""
-    if hasattr(os.environ, "encodekey") and isinstance(_ENV_DATA, dict):
+    if _ENV_KEYS is not None and isinstance(_ENV_DATA, dict):
         return _ENV_DATA.get(_encoded(name))
     return os.environ.get(name)
 

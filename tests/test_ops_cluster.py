@@ -26,10 +26,6 @@ DTYPES = [torch.bfloat16, torch.float16]
 CASES = [(21, 64, "rel"), (257, 96, "abs"), (300, 512, "max"), (40, 256, "rel")]
 
 
-def shapes(d):
-    return [(d // bn, bm) for bn in (32, 64, 128) if d % bn == 0 and d // bn <= 16 for bm in (16, 32)]
-
-
 def force(monkeypatch, n_rows, d, dtype, shape):
     """Make the kernel use cluster shape ``shape``, or skip where the GPU cannot hold it."""
     if persistent_cluster.cluster_config(n_rows, d, dtype, 0, shape) is None:
@@ -39,7 +35,7 @@ def force(monkeypatch, n_rows, d, dtype, shape):
 
 @needs_cluster
 @pytest.mark.parametrize("n_rows,d,stop_mode,shape",
-                         [(n, d, m, s) for n, d, m in CASES for s in shapes(d)], ids=str)
+                         [(n, d, m, s) for n, d, m in CASES for s in persistent_cluster.shapes(d)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_parity(monkeypatch, dtype, n_rows, d, stop_mode, shape):
     gen = torch.Generator().manual_seed(case_seed("cluster", dtype, n_rows, d))

@@ -447,24 +447,6 @@ cudaError_t dispatch(const CellClusterParams& p, int dtype, int cluster, int blo
 
 }  // namespace
 
-size_t cell_cluster_smem(int dtype, int d, int cluster, int block_m) {
-  if (cluster < 1 || d % cluster != 0) return 0;
-  const int bn = d / cluster;
-  if (bn != 32 && bn != 64 && bn != 128) return 0;
-  const int cpl = bn / 32;
-  auto pick = [&](auto tag) -> size_t {
-    using T = decltype(tag);
-    if (block_m == 16) return cpl == 1 ? smem_bytes<T, 16, 1>(d) : cpl == 2 ? smem_bytes<T, 16, 2>(d) : smem_bytes<T, 16, 4>(d);
-    if (block_m == 32) return cpl == 1 ? smem_bytes<T, 32, 1>(d) : cpl == 2 ? smem_bytes<T, 32, 2>(d) : smem_bytes<T, 32, 4>(d);
-    return 0;
-  };
-  switch (dtype) {
-    case kCellBFloat16: return pick(__nv_bfloat16{});
-    case kCellFloat16: return pick(__half{});
-    default: return 0;
-  }
-}
-
 cudaError_t cell_cluster_launch(const CellClusterParams& p, int dtype, int cluster, int block_m, cudaStream_t stream) {
   const int blocks = (p.n_rows + block_m - 1) / block_m;
   return dispatch(p, dtype, cluster, block_m, blocks, stream, nullptr);

@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstddef>
 #include <cstdint>
 
 enum CellDtype { kCellBFloat16 = 1, kCellFloat16 = 2 };
@@ -22,10 +21,8 @@ struct CellClusterParams {
   int max_iter, stop_mode, with_rstd;
 };
 
-// Shared memory one CTA needs (bytes); 0 if the tile is not one the kernel has
-// (bfloat16 or float16; d / cluster must be 32, 64 or 128; block_m 16 or 32).
-size_t cell_cluster_smem(int dtype, int d, int cluster, int block_m);
-// The solve on `stream`: cdiv(n_rows, block_m) clusters of `cluster` CTAs.
+// The solve on `stream`: cdiv(n_rows, block_m) clusters of `cluster` CTAs (bfloat16 or
+// float16; d / cluster must be 32, 64 or 128 and block_m 16 or 32, else cudaErrorInvalidValue).
 cudaError_t cell_cluster_launch(const CellClusterParams& p, int dtype, int cluster, int block_m, cudaStream_t stream);
 // How many such clusters the current device holds at once (cudaOccupancyMaxActiveClusters).
 cudaError_t cell_cluster_max_active(const CellClusterParams& p, int dtype, int cluster, int block_m, int* clusters);

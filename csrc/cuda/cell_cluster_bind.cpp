@@ -46,11 +46,6 @@ int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t
   return clusters;
 }
 
-int64_t smem(at::ScalarType dtype, int64_t d, int64_t cluster, int64_t block_m) {
-  return static_cast<int64_t>(cell_cluster_smem(dtype_code(dtype), static_cast<int>(d), static_cast<int>(cluster),
-                                                static_cast<int>(block_m)));
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -58,5 +53,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("solve", &solve, "One solve: h0, w, frozen, gain, h (out), buf (out), stride_f, cluster, block_m, eps, "
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
   m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
-  m.def("smem", &smem, "Shared memory per CTA (bytes) of a configuration; 0 if the kernel has no such tile");
 }

@@ -33,7 +33,7 @@ from deqkern import _backend
 from deqkern.ops import persistent_split
 from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows
 from deqkern.ops.persistent import Solved
-from deqkern.ops.persistent_split import BufferState
+from deqkern.ops.persistent_split import row_views
 from deqkern.ops.residual import REL_EPS
 
 try:
@@ -41,7 +41,7 @@ try:
 except (ImportError, OSError):  # a CPU build of torch, no nvcc, DEQKERN_NO_CUDA_EXT=1 (setup.py), another torch
     _ext = None
 
-__all__ = ["BACKEND", "available", "cluster_config", "forced_config", "cluster_for", "solve_cluster"]
+__all__ = ["BACKEND", "available", "shapes", "cluster_config", "forced_config", "cluster_for", "solve_cluster"]
 
 #: What :func:`deqkern.last_backend` reports after this kernel ran.
 BACKEND = "cuda-cluster"
@@ -86,35 +86,38 @@ def _parse_forced(raw: object) -> Optional[tuple[int, int]]:
     return c, bm
 
 
+def shapes(d: int) -> list[tuple[int, int]]:
+    """Every cluster shape ``(C, BM)`` the kernel has for width ``d``: ``d / C`` in (32, 64,
+    128) columns per CTA with ``C <= 16``, and ``BM`` 16 or 32 rows (whether a GPU can hold it
+    is :func:`cluster_config`'s question)."""
+    return [(d // block_n, block_m) for block_m in (16, 32) for block_n in (32, 64, 128)
+            if d % block_n == 0 and 1 <= d // block_n <= 16]
+
+
 @functools.lru_cache(maxsize=1024)
 def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: Optional[tuple] = None) -> Optional[tuple]:
     """``(C, BM)`` for ``n_rows`` rows of width ``d`` on GPU ``index``, or None where the
-    kernel should not run: of every ``C`` with ``d / C`` in (32, 64, 128) and ``BM`` in (16,
-    32) whose ``cdiv(n_rows, BM)`` clusters the GPU holds at once, the ``C`` nearest 4, then
-    ``BM`` 16 (the measurements above). ``forced``: that configuration wherever the GPU
-    can launch it (one wave or more; benchmarks and tests)."""
+    kernel should not run: of the :func:`shapes` whose ``cdiv(n_rows, BM)`` clusters the GPU
+    holds at once, the ``C`` nearest 4, then ``BM`` 16 (the measurements above). ``forced``:
+    that shape wherever the GPU can launch it (one wave or more; benchmarks and tests)."""
     if _ext is None or dtype not in _DTYPES or n_rows == 0:
         return None
     best, best_key = None, None
-    for block_m in (16, 32):
-        for block_n in (32, 64, 128):
-            c = d // block_n
-            if d % block_n or not 1 <= c <= 16 or (forced is not None and forced != (c, block_m)):
-                continue
-            held = _held(dtype, index, n_rows, d, c, block_m)
-            if held == 0 or (forced is None and cdiv(n_rows, block_m) > held):
-                continue
-            key = (abs(math.log2(c / _PREFERRED_C)), block_m)
-            if best_key is None or key < best_key:
-                best, best_key = (c, block_m), key
+    for c, block_m in shapes(d):
+        if forced is not None and forced != (c, block_m):
+            continue
+        held = _held(dtype, index, n_rows, d, c, block_m)
+        if held == 0 or (forced is None and cdiv(n_rows, block_m) > held):
+            continue
+        key = (abs(math.log2(c / _PREFERRED_C)), block_m)
+        if best_key is None or key < best_key:
+            best, best_key = (c, block_m), key
     return best
 
 
 def _held(dtype: torch.dtype, index: int, n_rows: int, d: int, c: int, block_m: int) -> int:
-    """Clusters of the shape the GPU holds at once (0: a tile the kernel lacks, or one the
-    GPU cannot launch, e.g. too much shared memory)."""
-    if not _ext.smem(dtype, d, c, block_m):
-        return 0
+    """Clusters of the shape the GPU holds at once (0: one the GPU cannot launch, e.g. too
+    much shared memory)."""
     try:
         return _ext.max_active(dtype, index, n_rows, d, c, block_m)
     except RuntimeError:
@@ -159,5 +162,4 @@ def solve_cluster(
     buf = torch.empty(5 * n_rows + 5 * blocks, dtype=torch.float32, device=h0.device)
     _ext.solve(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, stride_f, c, block_m,
                eps, damping, tol, max_iter, STOP_MODES[stop_mode], with_rstd, REL_EPS)
-    rstd = buf.as_strided((n_rows,), (1,), 4 * n_rows) if with_rstd else None
-    return Solved(h, BufferState(buf, n_rows), rstd, buf.as_strided((blocks, 5), (5, 1), 5 * n_rows))
+    return Solved(h, *row_views(buf, n_rows, blocks, with_rstd))

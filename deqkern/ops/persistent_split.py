@@ -80,7 +80,7 @@ from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
 
 __all__ = ["split_config", "config_of", "use_split", "solve_split", "adjoint_split", "forget_barriers", "KERNEL",
-           "BufferState"]
+           "BufferState", "row_views"]
 
 #: Which one-launch kernel solves the cell (``DEQKERN_PERSISTENT_KERNEL``): "auto" (the
 #: cluster kernel of :mod:`deqkern.ops.persistent_cluster` where it is built and fits, else
@@ -744,23 +744,25 @@ class _Plan:
         self.offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
         self.total = sum(self.sizes)  # the buffer's float32 elements
 
-    def check(self, buf: torch.Tensor) -> torch.Tensor:
-        """The host check's ``(row blocks, 5)`` view of the buffer."""
-        return buf.as_strided((self.blocks, 5), (5, 1), self.offsets[5])
-
-    def rstd(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf.as_strided((self.n_rows,), (1,), self.offsets[4])
-
     def exchange_buffers(self, buf: torch.Tensor, dtype: torch.dtype) -> tuple:
         """The one-barrier forward's z (float32) and iterate (``dtype``) buffers."""
         return (buf.as_strided((self.sizes[7],), (1,), self.offsets[7]),
                 buf.as_strided((self.sizes[8],), (1,), self.offsets[8]).view(dtype))
 
     def views(self, buf: torch.Tensor) -> tuple:
-        """``(RowState, rstd, check, rest)`` views of the float32 buffer (``_buffers``); the
-        row state's are made when first read (:class:`BufferState`)."""
-        return (BufferState(buf, self.n_rows), self.rstd(buf), self.check(buf),
+        """``(RowState, rstd, check, rest)`` views of the float32 buffer (:func:`row_views`
+        and what follows the check)."""
+        return (*row_views(buf, self.n_rows, self.blocks, True),
                 buf.as_strided((self.sizes[6],), (1,), self.offsets[6]))
+
+
+def row_views(buf: torch.Tensor, n_rows: int, blocks: int, with_rstd: bool) -> tuple:
+    """``(RowState, rstd or None, check)`` views of a one-launch solve's float32 buffer, laid
+    out as ``_buffers``: residual, prev, lowest, nstep, rstd (``n_rows`` each), then the host
+    check ``(blocks, 5)``. The row state's views are made when first read
+    (:class:`BufferState`); rstd's only ``with_rstd``."""
+    rstd = buf.as_strided((n_rows,), (1,), 4 * n_rows) if with_rstd else None
+    return BufferState(buf, n_rows), rstd, buf.as_strided((blocks, 5), (5, 1), 5 * n_rows)
 
 
 def _resolve(n_rows: int, d: int, element_size: int, device: torch.device, config: Optional[tuple]) -> dict:
@@ -861,7 +863,7 @@ def solve_split(
     exchange = plan.exchange_buffers(buf, h0.dtype) if plan.exchange else ()
     plan.launch(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, *exchange,
                 _barrier_counters(device, plan.blocks))
-    return Solved(h, BufferState(buf, n_rows), plan.rstd(buf) if with_rstd else None, plan.check(buf))
+    return Solved(h, *row_views(buf, n_rows, plan.blocks, with_rstd))
 
 
 def adjoint_split(
