@@ -112,6 +112,11 @@ __device__ __forceinline__ float residual_of(float md, float sd, float bd, float
   return bad > 0.0f ? __int_as_float(0x7fc00000) : res;
 }
 
+// The next iterate of one element: (1 - damping) h + damping * z * rstd * gain
+__device__ __forceinline__ float next_of(float h, float z, float rstd, float g, float damping) {
+  return (1.0f - damping) * h + damping * (z * rstd * g);
+}
+
 // Four consecutive elements c.. of a row: z (+ frozen), the iterate (storage dtype) and gain.
 template <typename T>
 struct Quad {
@@ -125,9 +130,8 @@ struct Quad {
 #pragma unroll
     for (int j = 0; j < 4; ++j) h[j] = to_f(hp[j]);
   }
-  // the next iterate: (1 - damping) h + damping * z * rstd * gain
   __device__ __forceinline__ float next(int j, float rstd, float damping) const {
-    return (1.0f - damping) * h[j] + damping * (z[j] * rstd * g[j]);
+    return next_of(h[j], z[j], rstd, g[j], damping);
   }
 };
 
@@ -176,6 +180,11 @@ __device__ float scaled_residual(const float* zr, const T* hr, const float* gs, 
   return residual_of(md, sd, bd, mh, sh, bh, p.rel_eps, p.stop_mode);
 }
 
+// Float4 groups of a row each thread of the row phase holds: d <= 4 * (kThreads / BM) * max_quads
+// (832 at 16 rows, 512 at 32: above the widths whose shared memory fits, 768 and 512)
+__host__ __device__ constexpr int max_quads(int block_m) { return block_m == 16 ? 13 : 16; }
+__host__ __device__ constexpr int max_d(int block_m) { return 4 * (kThreads / block_m) * max_quads(block_m); }
+
 template <typename T, int BM, int CPL>
 __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClusterParams p) {
   constexpr int PAD = 8;                // 16 bytes between shared rows (bank spread)
@@ -187,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   constexpr int TPR = kThreads / BM;    // threads per row in the row phase (16 or 8)
   constexpr int GROUPS = BM * BN / 4;   // float4 groups of the CTA's z tile
   constexpr int PER_THREAD = (GROUPS + kThreads - 1) / kThreads;
+  constexpr int MAXQ = max_quads(BM);   // a row's float4 groups per thread, at the widest d
 
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
@@ -238,10 +248,13 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   }
   // the row phase: thread (r, sub) takes row r's columns sub, sub + TPR, ...
   const int r = threadIdx.x / TPR, sub = threadIdx.x % TPR;
+  // the first column of the thread's q-th float4 group of its row: its groups are TPR apart
+  const auto quad_col = [sub](int q) { return 4 * sub + 4 * TPR * q; };
   const unsigned mask = TPR == 32 ? 0xffffffffu : ((1u << TPR) - 1u) << (lane & ~(TPR - 1));
   const bool ok = first + r < p.n_rows;
   float res_old = kFltMax, prev = kFltMax, lowest = __int_as_float(0x7f800000), rstd_last = 0.0f;
   int nstep = 0;
+  float zq[MAXQ][4];  // this thread's part of its row's z, then of the next iterate
   cluster.sync();  // every CTA of the cluster has started (its shared memory may be written) and loaded
 
   // K split over at most C warps: the ksplit partial (BM, BN) tiles then fill at most the z
@@ -283,25 +296,48 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
         }
       }
     }
-    cluster.sync();
-
-    // 3. whole rows, the same in every CTA: rstd, the residual of the step, then the step
-    const float* zr = zb + r * d;
+    // the cluster barrier, split: this thread's iterate (its own shared memory, which no
+    // other CTA writes) is read while the other CTAs' stores complete
     T* hr = hs + r * ld;
+    uint2 hq[MAXQ];
+    cluster.barrier_arrive();
+#pragma unroll
+    for (int q = 0; q < MAXQ; ++q)
+      if (quad_col(q) < d) hq[q] = *reinterpret_cast<const uint2*>(hr + quad_col(q));
+    cluster.barrier_wait();
+
+    // 3. whole rows, the same in every CTA: rstd, the residual of the step, then the step.
+    // Each thread reads its part of the row's z once; it becomes the next iterate in place.
+    const float* zr = zb + r * d;
     float ss = 0.0f;
-    for (int c = 4 * sub; c < d; c += 4 * TPR) {
-      const float4 zv = *reinterpret_cast<const float4*>(zr + c);
-      ss += zv.x * zv.x + zv.y * zv.y + zv.z * zv.z + zv.w * zv.w;
+#pragma unroll
+    for (int q = 0; q < MAXQ; ++q) {
+      if (quad_col(q) < d) {
+        const float4 zv = *reinterpret_cast<const float4*>(zr + quad_col(q));
+        zq[q][0] = zv.x; zq[q][1] = zv.y; zq[q][2] = zv.z; zq[q][3] = zv.w;
+        ss += zv.x * zv.x + zv.y * zv.y + zv.z * zv.z + zv.w * zv.w;
+      }
     }
     const float rstd = rsqrtf(group_sum<TPR>(ss, mask) / static_cast<float>(d) + p.eps);
     rstd_last = rstd;
     const bool active = ok && res_old >= p.tol && res_old <= kFltMax && k < p.max_iter;
     float sd = 0.0f, sh = 0.0f, md = 0.0f;
-    for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
-      sd += step * step;
-      sh += hn * hn;
-      md = fmaxf(md, fabsf(step));
-    });
+#pragma unroll
+    for (int q = 0; q < MAXQ; ++q) {
+      if (quad_col(q) < d) {
+        const float4 gv = *reinterpret_cast<const float4*>(gs + quad_col(q));
+        const T* hp = reinterpret_cast<const T*>(&hq[q]);
+        const float g4[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float h = to_f(hp[j]), hn = next_of(h, zq[q][j], rstd, g4[j], p.damping), step = hn - h;
+          sd += step * step;
+          sh += hn * hn;
+          md = fmaxf(md, fabsf(step));
+          zq[q][j] = hn;
+        }
+      }
+    }
     sd = group_sum<TPR>(sd, mask);
     sh = group_sum<TPR>(sh, mask);
     md = group_max<TPR>(md, mask);
@@ -312,17 +348,18 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       res = p.stop_mode == 2 ? md : sqrtf(sd);
       if (p.stop_mode == 1) res = res / (sqrtf(sh) + p.rel_eps);
       res = res <= kFltMax ? res : __int_as_float(0x7fc00000);
-    } else {
+    } else {  // from z, the iterate and gain in shared memory, all unchanged so far
       res = scaled_residual<T, TPR>(zr, hr, gs, d, sub, rstd, p, mask);
     }
     if (active) {
-      Quad<T> q;
-      for (int c = 4 * sub; c < d; c += 4 * TPR) {
-        q.load(zr, hr, gs, c);
-        T out[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) out[j] = from_f<T>(q.next(j, rstd, p.damping));
-        *reinterpret_cast<uint2*>(hr + c) = *reinterpret_cast<const uint2*>(out);
+      for (int q = 0; q < MAXQ; ++q) {
+        if (quad_col(q) < d) {
+          T out[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) out[j] = from_f<T>(zq[q][j]);
+          *reinterpret_cast<uint2*>(hr + quad_col(q)) = *reinterpret_cast<const uint2*>(out);
+        }
       }
       prev = res_old;
       lowest = res < lowest ? res : lowest;
@@ -437,7 +474,8 @@ cudaError_t by_rows(const CellClusterParams& p, int cluster, int block_m, int bl
 
 cudaError_t dispatch(const CellClusterParams& p, int dtype, int cluster, int block_m, int blocks, cudaStream_t stream,
                      int* max_clusters) {
-  if (cluster < 1 || cluster > 16 || p.d % cluster != 0) return cudaErrorInvalidValue;
+  if (cluster < 1 || cluster > 16 || p.d % cluster != 0 || (block_m != 16 && block_m != 32) || p.d > max_d(block_m))
+    return cudaErrorInvalidValue;
   switch (dtype) {
     case kCellBFloat16: return by_rows<__nv_bfloat16>(p, cluster, block_m, blocks, stream, max_clusters);
     case kCellFloat16: return by_rows<__half>(p, cluster, block_m, blocks, stream, max_clusters);
