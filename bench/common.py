@@ -171,7 +171,10 @@ def interleaved_wall_ms(fns: dict, device: torch.device, *, rounds: int = 5, cal
     """:func:`wall_ms`'s rounds for several functions, taken in turn (a, b, c, a, b, c, ...),
     so that a drift of the host's speed during the run reaches each of them alike: each
     key's list of per-round milliseconds per call. Each function is warmed up (and its
-    ``calls`` calibrated) before the first round."""
+    ``calls`` calibrated) before the first round, and each round starts after one untimed
+    call: on the H200 the variant timed right after the autograd backwards read 15% slower
+    than the identical call elsewhere in the same rounds (bench_cell, be29250: cell-max20
+    0.0855 ms, cell 0.0733), a cost of the switch, not of the function."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     counts = {}
     for key, fn in fns.items():
@@ -188,6 +191,7 @@ def interleaved_wall_ms(fns: dict, device: torch.device, *, rounds: int = 5, cal
     samples: dict = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
+            fn()  # untimed: what the switch from the previous function costs is not this one's
             sync()
             start = time.perf_counter()
             for _ in range(counts[key]):
