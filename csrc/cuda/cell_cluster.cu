@@ -117,36 +117,23 @@ __device__ __forceinline__ float next_of(float h, float z, float rstd, float g, 
   return (1.0f - damping) * h + damping * (z * rstd * g);
 }
 
-// Four consecutive elements c.. of a row: z (+ frozen), the iterate (storage dtype) and gain.
-template <typename T>
-struct Quad {
-  float z[4], h[4], g[4];
-  __device__ __forceinline__ void load(const float* zr, const T* hr, const float* gs, int c) {
-    const float4 zv = *reinterpret_cast<const float4*>(zr + c), gv = *reinterpret_cast<const float4*>(gs + c);
-    const uint2 hv = *reinterpret_cast<const uint2*>(hr + c);
-    const T* hp = reinterpret_cast<const T*>(&hv);
-    z[0] = zv.x; z[1] = zv.y; z[2] = zv.z; z[3] = zv.w;
-    g[0] = gv.x; g[1] = gv.y; g[2] = gv.z; g[3] = gv.w;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = to_f(hp[j]);
-  }
-  __device__ __forceinline__ float next(int j, float rstd, float damping) const {
-    return next_of(h[j], z[j], rstd, g[j], damping);
-  }
-};
+// The first column of a row-phase thread's q-th float4 group of its row: thread sub of the
+// row's TPR takes columns 4 sub.. 4 sub + 3, then every 4 TPR further on.
+template <int TPR>
+__device__ __forceinline__ int quad_col(int sub, int q) { return 4 * (sub + TPR * q); }
 
-// f(step, next) for each of this thread's elements of a row (columns 4 sub.., in fours):
-// step = h_next - h, next = h_next.
-template <typename T, int TPR, typename F>
-__device__ __forceinline__ void for_each_step(const float* zr, const T* hr, const float* gs, int d, int sub,
-                                              float rstd, float damping, F&& f) {
-  Quad<T> q;
-  for (int c = 4 * sub; c < d; c += 4 * TPR) {
-    q.load(zr, hr, gs, c);
+// f(step, next) for each of this thread's elements of its row: next from the next iterate the
+// row phase formed in registers, the iterate (not yet overwritten) from shared memory.
+template <typename T, int TPR, int MAXQ, typename F>
+__device__ __forceinline__ void for_each_step(const float (&hn)[MAXQ][4], const T* hr, int d, int sub, F&& f) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float hn = q.next(j, rstd, damping);
-      f(hn - q.h[j], hn);
+  for (int q = 0; q < MAXQ; ++q) {
+    const int c = quad_col<TPR>(sub, q);
+    if (c < d) {
+      const uint2 hv = *reinterpret_cast<const uint2*>(hr + c);
+      const T* hp = reinterpret_cast<const T*>(&hv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f(hn[q][j] - to_f(hp[j]), hn[q][j]);
     }
   }
 }
@@ -154,11 +141,11 @@ __device__ __forceinline__ void for_each_step(const float* zr, const T* hr, cons
 // row_residual_tl's overflow-safe parts of a row's step and next iterate (max magnitude m,
 // sum((x/m)^2), non-finite flag), for the rare row whose plain sums of squares overflow,
 // underflow or are not finite.
-template <typename T, int TPR>
-__device__ float scaled_residual(const float* zr, const T* hr, const float* gs, int d, int sub, float rstd,
+template <typename T, int TPR, int MAXQ>
+__device__ float scaled_residual(const float (&next)[MAXQ][4], const T* hr, int d, int sub,
                                  const CellClusterParams& p, unsigned mask) {
   float md = 0.0f, mh = 0.0f, bd = 0.0f, bh = 0.0f;
-  for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
+  for_each_step<T, TPR, MAXQ>(next, hr, d, sub, [&](float step, float hn) {
     md = fmaxf(md, fabsf(step));
     mh = fmaxf(mh, fabsf(hn));
     bd = fabsf(step) <= kFltMax ? bd : 1.0f;
@@ -170,7 +157,7 @@ __device__ float scaled_residual(const float* zr, const T* hr, const float* gs, 
   bh = group_max<TPR>(bh, mask);
   const float safe_d = md > 0.0f ? md : 1.0f, safe_h = mh > 0.0f ? mh : 1.0f;
   float sd = 0.0f, sh = 0.0f;
-  for_each_step<T, TPR>(zr, hr, gs, d, sub, rstd, p.damping, [&](float step, float hn) {
+  for_each_step<T, TPR, MAXQ>(next, hr, d, sub, [&](float step, float hn) {
     const float qd = step / safe_d, qh = hn / safe_h;
     sd += qd * qd;
     sh += qh * qh;
@@ -246,10 +233,8 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     fz[i] = in ? make_float4(to_f(f[at]), to_f(f[at + 1]), to_f(f[at + 2]), to_f(f[at + 3]))
                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
-  // the row phase: thread (r, sub) takes row r's columns sub, sub + TPR, ...
+  // the row phase: thread (r, sub) takes row r's float4 groups at quad_col<TPR>(sub, 0, 1, ...)
   const int r = threadIdx.x / TPR, sub = threadIdx.x % TPR;
-  // the first column of the thread's q-th float4 group of its row: its groups are TPR apart
-  const auto quad_col = [sub](int q) { return 4 * sub + 4 * TPR * q; };
   const unsigned mask = TPR == 32 ? 0xffffffffu : ((1u << TPR) - 1u) << (lane & ~(TPR - 1));
   const bool ok = first + r < p.n_rows;
   float res_old = kFltMax, prev = kFltMax, lowest = __int_as_float(0x7f800000), rstd_last = 0.0f;
@@ -302,8 +287,10 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     uint2 hq[MAXQ];
     cluster.barrier_arrive();
 #pragma unroll
-    for (int q = 0; q < MAXQ; ++q)
-      if (quad_col(q) < d) hq[q] = *reinterpret_cast<const uint2*>(hr + quad_col(q));
+    for (int q = 0; q < MAXQ; ++q) {
+      const int c = quad_col<TPR>(sub, q);
+      if (c < d) hq[q] = *reinterpret_cast<const uint2*>(hr + c);
+    }
     cluster.barrier_wait();
 
     // 3. whole rows, the same in every CTA: rstd, the residual of the step, then the step.
@@ -312,8 +299,9 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     float ss = 0.0f;
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q) {
-      if (quad_col(q) < d) {
-        const float4 zv = *reinterpret_cast<const float4*>(zr + quad_col(q));
+      const int c = quad_col<TPR>(sub, q);
+      if (c < d) {
+        const float4 zv = *reinterpret_cast<const float4*>(zr + c);
         zq[q][0] = zv.x; zq[q][1] = zv.y; zq[q][2] = zv.z; zq[q][3] = zv.w;
         ss += zv.x * zv.x + zv.y * zv.y + zv.z * zv.z + zv.w * zv.w;
       }
@@ -324,8 +312,9 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     float sd = 0.0f, sh = 0.0f, md = 0.0f;
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q) {
-      if (quad_col(q) < d) {
-        const float4 gv = *reinterpret_cast<const float4*>(gs + quad_col(q));
+      const int c = quad_col<TPR>(sub, q);
+      if (c < d) {
+        const float4 gv = *reinterpret_cast<const float4*>(gs + c);
         const T* hp = reinterpret_cast<const T*>(&hq[q]);
         const float g4[4] = {gv.x, gv.y, gv.z, gv.w};
 #pragma unroll
@@ -348,17 +337,18 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       res = p.stop_mode == 2 ? md : sqrtf(sd);
       if (p.stop_mode == 1) res = res / (sqrtf(sh) + p.rel_eps);
       res = res <= kFltMax ? res : __int_as_float(0x7fc00000);
-    } else {  // from z, the iterate and gain in shared memory, all unchanged so far
-      res = scaled_residual<T, TPR>(zr, hr, gs, d, sub, rstd, p, mask);
+    } else {
+      res = scaled_residual<T, TPR, MAXQ>(zq, hr, d, sub, p, mask);
     }
     if (active) {
 #pragma unroll
       for (int q = 0; q < MAXQ; ++q) {
-        if (quad_col(q) < d) {
+        const int c = quad_col<TPR>(sub, q);
+        if (c < d) {
           T out[4];
 #pragma unroll
           for (int j = 0; j < 4; ++j) out[j] = from_f<T>(zq[q][j]);
-          *reinterpret_cast<uint2*>(hr + quad_col(q)) = *reinterpret_cast<const uint2*>(out);
+          *reinterpret_cast<uint2*>(hr + c) = *reinterpret_cast<const uint2*>(out);
         }
       }
       prev = res_old;
