@@ -29,6 +29,8 @@ Adjoint (the backward of ``sum(h* . v)``: the adjoint solve and the parameter gr
   ``torch.autograd.grad(h*, params, v, retain_graph=True)`` after one forward.
   cell-body      solve_cell's backward body (the one-launch adjoint solve and the parameter
                  gradients) called directly: compile-ro's work without the autograd engine
+                 (the note says which adjoint kernel ran)
+  cell-body-split  the same with the Triton kernels only (sizes whose adjoint takes the cluster kernel)
 max_iter study (first size): cell and loop-graph at max_iter 20 and 5 for the same problem.
 
 Checks before timing (a FAIL row is not timed): h* against eager-item's (rel. Frobenius
@@ -343,7 +345,8 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
             for label, got, ref in zip(("dW", "dfrozen", "dgain"), grads_fn(), grads_ref):
                 if status == "ok":
                     status = common.check_close(label, got, ref, max(10 * p.tol, 1e-3))
-            record("adjoint", variant, status, grads_fn, iterations)
+            note = f"backend {deqkern.last_backend()}" if variant.startswith("cell-body") else ""
+            record("adjoint", variant, status, grads_fn, iterations, note)
 
         guarded("adjoint", variant, body)
 
@@ -362,6 +365,9 @@ def bench_size(spec: str, device: torch.device, calls: int, rounds: int, max_ite
         adjoint("cell", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))
         adjoint("cell-warn", backward_alone(p, lambda: p.solve_cell()))
         adjoint("cell-body", backward_body(p))
+    if persistent_cluster.adjoint_for(p.w, p.frozen, p.gain, h_ref) is not None:
+        with Persistent("split"):
+            adjoint("cell-body-split", backward_body(p))
     if split:
         with Persistent("block"):
             adjoint("cell-block", backward_alone(p, lambda: p.solve_cell(on_nonconvergence="ignore")))

@@ -10,7 +10,10 @@ Then wall microseconds per call (back-to-back calls, host included) of the bare 
 (``solve_cluster`` / ``solve_split`` / ``solve_triton``) and of
 ``deqkern.solve_cell(on_nonconvergence="ignore")`` at ``max_iter`` 5 as each kernel choice
 takes it: what the host adds on top of the device. ``--kernels`` limits the configurations
-(cluster, auto, block, split). CUDA only.
+(cluster, auto, block, split, adjoint). ``adjoint``: the adjoint solve at the forward's
+h* the same way (cluster shapes and the split chooser's; device time at ``b_max_iter`` 5
+and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
+backward) by device time and wall time per call. CUDA only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import common  # noqa: E402
 import deqkern  # noqa: E402
 from bench_cell import captured  # noqa: E402
 from deqkern.ops import persistent, persistent_cluster, persistent_split  # noqa: E402
+from deqkern.solver import cell as cell_mod  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SIZES = ["bf16:256x512", "fp32:256x512", "bf16:1024x1024"]
@@ -117,6 +121,48 @@ def label(cfg: dict) -> str:
             f"{cfg['num_warps']}w {'one-dot' if cfg['ONE_DOT'] else 'kloop'}")
 
 
+def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
+    """The adjoint solve's device time per launch and per iteration (cluster shapes, the
+    split chooser's), then the backward body's (the adjoint as solve_cell picks it, and the
+    parameter gradients) device and wall time, at the forward's h* for a random cotangent."""
+    n, d = h0.shape
+    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
+    v = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
+    base = {"dtype": name, "n": n, "d": d}
+    runs = [(f"adjoint cluster C={c} BM={bm}", lambda m, cfg=(c, bm): persistent_cluster.adjoint_cluster(
+                w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL, cfg))
+            for c, bm in persistent_cluster.adjoint_shapes(d)
+            if persistent_cluster.adjoint_config(n, d, h0.dtype, 0, (c, bm)) is not None]
+    runs.append(("adjoint split (chooser)",
+                 lambda m: persistent_split.adjoint_split(w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
+    rows = []
+    for label_, run in runs:
+        try:
+            dev = {m: device_us(lambda m=m: run(m)) for m in (5, 10)}
+            row = {**base, "kernel": label_, "device_us_5": dev[5], "device_us_10": dev[10],
+                   "us_per_iteration": (dev[10] - dev[5]) / 5}
+        except Exception as err:  # noqa: BLE001
+            row = {**base, "kernel": label_, "error": f"{type(err).__name__}: {err}"[:200]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    saved = persistent_split.KERNEL
+    for kernel in ("auto", "split"):
+        persistent_split.KERNEL = kernel
+
+        def body(kernel=kernel):
+            persistent_split.KERNEL = kernel
+            out = cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)
+            return cell_mod._param_grads(out.dz, out.d_gain, h_star, frozen, gain, (True, True, True))
+
+        row = {**base, "kernel": f"backward body ({kernel}), 5 adjoint iterations",
+               "device_us_5": device_us(body),
+               "wall_us_5": 1e3 * common.wall_ms(body, torch.device("cuda"), calls=50, rounds=5)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    persistent_split.KERNEL = saved
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=SIZES)
@@ -134,6 +180,8 @@ def main(argv=None) -> dict:
         frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
         gain = torch.ones(d, device="cuda", dtype=dtype)
         h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
+        if "adjoint" in args.kernels:
+            rows.extend(probe_adjoint(name, w, frozen, gain, h0))
         for kernel, cfg in candidates(n, d, h0, tuple(args.kernels)):
             def solve(m, cfg=cfg):
                 if isinstance(cfg, tuple):

@@ -1,19 +1,19 @@
-"""The forward solve on Hopper thread-block clusters (deqkern.ops.persistent_cluster, CUDA
-C++) against the eager twin and a float64 fixed point, at every cluster shape the kernel
-has for each width (forced through ``DEQKERN_CLUSTER_CONFIG``), with the same row state,
-rstd and host check as the Triton kernels. Needs the built extension and an sm_90 GPU;
-on a CPU only the dispatch is checked."""
+"""The solves on Hopper thread-block clusters (deqkern.ops.persistent_cluster, CUDA C++),
+forward and adjoint, against the eager twins and float64 references, at every cluster shape
+the kernels have for each width (the forward's forced through ``DEQKERN_CLUSTER_CONFIG``),
+with the same row state, rstd and host check as the Triton kernels. Needs the built
+extension and an sm_90 GPU; on a CPU only the dispatch is checked."""
 
 import pytest
 import torch
 
 import deqkern
-from deqkern.ops import persistent, persistent_cluster, persistent_split
+from deqkern.ops import persistent, persistent_adjoint, persistent_cluster, persistent_split
 from deqkern.solver.loop import check_vector, host_check
 from deqkern.solver.report import read_check
 from numerics import case_seed
 from test_ops_persistent import (DAMPING, EPS, TOL, assert_graph_replays, assert_rows_close, assert_same_steps,
-                                 fixed_point64, make_cell)
+                                 fixed_point64, make_cell, row_err)
 
 needs_cluster = pytest.mark.skipif(
     not (torch.cuda.is_available() and persistent_cluster.available(torch.device("cuda", 0))),
@@ -97,8 +97,8 @@ def test_captured_in_a_cuda_graph():
 @needs_cluster
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_solve_cell_takes_it_and_matches_the_split_kernel(monkeypatch, dtype):
-    """``solve_cell`` runs its forward on the cluster kernel where it fits (the adjoint on
-    the Triton kernel): h* and the gradients agree with the split kernel's."""
+    """``solve_cell`` runs its forward and its adjoint on the cluster kernels where they fit:
+    h* and the gradients agree with the split kernels'."""
     gen = torch.Generator().manual_seed(case_seed("cluster-cell", dtype))
     _, (w, frozen, gain, h0) = make_cell(256, 512, dtype, gen, device="cuda")
     tol = TOL[dtype]
@@ -109,8 +109,8 @@ def test_solve_cell_takes_it_and_matches_the_split_kernel(monkeypatch, dtype):
         h, info = deqkern.solve_cell(*params, h0, damping=DAMPING, eps=EPS, tol=tol, max_iter=40)
         backend = deqkern.last_backend()
         h.float().pow(2).sum().backward()
-        out[kernel] = (h, info["nstep"], [p.grad for p in params], backend)
-    assert out["auto"][3] == persistent_cluster.BACKEND and out["split"][3] == "triton-persistent"
+        out[kernel] = (h, info["nstep"], [p.grad for p in params], (backend, deqkern.last_backend()))
+    assert out["auto"][3] == (persistent_cluster.BACKEND,) * 2 and out["split"][3] == ("triton-persistent",) * 2
     assert_same_steps(out["auto"][1], out["split"][1])
     for got, expected in zip([out["auto"][0], *out["auto"][2]], [out["split"][0], *out["split"][2]]):
         err = float((got.double() - expected.double()).norm() / expected.double().norm())
@@ -132,12 +132,111 @@ def test_what_it_does_not_take(monkeypatch):
     assert persistent_cluster.cluster_for(w, frozen, gain, shifted.copy_(h0)) is None
     monkeypatch.setattr(persistent_split, "KERNEL", "split")
     assert persistent_cluster.cluster_for(w, frozen, gain, h0) is None
+    assert persistent_cluster.adjoint_for(w, frozen, gain, h0) is None
+
+
+@needs_cluster
+def test_adjoint_not_taken_past_its_widths():
+    """The adjoint keeps whole rows of g, v and n in registers: up to d = 512; wider rows (the
+    forward may still take them) and float32 go to the Triton adjoint."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj-no"))
+    _, wide = make_cell(64, 640, torch.bfloat16, gen, device="cuda")
+    assert persistent_cluster.adjoint_shapes(640) == [] and persistent_cluster.adjoint_for(*wide) is None
+    _, cast = make_cell(64, 512, torch.bfloat16, gen, device="cuda")
+    assert persistent_cluster.adjoint_for(*cast) == (4, 16)
+    assert persistent_cluster.adjoint_for(*(t.float() for t in cast)) is None
+
+
+#: (rows, d) for the adjoint: rows past the last full block, C not a power of two, one row.
+ADJOINT_CASES = [(21, 64), (257, 96), (300, 512), (40, 256), (1, 128)]
+
+
+@needs_cluster
+@pytest.mark.parametrize("n_rows,d,shape", [(n, d, s) for n, d in ADJOINT_CASES
+                                            for s in persistent_cluster.adjoint_shapes(d)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adjoint_parity(dtype, n_rows, d, shape):
+    """g against the eager twin and a float64 solve, for gradients from 1e-3 to 1e3 per row
+    (v in h*'s dtype for one half of the cases, float32 for the other); dz, rstd and d_gain
+    at the returned g against float64; the row state and host check as the twin's."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj", dtype, n_rows, d))
+    f64, cast = make_cell(n_rows, d, dtype, gen, device="cuda")
+    if persistent_cluster.adjoint_config(n_rows, d, dtype, 0, shape) is None:
+        pytest.skip(f"the GPU holds no adjoint cluster {shape} at d={d} ({dtype})")
+    w64, frozen64, gain64, _ = f64
+    h_star = fixed_point64(*f64).to(dtype)
+    v = torch.randn(n_rows, d, generator=gen, dtype=torch.float64) * torch.logspace(-3, 3, n_rows)[:, None]
+    v = v.to(device="cuda", dtype=torch.float32 if (n_rows + d) % 2 else dtype)
+    args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
+    g, state, dz, rstd, d_gain, parts = persistent_cluster.adjoint_cluster(*args, shape)
+    g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
+    g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
+                                                                    v.double(), EPS, DAMPING, 400, 1e-14)
+    assert bool((state64.residual < 1e-14).all())
+
+    assert g.dtype == torch.float32 and dz.dtype == dtype and g.shape == dz.shape == (n_rows, d)
+    assert bool((state.residual < TOL[dtype]).all())
+    assert_same_steps(state.nstep, state_e.nstep)
+    assert bool((state.lowest <= state.residual).all())
+    assert_rows_close(g, g_e, g64, dtype, "g")
+    z64 = h_star.double() @ w64.T + frozen64
+    rstd64 = torch.rsqrt(z64.pow(2).mean(-1, keepdim=True) + EPS)
+    n64 = z64 * rstd64
+    dyg = DAMPING * g.double() * gain64
+    dz64 = rstd64 * (dyg - n64 * (dyg * n64).mean(-1, keepdim=True))
+    torch.testing.assert_close(rstd.double(), rstd64.squeeze(-1), rtol=1e-5, atol=0)
+    assert_rows_close(dz, dz64, dz64, dtype, "dz", units=2)
+    d_gain64 = DAMPING * (g.double() * n64).sum(0)
+    torch.testing.assert_close(d_gain.double(), d_gain64, rtol=1e-4, atol=1e-4 * float(d_gain64.abs().max()))
+    check, iterations = read_check(parts)
+    assert parts.shape == (-(-n_rows // 16), 5)
+    assert check == host_check(check_vector(state, TOL[dtype])) and iterations == int(state.nstep.max())
+
+
+@needs_cluster
+def test_adjoint_nonfinite_row_max_iter_and_broadcast_frozen():
+    """An Inf in v freezes its row at step 1 with a NaN residual; rows that cannot reach tol
+    stop at max_iter with the eager twin's steps; a (d,) frozen vector broadcasts."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj-nan"))
+    f64, (w, frozen, gain, h0) = make_cell(37, 64, torch.bfloat16, gen, device="cuda")
+    h_star = fixed_point64(*f64).to(torch.bfloat16)
+    v = torch.randn(37, 64, generator=gen).to("cuda")
+    v[7, 0] = float("inf")
+    config = persistent_cluster.adjoint_for(w, frozen, gain, h_star)
+    out = persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 4, 1e-9, config)
+    ref = persistent_adjoint.adjoint_reference(w, frozen, gain, h_star, v, EPS, DAMPING, 4, 1e-9)
+    assert out.state.nstep[7] == 1 and torch.isnan(out.state.residual[7])
+    assert torch.equal(out.state.nstep, ref.state.nstep)
+    others = torch.arange(37, device="cuda") != 7
+    assert bool((out.state.nstep[others] == 4).all()) and bool(torch.isfinite(out.g[others]).all())
+    check, iterations = read_check(out.check)
+    assert (check.unconverged, check.first_bad_iter, check.bad_rows) == (37, 1, 1) and iterations == 4
+
+    v[7, 0] = 1.0
+    out = persistent_cluster.adjoint_cluster(w, frozen[3].clone(), gain, h_star, v, EPS, DAMPING, 40,
+                                             TOL[torch.bfloat16], config)
+    ref = persistent_adjoint.adjoint_reference(w, frozen[3].clone(), gain, h_star, v, EPS, DAMPING, 400, 1e-12)
+    assert bool((out.state.residual < TOL[torch.bfloat16]).all())
+    assert float(row_err(out.g, ref.g.double()).max()) < 5 * TOL[torch.bfloat16]
+
+
+@needs_cluster
+def test_adjoint_captured_in_a_cuda_graph():
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj-graph"))
+    f64, cast = make_cell(256, 512, torch.bfloat16, gen, device="cuda")
+    h_star = fixed_point64(*f64).to(torch.bfloat16)
+    v = torch.randn(256, 512, generator=gen).to("cuda", torch.bfloat16)
+    assert_graph_replays(persistent_cluster.adjoint_cluster,
+                         (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 20, 2e-2,
+                          persistent_cluster.adjoint_for(cast[0], cast[1], cast[2], h_star)))
 
 
 def test_cpu_tensors_never_take_it(monkeypatch):
-    """CPU tensors never take the kernel; a malformed forced configuration is a ValueError naming the variable."""
+    """CPU tensors never take the kernels; a malformed forced configuration is a ValueError naming the variable."""
     _, cast = make_cell(8, 64, torch.float32, torch.Generator().manual_seed(0))
-    assert persistent_cluster.cluster_for(*cast) is None
+    assert persistent_cluster.cluster_for(*cast) is None and persistent_cluster.adjoint_for(*cast) is None
+    _, half = make_cell(8, 64, torch.bfloat16, torch.Generator().manual_seed(0))
+    assert persistent_cluster.adjoint_for(*half) is None
     monkeypatch.setenv("DEQKERN_CLUSTER_CONFIG", "8;16")
     with pytest.raises(ValueError, match="DEQKERN_CLUSTER_CONFIG must be 'C,BM'.*'8;16'"):
         persistent_cluster.forced_config()

@@ -24,103 +24,17 @@
 // host check go to the Triton kernels' float32 buffer layout (deqkern/ops/persistent_split.py,
 // _buffers).
 
-#include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
-#include <cstdint>
-#include <type_traits>
-
 #include "cell_cluster.h"
+#include "cell_cluster_device.h"
 
 namespace {
 
-namespace cg = cooperative_groups;
-using namespace nvcuda;
-
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
-constexpr float kFltMax = 3.4028234663852886e38f;
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return __half2float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else return __float2half_rn(x);
-}
-
-// One warp: NT adjacent 16x16 tiles, out[:, 16 i:16 i + 16] (row-major, ldo) = a[16 rows,
-// k_lo:k_hi] @ b[16 i.. rows, k_lo:k_hi]^T for i < NT; a and b row-major with leading
-// dimension ld (b's rows are W's rows: a column-major B). Each K step loads the A fragment
-// once for the NT products, and the NT accumulators are independent chains.
-template <typename T, int NT>
-__device__ __forceinline__ void warp_product(const T* a, const T* b, int ld, int k_lo, int k_hi, float* out,
-                                             int ldo) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[NT];
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NT];
-#pragma unroll
-  for (int i = 0; i < NT; ++i) wmma::fill_fragment(acc[i], 0.0f);
-  for (int k = k_lo; k < k_hi; k += 16) {
-    wmma::load_matrix_sync(af, a + k, ld);
-#pragma unroll
-    for (int i = 0; i < NT; ++i) wmma::load_matrix_sync(bf[i], b + i * 16 * ld + k, ld);
-#pragma unroll
-    for (int i = 0; i < NT; ++i) wmma::mma_sync(acc[i], af, bf[i], acc[i]);
-  }
-#pragma unroll
-  for (int i = 0; i < NT; ++i) wmma::store_matrix_sync(out + i * 16, acc[i], ldo, wmma::mem_row_major);
-}
-
-// Reductions over a row's TPR adjacent lanes (mask: those lanes).
-template <int TPR>
-__device__ __forceinline__ float group_sum(float x, unsigned mask) {
-#pragma unroll
-  for (int o = TPR / 2; o > 0; o >>= 1) x += __shfl_xor_sync(mask, x, o);
-  return x;
-}
-
-template <int TPR>
-__device__ __forceinline__ float group_max(float x, unsigned mask) {
-#pragma unroll
-  for (int o = TPR / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(mask, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float residual_of(float md, float sd, float bd, float mh, float sh, float bh,
-                                             float rel_eps, int stop_mode) {
-  float bad = bd, res;
-  if (stop_mode == 2) {
-    res = md;
-  } else {
-    res = md * sqrtf(sd);
-    if (stop_mode == 1) {
-      const float norm = mh * sqrtf(sh);
-      bad = fmaxf(bad, bh);
-      res = res / (norm + rel_eps);
-      bad = fmaxf(bad, norm <= kFltMax ? 0.0f : 1.0f);
-    }
-    bad = fmaxf(bad, res <= kFltMax ? 0.0f : 1.0f);
-  }
-  return bad > 0.0f ? __int_as_float(0x7fc00000) : res;
-}
+using namespace cell_cluster;
 
 // The next iterate of one element: (1 - damping) h + damping * z * rstd * gain
 __device__ __forceinline__ float next_of(float h, float z, float rstd, float g, float damping) {
   return (1.0f - damping) * h + damping * (z * rstd * g);
 }
-
-// The first column of a row-phase thread's q-th float4 group of its row: thread sub of the
-// row's TPR takes columns 4 sub.. 4 sub + 3, then every 4 TPR further on.
-template <int TPR>
-__device__ __forceinline__ int quad_col(int sub, int q) { return 4 * (sub + TPR * q); }
 
 // f(step, next) for each of this thread's elements of its row: next from the next iterate the
 // row phase formed in registers, the iterate (not yet overwritten) from shared memory.
@@ -136,35 +50,6 @@ __device__ __forceinline__ void for_each_step(const float (&hn)[MAXQ][4], const 
       for (int j = 0; j < 4; ++j) f(hn[q][j] - to_f(hp[j]), hn[q][j]);
     }
   }
-}
-
-// row_residual_tl's overflow-safe parts of a row's step and next iterate (max magnitude m,
-// sum((x/m)^2), non-finite flag), for the rare row whose plain sums of squares overflow,
-// underflow or are not finite.
-template <typename T, int TPR, int MAXQ>
-__device__ float scaled_residual(const float (&next)[MAXQ][4], const T* hr, int d, int sub,
-                                 const CellClusterParams& p, unsigned mask) {
-  float md = 0.0f, mh = 0.0f, bd = 0.0f, bh = 0.0f;
-  for_each_step<T, TPR, MAXQ>(next, hr, d, sub, [&](float step, float hn) {
-    md = fmaxf(md, fabsf(step));
-    mh = fmaxf(mh, fabsf(hn));
-    bd = fabsf(step) <= kFltMax ? bd : 1.0f;
-    bh = fabsf(hn) <= kFltMax ? bh : 1.0f;
-  });
-  md = group_max<TPR>(md, mask);
-  mh = group_max<TPR>(mh, mask);
-  bd = group_max<TPR>(bd, mask);
-  bh = group_max<TPR>(bh, mask);
-  const float safe_d = md > 0.0f ? md : 1.0f, safe_h = mh > 0.0f ? mh : 1.0f;
-  float sd = 0.0f, sh = 0.0f;
-  for_each_step<T, TPR, MAXQ>(next, hr, d, sub, [&](float step, float hn) {
-    const float qd = step / safe_d, qh = hn / safe_h;
-    sd += qd * qd;
-    sh += qh * qh;
-  });
-  sd = group_sum<TPR>(sd, mask);
-  sh = group_sum<TPR>(sh, mask);
-  return residual_of(md, sd, bd, mh, sh, bh, p.rel_eps, p.stop_mode);
 }
 
 // Float4 groups of a row each thread of the row phase holds: d <= 4 * (kThreads / BM) * max_quads
@@ -202,8 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   T* hs = ws + BN * ld;                                // (BM, ld): the block's iterate rows (every CTA the same)
   float* zx = reinterpret_cast<float*>(hs + BM * ld);  // (2, BM, d): z + frozen, exchanged, double-buffered
   float* gs = zx + 2 * BM * d;                         // (d,): gain
-  __shared__ int check_i[4];                           // unconverged, non-finite, first non-finite step, max nstep
-  __shared__ float check_max;                          // largest finite residual (>= 0: int order)
+  __shared__ CheckTally tally;
 
   const int dv = d / VEC;
   for (int i = threadIdx.x; i < BN * dv; i += kThreads) {
@@ -218,11 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     *reinterpret_cast<uint4*>(hs + r * ld + k) = v;
   }
   for (int c = threadIdx.x; c < d; c += kThreads) gs[c] = to_f(gain[c]);
-  if (threadIdx.x == 0) {
-    check_i[0] = check_i[1] = check_i[3] = 0;
-    check_i[2] = 0x7fffffff;
-    check_max = 0.0f;
-  }
+  start_tally(tally);
   // this thread's float4 groups of the CTA's frozen tile (added to z before the exchange)
   float4 fz[PER_THREAD];
 #pragma unroll
@@ -235,10 +115,10 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   }
   // the row phase: thread (r, sub) takes row r's float4 groups at quad_col<TPR>(sub, 0, 1, ...)
   const int r = threadIdx.x / TPR, sub = threadIdx.x % TPR;
-  const unsigned mask = TPR == 32 ? 0xffffffffu : ((1u << TPR) - 1u) << (lane & ~(TPR - 1));
+  const unsigned mask = row_mask<TPR>(lane);
   const bool ok = first + r < p.n_rows;
-  float res_old = kFltMax, prev = kFltMax, lowest = __int_as_float(0x7f800000), rstd_last = 0.0f;
-  int nstep = 0;
+  RowTrack track;
+  float rstd_last = 0.0f;
   float zq[MAXQ][4];  // this thread's part of its row's z, then of the next iterate
   cluster.sync();  // every CTA of the cluster has started (its shared memory may be written) and loaded
 
@@ -257,8 +137,8 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       const int group = warp % WGROUPS, ks = warp / WGROUPS;
       const int tm = group / (TN / NT), tn = (group % (TN / NT)) * NT;
       const int lo = min(nk, ks * chunk) * 16, hi = min(nk, (ks + 1) * chunk) * 16;
-      warp_product<T, NT>(hs + tm * 16 * ld, ws + tn * 16 * ld, ld, lo, hi, zp + ks * BM * BN + tm * 16 * BN + tn * 16,
-                          BN);
+      warp_product<T, NT, false>(hs + tm * 16 * ld, ld, ws + tn * 16 * ld, ld, lo, hi,
+                                 zp + ks * BM * BN + tm * 16 * BN + tn * 16, BN);
     }
     __syncthreads();
 
@@ -308,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     }
     const float rstd = rsqrtf(group_sum<TPR>(ss, mask) / static_cast<float>(d) + p.eps);
     rstd_last = rstd;
-    const bool active = ok && res_old >= p.tol && res_old <= kFltMax && k < p.max_iter;
+    const bool active = track.active(ok, k, p.tol, p.max_iter);
     float sd = 0.0f, sh = 0.0f, md = 0.0f;
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q) {
@@ -330,16 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     sd = group_sum<TPR>(sd, mask);
     sh = group_sum<TPR>(sh, mask);
     md = group_max<TPR>(md, mask);
-    float res;
-    const bool plain = sd <= kFltMax && !(sd > 0.0f && sd < 1e-30f) &&
-                       (p.stop_mode != 1 || (sh <= kFltMax && !(sh > 0.0f && sh < 1e-30f)));
-    if (plain) {  // finite, no overflow or underflow: the plain norms (sd finite: every step is)
-      res = p.stop_mode == 2 ? md : sqrtf(sd);
-      if (p.stop_mode == 1) res = res / (sqrtf(sh) + p.rel_eps);
-      res = res <= kFltMax ? res : __int_as_float(0x7fc00000);
-    } else {
-      res = scaled_residual<T, TPR, MAXQ>(zq, hr, d, sub, p, mask);
-    }
+    const float res = row_residual<TPR>(
+        sd, sh, md, [&](auto&& f) { for_each_step<T, TPR, MAXQ>(zq, hr, d, sub, f); }, p.rel_eps, p.stop_mode, mask);
     if (active) {
 #pragma unroll
       for (int q = 0; q < MAXQ; ++q) {
@@ -351,10 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
           *reinterpret_cast<uint2*>(hr + c) = *reinterpret_cast<const uint2*>(out);
         }
       }
-      prev = res_old;
-      lowest = res < lowest ? res : lowest;
-      nstep += 1;
-      res_old = res;
+      track.commit(res);
     }
     ++k;
     parity ^= 1;
@@ -370,33 +239,9 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       *reinterpret_cast<uint4*>(h_out + static_cast<int64_t>(first + row) * d + c0 + col) =
           *reinterpret_cast<const uint4*>(hs + row * ld + c0 + col);
   }
-  if (rank == 0) {
-    const int64_t n = p.n_rows, row = first + r;
-    if (ok && sub == 0) {
-      p.buf[row] = res_old;
-      p.buf[n + row] = prev;
-      p.buf[2 * n + row] = lowest;
-      reinterpret_cast<int*>(p.buf + 3 * n)[row] = nstep;
-      if (p.with_rstd) p.buf[4 * n + row] = rstd_last;
-      atomicAdd(&check_i[0], !(res_old < p.tol) ? 1 : 0);
-      if (fabsf(res_old) <= kFltMax) {
-        atomicMax(reinterpret_cast<int*>(&check_max), __float_as_int(res_old));
-      } else {
-        atomicAdd(&check_i[1], 1);
-        atomicMin(&check_i[2], nstep);
-      }
-      atomicMax(&check_i[3], nstep);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float* check = p.buf + 5 * n + 5 * static_cast<int64_t>(block);
-      check[0] = static_cast<float>(check_i[0]);
-      check[1] = check_i[1] > 0 ? static_cast<float>(check_i[2]) : 0.0f;
-      check[2] = static_cast<float>(check_i[1]);
-      check[3] = check_max;
-      check[4] = static_cast<float>(check_i[3]);
-    }
-  }
+  if (rank == 0)
+    write_state(p.buf, p.n_rows, first + r, ok, sub == 0, track, p.with_rstd, rstd_last, p.tol,
+                p.buf + 5 * static_cast<int64_t>(p.n_rows) + 5 * static_cast<int64_t>(block), tally);
   cluster.sync();  // no CTA leaves while another may still use its shared memory
 }
 
@@ -408,38 +253,9 @@ size_t smem_bytes(int d) {
 
 template <typename T, int BM, int CPL>
 cudaError_t run(const CellClusterParams& p, int cluster, int blocks, cudaStream_t stream, int* max_clusters) {
-  auto kernel = cell_cluster_kernel<T, BM, CPL>;
-  const size_t smem = smem_bytes<T, BM, CPL>(p.d);
-  static uint64_t configured = 0;  // the function's attributes, set once per device (bit)
-  int device = 0;
-  cudaGetDevice(&device);
-  if (!(configured >> (device & 63) & 1u)) {
-    int optin = 0;
-    cudaFuncAttributes attributes;
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
-    if (err != cudaSuccess) return err;
-    // the opt-in limit covers static and dynamic shared memory together
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               optin - static_cast<int>(attributes.sharedSizeBytes));
-    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (err != cudaSuccess) return err;
-    configured |= uint64_t{1} << (device & 63);
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(blocks * cluster));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  if (max_clusters != nullptr) return cudaOccupancyMaxActiveClusters(max_clusters, kernel, &config);
-  return cudaLaunchKernelEx(&config, kernel, p);
+  static uint64_t configured = 0;
+  return launch(cell_cluster_kernel<T, BM, CPL>, p, smem_bytes<T, BM, CPL>(p.d), configured, cluster, blocks, stream,
+                max_clusters);
 }
 
 template <typename T, int BM>

@@ -1,5 +1,5 @@
-// The cluster solve's launch interface (cell_cluster.cu), free of torch headers so the
-// kernel file compiles with nvcc alone.
+// The cluster solves' launch interface (cell_cluster.cu: the forward, cell_cluster_adjoint.cu:
+// the adjoint), free of torch headers so the kernel files compile with nvcc alone.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,3 +26,27 @@ struct CellClusterParams {
 cudaError_t cell_cluster_launch(const CellClusterParams& p, int dtype, int cluster, int block_m, cudaStream_t stream);
 // How many such clusters the current device holds at once (cudaOccupancyMaxActiveClusters).
 cudaError_t cell_cluster_max_active(const CellClusterParams& p, int dtype, int cluster, int block_m, int* clusters);
+
+struct CellAdjointParams {
+  const void* h;     // (R, d) h*, row stride stride_h, 16-byte aligned rows
+  const void* w;     // (d, d), row stride stride_w, 16-byte aligned rows
+  const void* f;     // frozen rows (stride_f; 0: one row for all)
+  const void* gain;  // (d,)
+  const void* v;     // (R, d) incoming gradient, row stride stride_v, 16-byte aligned rows;
+                     // h*'s dtype, or float32 where v_f32
+  float* g;          // (R, d) contiguous float32: the adjoint solution
+  void* dz;          // (R, d) contiguous, h*'s dtype: VJP_z(g)
+  float* buf;        // float32: residual, prev, lowest, nstep (int32), rstd (R each), check (blocks, 5),
+                     // d_gain parts (blocks, d)
+  int n_rows, d;
+  int64_t stride_h, stride_w, stride_f, stride_v;
+  float eps, damping, tol, rel_eps;
+  int max_iter, v_f32;
+};
+
+// The adjoint solve g <- v + J^T g at h* on `stream` (cell_cluster_adjoint.cu): cdiv(n_rows,
+// 16) clusters of `cluster` CTAs (d / cluster 32, 64 or 128, d <= 512, else
+// cudaErrorInvalidValue).
+cudaError_t cell_adjoint_launch(const CellAdjointParams& p, int dtype, int cluster, cudaStream_t stream);
+// How many such clusters the current device holds at once.
+cudaError_t cell_adjoint_max_active(const CellAdjointParams& p, int dtype, int cluster, int* clusters);

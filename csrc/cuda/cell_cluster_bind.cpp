@@ -1,4 +1,5 @@
-// deqkern._cluster: the Python face of the cluster solve (cell_cluster.cu). The launcher in
+// deqkern._cluster: the Python face of the cluster solves (cell_cluster.cu: the forward,
+// cell_cluster_adjoint.cu: the adjoint). The launcher in
 // deqkern/ops/persistent_cluster.py validates everything (dtypes, shapes, alignment) and
 // caches the configuration; these functions only fill the parameters and launch.
 #include <c10/cuda/CUDAStream.h>
@@ -46,11 +47,41 @@ int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t
   return clusters;
 }
 
+void adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f, const at::Tensor& gain, const at::Tensor& v,
+             at::Tensor& g, at::Tensor& dz, at::Tensor& buf, int64_t stride_f, int64_t cluster, double eps, double damping,
+             double tol, int64_t max_iter, double rel_eps) {
+  c10::cuda::CUDAGuard guard(h.device());
+  CellAdjointParams p{h.data_ptr(), w.data_ptr(), f.data_ptr(), gain.data_ptr(), v.data_ptr(), g.data_ptr<float>(),
+                      dz.data_ptr(), buf.data_ptr<float>(), static_cast<int>(h.size(0)), static_cast<int>(w.size(0)),
+                      h.stride(0), w.stride(0), stride_f, v.stride(0), static_cast<float>(eps),
+                      static_cast<float>(damping), static_cast<float>(tol), static_cast<float>(rel_eps),
+                      static_cast<int>(max_iter), v.scalar_type() == at::kFloat ? 1 : 0};
+  const cudaError_t err = cell_adjoint_launch(p, dtype_code(h.scalar_type()), static_cast<int>(cluster),
+                                              c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint: ", cudaGetErrorString(err));
+}
+
+int64_t adjoint_max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  CellAdjointParams p{};
+  p.n_rows = static_cast<int>(n_rows);
+  p.d = static_cast<int>(d);
+  int clusters = 0;
+  const cudaError_t err = cell_adjoint_max_active(p, dtype_code(dtype), static_cast<int>(cluster), &clusters);
+  if (err != cudaSuccess) cudaGetLastError();  // clear it: the error is reported here
+  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint_max_active: ", cudaGetErrorString(err));
+  return clusters;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "The frozen-context cell's one-launch solve on Hopper thread-block clusters (sm_90)";
+  m.doc() = "The frozen-context cell's one-launch solves (forward and adjoint) on Hopper thread-block clusters (sm_90)";
   m.def("solve", &solve, "One solve: h0, w, frozen, gain, h (out), buf (out), stride_f, cluster, block_m, eps, "
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
   m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
+  m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), g (out, float32), "
+        "dz (out), buf (out), stride_f, cluster, eps, damping, tol, max_iter, rel_eps");
+  m.def("adjoint_max_active", &adjoint_max_active,
+        "Adjoint clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
 }

@@ -1,4 +1,4 @@
-"""The forward one-launch solve on Hopper thread-block clusters (sm_90).
+"""The one-launch solves, forward and adjoint, on Hopper thread-block clusters (sm_90).
 
 The Triton split kernel (:mod:`deqkern.ops.persistent_split`) spends its iterations on L2
 round trips: the exchanged iterate, the partial sums, two group barriers in global memory,
@@ -9,6 +9,10 @@ rows of W and a copy of the block's iterate rows in shared memory for the solve,
 tile of ``z`` into every CTA's ``z`` buffer through distributed shared memory, and after
 one hardware cluster barrier every CTA forms the whole rows' next iterate, residual and
 stop decision itself. An iteration reads nothing from global memory.
+
+The adjoint (``csrc/cuda/cell_cluster_adjoint.cu``, :func:`adjoint_cluster`) has the same
+layout with ``W``'s column slice resident (``u = dz @ W``), 16-row clusters, ``d <= 512``;
+it forms ``z*`` from the same slice (a split-K product over the cluster, exchanged once).
 
 Same arguments, outputs, stop rule and bookkeeping as :func:`persistent_split.solve_split`
 (the float32 buffer has the same layout; ``check`` has one row per cluster). What the
@@ -33,6 +37,7 @@ from deqkern import _backend
 from deqkern.ops import persistent_split
 from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows
 from deqkern.ops.persistent import Solved
+from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.persistent_split import row_views
 from deqkern.ops.residual import REL_EPS
 
@@ -41,7 +46,8 @@ try:
 except (ImportError, OSError):  # a CPU build of torch, no nvcc, DEQKERN_NO_CUDA_EXT=1 (setup.py), another torch
     _ext = None
 
-__all__ = ["BACKEND", "available", "shapes", "cluster_config", "forced_config", "cluster_for", "solve_cluster"]
+__all__ = ["BACKEND", "available", "shapes", "cluster_config", "forced_config", "cluster_for", "solve_cluster",
+           "adjoint_shapes", "adjoint_config", "adjoint_for", "adjoint_cluster"]
 
 #: What :func:`deqkern.last_backend` reports after this kernel ran.
 BACKEND = "cuda-cluster"
@@ -55,6 +61,10 @@ _DTYPES = (torch.bfloat16, torch.float16)
 #: already at 1024x512 (64 clusters) the split kernel was faster (12.2 against 19.9 us per
 #: iteration): the kernel is taken only where all clusters are resident at once.
 _PREFERRED_C = 4
+#: The adjoint kernel's rows per cluster and widest rows (its row phase keeps g, v and n of a
+#: row in registers: 8 float4 groups per thread).
+ADJOINT_ROWS = 16
+ADJOINT_MAX_D = 512
 
 
 def available(device: torch.device) -> bool:
@@ -102,26 +112,27 @@ def cluster_config(n_rows: int, d: int, dtype: torch.dtype, index: int, forced: 
     that shape wherever the GPU can launch it (one wave or more; benchmarks and tests)."""
     if _ext is None or dtype not in _DTYPES or n_rows == 0:
         return None
+    return _pick(n_rows, shapes(d), lambda c, block_m: _ext.max_active(dtype, index, n_rows, d, c, block_m), forced)
+
+
+def _pick(n_rows: int, candidates: list, max_active, forced: Optional[tuple]) -> Optional[tuple]:
+    """Of the ``(C, BM)`` ``candidates`` whose ``cdiv(n_rows, BM)`` clusters the GPU holds at
+    once (``max_active(C, BM)``; a RuntimeError: none), the ``C`` nearest 4, then ``BM`` 16;
+    ``forced``: that shape wherever the GPU can launch it."""
     best, best_key = None, None
-    for c, block_m in shapes(d):
+    for c, block_m in candidates:
         if forced is not None and forced != (c, block_m):
             continue
-        held = _held(dtype, index, n_rows, d, c, block_m)
+        try:
+            held = max_active(c, block_m)
+        except RuntimeError:  # one the GPU cannot launch, e.g. too much shared memory
+            held = 0
         if held == 0 or (forced is None and cdiv(n_rows, block_m) > held):
             continue
         key = (abs(math.log2(c / _PREFERRED_C)), block_m)
         if best_key is None or key < best_key:
             best, best_key = (c, block_m), key
     return best
-
-
-def _held(dtype: torch.dtype, index: int, n_rows: int, d: int, c: int, block_m: int) -> int:
-    """Clusters of the shape the GPU holds at once (0: one the GPU cannot launch, e.g. too
-    much shared memory)."""
-    try:
-        return _ext.max_active(dtype, index, n_rows, d, c, block_m)
-    except RuntimeError:
-        return 0
 
 
 def cluster_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h0: torch.Tensor) -> Optional[tuple]:
@@ -163,3 +174,63 @@ def solve_cluster(
     _ext.solve(h_in, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), h, buf, stride_f, c, block_m,
                eps, damping, tol, max_iter, STOP_MODES[stop_mode], with_rstd, REL_EPS)
     return Solved(h, *row_views(buf, n_rows, blocks, with_rstd))
+
+
+# --------------------------------------------------------------------------- the adjoint
+def adjoint_shapes(d: int) -> list[tuple[int, int]]:
+    """The adjoint kernel's cluster shapes ``(C, 16)`` for width ``d``: ``d / C`` in (32, 64,
+    128) with ``C <= 16``, and ``d <= 512``."""
+    if d > ADJOINT_MAX_D:
+        return []
+    return [(c, block_m) for c, block_m in shapes(d) if block_m == ADJOINT_ROWS]
+
+
+@functools.lru_cache(maxsize=1024)
+def adjoint_config(n_rows: int, d: int, dtype: torch.dtype, index: int,
+                   forced: Optional[tuple] = None) -> Optional[tuple]:
+    """:func:`cluster_config` for the adjoint kernel (its shapes: :func:`adjoint_shapes`)."""
+    if _ext is None or dtype not in _DTYPES or n_rows == 0:
+        return None
+    return _pick(n_rows, adjoint_shapes(d), lambda c, _: _ext.adjoint_max_active(dtype, index, n_rows, d, c), forced)
+
+
+def adjoint_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor) -> Optional[tuple]:
+    """The ``(C, 16)`` :func:`adjoint_cluster` would use for the adjoint solve at ``h_star``,
+    or None where it does not take it (the conditions of :func:`cluster_for`, with
+    :func:`adjoint_config`). Metadata only."""
+    dtype, device = h_star.dtype, h_star.device
+    if (persistent_split.KERNEL not in ("auto", "cluster") or weight.dtype != dtype or frozen.dtype != dtype
+            or gain.dtype != dtype or not available(device)):
+        return None
+    d = h_star.shape[-1]
+    config = adjoint_config(h_star.numel() // d, d, dtype, device.index or 0, forced_config())
+    return config if config is not None and _aligned(weight) and _aligned(h_star) else None
+
+
+def adjoint_cluster(
+    weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor, v: torch.Tensor,
+    eps: float, damping: float, max_iter: int, tol: float, config: tuple,
+) -> Adjoint:
+    """:func:`deqkern.ops.persistent_adjoint.adjoint_triton` by the cluster kernel (same
+    arguments and outputs; ``check`` has one row per cluster), with the ``config``
+    :func:`adjoint_for` returned. ``v`` is read in h*'s dtype or float32 (another dtype, or
+    rows not 16-byte aligned, are converted first)."""
+    d = weight.shape[0]
+    hs, vv = rows(h_star, d), rows(v, d)
+    if vv.dtype not in (hs.dtype, torch.float32):
+        vv = vv.float()
+    if vv.stride(-1) != 1 or not _aligned(vv):
+        vv = vv.contiguous()
+    f, stride_f = frozen_rows(frozen, d)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    n_rows = hs.shape[0]
+    blocks = cdiv(n_rows, ADJOINT_ROWS)
+    device = h_star.device
+    g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
+    dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
+    buf = torch.empty(5 * n_rows + 5 * blocks + blocks * d, dtype=torch.float32, device=device)
+    _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf, stride_f, config[0],
+                 eps, damping, tol, max_iter, REL_EPS)
+    state, rstd, check = row_views(buf, n_rows, blocks, True)
+    parts = buf[5 * n_rows + 5 * blocks:].view(blocks, d)
+    return Adjoint(g, state, dz, rstd, parts[0] if blocks == 1 else parts.sum(0), check)

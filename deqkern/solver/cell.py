@@ -2,8 +2,8 @@
 
 ``h = (1 - damping) * h + damping * gain * RMSNorm(h @ weight.T + frozen)``, row by row.
 Small problems run the whole solve in one persistent kernel (:mod:`deqkern.ops.persistent`:
-one launch forward, one for the adjoint, no host sync inside either; the forward on Hopper
-thread-block clusters where :mod:`deqkern.ops.persistent_cluster` takes it); large ones the
+one launch forward, one for the adjoint, no host sync inside either; both on Hopper
+thread-block clusters where :mod:`deqkern.ops.persistent_cluster` takes them); large ones the
 GEMM + fused-update loop of :func:`deqkern.solve_fused` (:func:`use_persistent` decides).
 
 Gradients. ``"ift"``: the persistent adjoint solve gives ``g`` and ``dz = VJP_z(g)`` at
@@ -183,6 +183,10 @@ def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol
     if _backend.select(h_star.device, h_star.dtype, h_star.shape[-1]) == "eager":
         _backend.record("eager")
         return persistent_adjoint.adjoint_reference(*args)
+    config = persistent_cluster.adjoint_for(weight, frozen, gain, h_star)
+    if config is not None:
+        _backend.record(persistent_cluster.BACKEND)
+        return persistent_cluster.adjoint_cluster(*args, config)
     _backend.record(BACKEND)
     if persistent_split.use_split(h_star.numel() // h_star.shape[-1], h_star.shape[-1], h_star):
         return persistent_split.adjoint_split(*args)
@@ -395,9 +399,9 @@ def solve_cell(
         ValueError / TypeError for bad arguments, as :func:`deqkern.solve`.
 
     :func:`deqkern.last_backend` reports ``"triton-persistent"`` when the persistent
-    kernel ran, ``"cuda-cluster"`` when the forward ran on the cluster kernel (bf16/fp16 on
-    an sm_90 GPU, a few hundred rows, ``d`` up to about 800), ``"eager"`` for the torch twin
-    (float64, or no Triton).
+    kernel ran, ``"cuda-cluster"`` when the cluster kernel did (bf16/fp16 on an sm_90 GPU, a
+    few hundred rows, ``d`` up to about 800 forward, 512 for the adjoint), ``"eager"`` for
+    the torch twin (float64, or no Triton). After a backward it names the adjoint's.
     """
     if isinstance(weight, torch.Tensor) and isinstance(h0, torch.Tensor):
         weight, h0 = _autocast(weight, h0)
