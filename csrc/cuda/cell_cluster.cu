@@ -92,14 +92,12 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   const int dv = d / VEC;
   for (int i = threadIdx.x; i < BN * dv; i += kThreads) {
     const int n = i / dv, k = (i % dv) * VEC;
-    *reinterpret_cast<uint4*>(ws + n * ld + k) =
-        __ldg(reinterpret_cast<const uint4*>(w + static_cast<int64_t>(c0 + n) * p.stride_w + k));
+    copy16_async(ws + n * ld + k, w + static_cast<int64_t>(c0 + n) * p.stride_w + k);
   }
   for (int i = threadIdx.x; i < BM * dv; i += kThreads) {
     const int r = i / dv, k = (i % dv) * VEC;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (first + r < p.n_rows) v = *reinterpret_cast<const uint4*>(h0 + static_cast<int64_t>(first + r) * p.stride_h0 + k);
-    *reinterpret_cast<uint4*>(hs + r * ld + k) = v;
+    if (first + r < p.n_rows) copy16_async(hs + r * ld + k, h0 + static_cast<int64_t>(first + r) * p.stride_h0 + k);
+    else *reinterpret_cast<uint4*>(hs + r * ld + k) = make_uint4(0u, 0u, 0u, 0u);
   }
   for (int c = threadIdx.x; c < d; c += kThreads) gs[c] = to_f(gain[c]);
   start_tally(tally);
@@ -120,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   RowTrack track;
   float rstd_last = 0.0f;
   float zq[MAXQ][4];  // this thread's part of its row's z, then of the next iterate
+  copies_done();
   cluster.sync();  // every CTA of the cluster has started (its shared memory may be written) and loaded
 
   // K split over at most C warps: the ksplit partial (BM, BN) tiles then fill at most the z

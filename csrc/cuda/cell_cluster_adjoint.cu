@@ -104,19 +104,17 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   constexpr int bv = BN / VEC;
   for (int i = threadIdx.x; i < d * bv; i += kThreads) {
     const int k = i / bv, n = (i % bv) * VEC;
-    *reinterpret_cast<uint4*>(ws + k * LDW + n) =
-        __ldg(reinterpret_cast<const uint4*>(w + static_cast<int64_t>(k) * p.stride_w + c0 + n));
+    copy16_async(ws + k * LDW + n, w + static_cast<int64_t>(k) * p.stride_w + c0 + n);
   }
   for (int i = threadIdx.x; i < BM * bv; i += kThreads) {
     const int r = i / bv, n = (i % bv) * VEC;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (first + r < p.n_rows)
-      v = *reinterpret_cast<const uint4*>(hg + static_cast<int64_t>(first + r) * p.stride_h + c0 + n);
-    *reinterpret_cast<uint4*>(ds + r * ld + c0 + n) = v;
+    if (first + r < p.n_rows) copy16_async(ds + r * ld + c0 + n, hg + static_cast<int64_t>(first + r) * p.stride_h + c0 + n);
+    else *reinterpret_cast<uint4*>(ds + r * ld + c0 + n) = make_uint4(0u, 0u, 0u, 0u);
   }
   for (int c = threadIdx.x; c < d; c += kThreads) gs[c] = to_f(gain[c]);
   for (int c = threadIdx.x; c < BN; c += kThreads) dgs[c] = 0.0f;
   start_tally(tally);
+  copies_done();
   __syncthreads();
 
   // z*: this CTA's K slice of the product, all d columns, into z1

@@ -7,6 +7,7 @@
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -58,6 +59,19 @@ __device__ __forceinline__ void warp_product(const T* a, int lda, const T* b, in
   }
 #pragma unroll
   for (int i = 0; i < NT; ++i) wmma::store_matrix_sync(out + i * 16, acc[i], ldo, wmma::mem_row_major);
+}
+
+// 16 bytes global -> shared without a round trip through registers (cp.async): a thread's
+// copies are all in flight at once, instead of one load's latency after another. Both
+// addresses 16-byte aligned; copies_done() waits for this thread's copies (a barrier must
+// follow before other threads read them).
+__device__ __forceinline__ void copy16_async(void* to_shared, const void* from_global) {
+  __pipeline_memcpy_async(to_shared, from_global, 16);
+}
+
+__device__ __forceinline__ void copies_done() {
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
 }
 
 // Reductions over a row's TPR adjacent lanes (mask: those lanes).
