@@ -171,7 +171,7 @@ def backward_body(p: Problem) -> Callable[[], list[torch.Tensor]]:
 
     def grads() -> list[torch.Tensor]:
         out = cell_mod._run_adjoint(w, frozen, gain, h_star, p.v, s.eps, s.damping, s.b_max_iter, s.b_tol)
-        return list(cell_mod._param_grads(out.dz, out.d_gain, h_star, frozen, gain, (True, True, True)))
+        return list(cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True, True, True)))
 
     return grads
 

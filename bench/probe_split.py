@@ -13,7 +13,11 @@ takes it: what the host adds on top of the device. ``--kernels`` limits the conf
 (cluster, auto, block, split, adjoint). ``adjoint``: the adjoint solve at the forward's
 h* the same way (cluster shapes and the split chooser's; device time at ``b_max_iter`` 5
 and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
-backward) by device time and wall time per call. CUDA only.
+backward) by device time and wall time per call. ``phases``: where a cluster launch's
+time goes (forward and adjoint, 10 iterations): the extension built again with
+``DEQKERN_PHASE_TIMER`` (a JIT build, about a minute), whose kernels add the clock64 cycles
+of each phase as the first CTA's thread 0 sees them; reported as each phase's share of the
+launch's device time, per launch and per iteration. CUDA only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import itertools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -152,7 +157,7 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
         def body(kernel=kernel):
             persistent_split.KERNEL = kernel
             out = cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)
-            return cell_mod._param_grads(out.dz, out.d_gain, h_star, frozen, gain, (True, True, True))
+            return cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True, True, True))
 
         row = {**base, "kernel": f"backward body ({kernel}), 5 adjoint iterations",
                "device_us_5": device_us(body),
@@ -169,7 +174,7 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
             "adjoint_cluster": lambda: persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 5,
                                                                           TOL, config),
             "_run_adjoint": lambda: cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL),
-            "_param_grads": lambda: cell_mod._param_grads(out.dz, out.d_gain, h_star, frozen, gain, (True,) * 3),
+            "_param_grads": lambda: cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True,) * 3),
             "adjoint_for": lambda: persistent_cluster.adjoint_for(w, frozen, gain, h_star),
             "dz.t().mm(h)": lambda: out.dz.t().mm(h_star),
             "d_gain.to(bf16)": lambda: out.d_gain.to(gain.dtype),
@@ -183,9 +188,73 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
             print(json.dumps(row), flush=True)
             rows.append(row)
         persistent_split.KERNEL = "auto"
-        host_profile(lambda: cell_mod._param_grads(*(lambda o: (o.dz, o.d_gain))(
+        host_profile(lambda: cell_mod._param_grads(*(lambda o: (o.dz, o))(
             cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)), h_star, frozen, gain, (True,) * 3))
         persistent_split.KERNEL = saved
+    return rows
+
+
+#: The kernels' phases (csrc/cuda/cell_cluster_device.h, enum Phase), in order; slot 15
+#: counts iterations.
+PHASES = ("prologue", "product", "exchange", "barrier", "rows", "stop", "epilogue", "z-product", "z-partials",
+          "z-tile", "row-start")
+LOOP_PHASES = ("product", "exchange", "barrier", "rows", "stop")
+
+
+def timed_extension():
+    """deqkern._cluster's sources built with DEQKERN_PHASE_TIMER, in a temporary directory."""
+    from torch.utils.cpp_extension import load
+
+    root = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+    flags = ["-O3", "-std=c++17", "-DDEQKERN_PHASE_TIMER"]
+    return load(name="deqkern_cluster_timed", sources=[str(p) for p in sorted(root.glob("*.c[pu]*"))],
+                extra_cflags=flags, extra_cuda_cflags=[*flags, "-gencode=arch=compute_90,code=sm_90"],
+                build_directory=tempfile.mkdtemp())
+
+
+def probe_phases(name: str, w, frozen, gain, h0, ext, launches: int = 50) -> list[dict]:
+    """Each phase's share of a cluster launch's device time (10 iterations, every one run)."""
+    n, d = h0.shape
+    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
+    v = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
+    forward, adjoint = persistent_cluster.cluster_for(w, frozen, gain, h0), persistent_cluster.adjoint_for(
+        w, frozen, gain, h_star)
+    runs = {}
+    if forward is not None:
+        runs["forward"] = lambda: persistent_cluster.solve_cluster(w, frozen, gain, h0, EPS, DAMPING, 10, TOL, "rel",
+                                                                   False, forward)
+    if adjoint is not None:
+        runs["adjoint"] = lambda: persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 10, TOL,
+                                                                     adjoint)
+    saved, timer = persistent_cluster._ext, torch.zeros(16, dtype=torch.int64, device="cuda")
+    persistent_cluster._ext = ext
+    ext.set_phase_timer(timer)
+    rows = []
+    try:
+        for kind, fn in runs.items():
+            for _ in range(5):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            timer.zero_()
+            start.record()
+            for _ in range(launches):
+                fn()
+            end.record()
+            end.synchronize()
+            us = 1e3 * start.elapsed_time(end) / launches
+            cycles = [c / launches for c in timer.tolist()]
+            total, iterations = sum(cycles[:len(PHASES)]), cycles[15]
+            share = {phase: us * cycles[i] / total for i, phase in enumerate(PHASES) if cycles[i] > 0}
+            row = {"dtype": name, "n": n, "d": d, "kernel": f"phases {kind} {forward if kind == 'forward' else adjoint}",
+                   "device_us_per_launch": us, "cycles_per_launch": total, "iterations": iterations,
+                   "us_per_launch": share,
+                   "us_per_iteration": {phase: share.get(phase, 0.0) / iterations for phase in LOOP_PHASES}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        ext.set_phase_timer(None)
+        persistent_cluster._ext = saved
     return rows
 
 
@@ -196,6 +265,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--kernels", nargs="+", default=["cluster", "block", "auto", "split"])
     args = ap.parse_args(argv)
     rows = []
+    ext = timed_extension() if "phases" in args.kernels else None
     for spec in args.sizes:
         name, size = spec.split(":")
         n, d = (int(x) for x in size.split("x"))
@@ -206,6 +276,8 @@ def main(argv=None) -> dict:
         frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
         gain = torch.ones(d, device="cuda", dtype=dtype)
         h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
+        if ext is not None:
+            rows.extend(probe_phases(name, w, frozen, gain, h0, ext))
         if "adjoint" in args.kernels:
             rows.extend(probe_adjoint(name, w, frozen, gain, h0))
         for kernel, cfg in candidates(n, d, h0, tuple(args.kernels)):

@@ -168,10 +168,10 @@ def test_adjoint_parity(dtype, n_rows, d, shape):
     v = torch.randn(n_rows, d, generator=gen, dtype=torch.float64) * torch.logspace(-3, 3, n_rows)[:, None]
     v = v.to(device="cuda", dtype=torch.float32 if (n_rows + d) % 2 else dtype)
     args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
-    g, state, dz, rstd, d_gain, parts = persistent_cluster.adjoint_cluster(*args, shape)
-    g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
-    g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
-                                                                    v.double(), EPS, DAMPING, 400, 1e-14)
+    g, state, dz, rstd, d_gain, parts, d_gain_cast = persistent_cluster.adjoint_cluster(*args, shape)
+    g_e, state_e = persistent_adjoint.adjoint_reference(*args)[:2]
+    g64, state64 = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(), v.double(), EPS,
+                                                        DAMPING, 400, 1e-14)[:2]
     assert bool((state64.residual < 1e-14).all())
 
     assert g.dtype == torch.float32 and dz.dtype == dtype and g.shape == dz.shape == (n_rows, d)
@@ -188,6 +188,7 @@ def test_adjoint_parity(dtype, n_rows, d, shape):
     assert_rows_close(dz, dz64, dz64, dtype, "dz", units=2)
     d_gain64 = DAMPING * (g.double() * n64).sum(0)
     torch.testing.assert_close(d_gain.double(), d_gain64, rtol=1e-4, atol=1e-4 * float(d_gain64.abs().max()))
+    assert d_gain.dtype == torch.float32 and torch.equal(d_gain_cast, d_gain.to(dtype))  # rounded to nearest
     check, iterations = read_check(parts)
     assert parts.shape == (-(-n_rows // 16), 5)
     assert check == host_check(check_vector(state, TOL[dtype])) and iterations == int(state.nstep.max())
@@ -218,6 +219,34 @@ def test_adjoint_nonfinite_row_max_iter_and_broadcast_frozen():
     ref = persistent_adjoint.adjoint_reference(w, frozen[3].clone(), gain, h_star, v, EPS, DAMPING, 400, 1e-12)
     assert bool((out.state.residual < TOL[torch.bfloat16]).all())
     assert float(row_err(out.g, ref.g.double()).max()) < 5 * TOL[torch.bfloat16]
+
+
+@needs_cluster
+def test_adjoint_d_gain_from_the_last_cluster_and_counters_left_at_zero():
+    """The last cluster to finish sums d_gain's parts in block order: launches give the same
+    bits, on the default stream and on another, and leave their streams' counters at zero."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj-count"))
+    f64, (w, frozen, gain, _) = make_cell(300, 256, torch.bfloat16, gen, device="cuda")
+    h_star = fixed_point64(*f64).to(torch.bfloat16)
+    v = torch.randn(300, 256, generator=gen).to("cuda", torch.bfloat16)
+    config = persistent_cluster.adjoint_for(w, frozen, gain, h_star)
+    outs = [persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 30, 1e-3, config)
+            for _ in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outs.append(persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 30, 1e-3, config))
+    torch.cuda.synchronize()
+    blocks = -(-300 // 16)
+    at = 5 * 300 + 5 * blocks  # the float32 parts in the launch's buffer, summed in block order here
+    parts = outs[0].d_gain._base[at:at + blocks * 256].view(blocks, 256)
+    expected = parts[0].clone()
+    for b in range(1, blocks):
+        expected += parts[b]
+    for out in outs:
+        assert torch.equal(out.d_gain, expected) and torch.equal(out.d_gain_cast, expected.to(torch.bfloat16))
+    assert len(persistent_cluster._COUNTERS) >= 2
+    assert all(int(c.abs().sum()) == 0 for c in persistent_cluster._COUNTERS.values())
 
 
 @needs_cluster

@@ -144,10 +144,10 @@ def test_adjoint_parity(adjoint_kernel, dtype, n_rows, d, device):
     h_star = fixed_point64(*f64).to(dtype)
     v = torch.randn(n_rows, d, generator=gen).to(device) * torch.logspace(-3, 3, n_rows)[:, None].to(device)
     args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, TOL[dtype])
-    g, state, dz, rstd, d_gain, _ = adjoint_kernel.adjoint(*args)
-    g_e, state_e, _, _, _, _ = persistent_adjoint.adjoint_reference(*args)
-    g64, state64, _, _, _, _ = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(),
-                                                                    v.double(), EPS, DAMPING, 400, 1e-14)
+    g, state, dz, rstd, d_gain = adjoint_kernel.adjoint(*args)[:5]
+    g_e, state_e = persistent_adjoint.adjoint_reference(*args)[:2]
+    g64, state64 = persistent_adjoint.adjoint_reference(w64, frozen64, gain64, h_star.double(), v.double(), EPS,
+                                                        DAMPING, 400, 1e-14)[:2]
     assert bool((state64.residual < 1e-14).all())
 
     assert g.dtype == torch.float32 and dz.dtype == dtype

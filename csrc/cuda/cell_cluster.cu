@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   constexpr int PER_THREAD = (GROUPS + kThreads - 1) / kThreads;
   constexpr int MAXQ = max_quads(BM);   // a row's float4 groups per thread, at the widest d
 
+  PhaseTimer timer(p.timer);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
@@ -120,6 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
   float zq[MAXQ][4];  // this thread's part of its row's z, then of the next iterate
   copies_done();
   cluster.sync();  // every CTA of the cluster has started (its shared memory may be written) and loaded
+  timer.mark(kPrologue);
 
   // K split over at most C warps: the ksplit partial (BM, BN) tiles then fill at most the z
   // buffer not in use this iteration (BM * d floats), where they are kept
@@ -140,6 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
                                  zp + ks * BM * BN + tm * 16 * BN + tn * 16, BN);
     }
     __syncthreads();
+    timer.mark(kProduct);
 
     // 2. z + frozen of the CTA's columns into every CTA's exchange buffer
     float* zb = zx + parity * BM * d;
@@ -164,6 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     // other CTA writes) is read while the other CTAs' stores complete
     T* hr = hs + r * ld;
     uint2 hq[MAXQ];
+    timer.mark(kExchange);
     cluster.barrier_arrive();
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q) {
@@ -171,6 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
       if (c < d) hq[q] = *reinterpret_cast<const uint2*>(hr + c);
     }
     cluster.barrier_wait();
+    timer.mark(kBarrier);
 
     // 3. whole rows, the same in every CTA: rstd, the residual of the step, then the step.
     // Each thread reads its part of the row's z once; it becomes the next iterate in place.
@@ -228,7 +233,10 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     parity ^= 1;
     // every CTA holds the same rows here, so all leave together
     const bool mine = p.with_rstd ? active : (k < p.max_iter && active && res >= p.tol && res <= kFltMax);
+    timer.mark(kRows);
     pending = __syncthreads_or(mine) != 0;
+    timer.mark(kStop);
+    timer.mark(kIterations);
   }
 
   // h* (this CTA's columns) and, by the cluster's first CTA, the row state and host check
@@ -242,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
     write_state(p.buf, p.n_rows, first + r, ok, sub == 0, track, p.with_rstd, rstd_last, p.tol,
                 p.buf + 5 * static_cast<int64_t>(p.n_rows) + 5 * static_cast<int64_t>(block), tally);
   cluster.sync();  // no CTA leaves while another may still use its shared memory
+  timer.mark(kEpilogue);
 }
 
 template <typename T, int BM, int CPL>

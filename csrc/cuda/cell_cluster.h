@@ -19,6 +19,7 @@ struct CellClusterParams {
   int64_t stride_h0, stride_w, stride_f;
   float eps, damping, tol, rel_eps;
   int max_iter, stop_mode, with_rstd;
+  long long* timer;  // phase cycles (builds with DEQKERN_PHASE_TIMER only; else unused), or null
 };
 
 // The solve on `stream`: cdiv(n_rows, block_m) clusters of `cluster` CTAs (bfloat16 or
@@ -37,14 +38,18 @@ struct CellAdjointParams {
   float* g;          // (R, d) contiguous float32: the adjoint solution
   void* dz;          // (R, d) contiguous, h*'s dtype: VJP_z(g)
   float* buf;        // float32: residual, prev, lowest, nstep (int32), rstd (R each), check (blocks, 5),
-                     // d_gain parts (blocks, d)
+                     // d_gain parts (blocks, d), d_gain (d,)
+  void* d_gain;      // (d,) h*'s dtype: d_gain rounded
+  int* counters;     // zeroed, 32 * 16 ints: the clusters done, per column slice (left at zero)
   int n_rows, d;
   int64_t stride_h, stride_w, stride_f, stride_v;
   float eps, damping, tol, rel_eps;
   int max_iter, v_f32;
+  long long* timer;  // as CellClusterParams::timer
 };
 
-// The adjoint solve g <- v + J^T g at h* on `stream` (cell_cluster_adjoint.cu): cdiv(n_rows,
+// The adjoint solve g <- v + J^T g at h* on `stream` (cell_cluster_adjoint.cu), with d_gain
+// summed over the clusters by the last one to finish each column slice: cdiv(n_rows,
 // 16) clusters of `cluster` CTAs (d / cluster 32, 64 or 128, d <= 512, else
 // cudaErrorInvalidValue).
 cudaError_t cell_adjoint_launch(const CellAdjointParams& p, int dtype, int cluster, cudaStream_t stream);

@@ -6,7 +6,9 @@
 //   u      = dz @ W                                    (tensor cores, float32 accumulation)
 //   g_next = v + (1 - damping) g + u                   on the rows still active
 // with the relative residual per row (independent of the gradient's scale); rows freeze once
-// below tol or non-finite. Then d_gain's part of the cluster's rows: damping sum_rows g n.
+// below tol or non-finite. Then d_gain = damping sum_rows g n: each cluster writes its rows'
+// part, and the last cluster to finish (a counter per column slice, which it resets) sums
+// the parts in block order, so d_gain needs no second launch and is deterministic.
 //
 // The forward's layout (cell_cluster.cu): a cluster of C CTAs owns 16 rows; CTA c forms the
 // BN = d / C columns [c BN, (c + 1) BN) of u, for which it keeps W's columns
@@ -27,10 +29,10 @@ namespace {
 
 using namespace cell_cluster;
 
-constexpr int kRows = 16;                 // rows per cluster
-constexpr int kTpr = kThreads / kRows;    // row-phase threads per row
-constexpr int kQuads = 8;                 // float4 groups of a row per row-phase thread
-constexpr int kMaxD = 4 * kTpr * kQuads;  // 512
+constexpr int kClusterRows = 16;               // rows per cluster
+constexpr int kTpr = kThreads / kClusterRows;  // row-phase threads per row
+constexpr int kQuads = 8;                      // float4 groups of a row per row-phase thread
+constexpr int kMaxD = 4 * kTpr * kQuads;       // 512
 
 // This thread's part of sum(dyg n) over its row, dyg = damping g gain.
 template <int TPR, int MAXQ>
@@ -71,7 +73,7 @@ __device__ __forceinline__ void store_vjp(const float (&g)[MAXQ][4], const float
 
 template <typename T, int CPL>
 __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdjointParams p) {
-  constexpr int BM = kRows, TPR = kTpr, MAXQ = kQuads;
+  constexpr int BM = kClusterRows, TPR = kTpr, MAXQ = kQuads;
   constexpr int PAD = 8;               // 16 bytes between shared rows (bank spread)
   constexpr int BN = 32 * CPL;         // the CTA's columns of u
   constexpr int LDW = BN + PAD;        // W's column slice, (d, LDW)
@@ -81,6 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   constexpr int WGROUPS = TN / NT;     // warps by their tiles; each group splits K
   constexpr int GROUPS = BM * BN / 4;  // float4 groups of the CTA's tile
 
+  PhaseTimer timer(p.timer);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
   const int rank = static_cast<int>(cluster.block_rank());
@@ -116,17 +119,20 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   start_tally(tally);
   copies_done();
   __syncthreads();
+  timer.mark(kPrologue);
 
   // z*: this CTA's K slice of the product, all d columns, into z1
   for (int group = warp; group < d / 32; group += kWarps)
     warp_product<T, 2, false>(ds + c0, ld, ws + group * 32 * LDW, LDW, 0, BN, z1 + group * 32, d);
   cluster.sync();  // every CTA has started (its shared memory may be written) and holds its partial
+  timer.mark(kZProduct);
   for (int i = threadIdx.x; i < C * GROUPS; i += kThreads) {
     const int to = (rank + i / GROUPS) % C, g = i % GROUPS, row = g / (BN / 4), col = (g % (BN / 4)) * 4;
     *reinterpret_cast<float4*>(cluster.map_shared_rank(z0, to) + rank * BM * BN + row * BN + col) =
         *reinterpret_cast<const float4*>(z1 + row * d + to * BN + col);
   }
   cluster.sync();
+  timer.mark(kZPartials);
   for (int i = threadIdx.x; i < GROUPS; i += kThreads) {
     const int row = i / (BN / 4), col = (i % (BN / 4)) * 4;
     const int64_t at = static_cast<int64_t>(first + row) * p.stride_f + c0 + col;
@@ -140,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
       *reinterpret_cast<float4*>(cluster.map_shared_rank(z1, (rank + c) % C) + row * d + c0 + col) = z;
   }
   cluster.sync();
+  timer.mark(kZTile);
 
   // the row phase: thread (r, sub) takes row r's float4 groups at quad_col<TPR>(sub, 0, 1, ...);
   // n = z* rstd, g = v, and the first dz
@@ -179,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   store_vjp<T, TPR, MAXQ>(gq, nq, gs, rstd, proj0, p.damping, dr, d, sub);
   RowTrack track;
   __syncthreads();  // the rows' dz, and every thread done reading z1
+  timer.mark(kRowStart);
 
   // K split over at most C warps: the ksplit partial (BM, BN) tiles then fill at most the
   // buffer not in use this iteration (BM * d floats)
@@ -196,6 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
       warp_product<T, NT, true>(ds, ld, ws + tn * 16, LDW, lo, hi, zp + ks * BM * BN + tn * 16, BN);
     }
     __syncthreads();
+    timer.mark(kProduct);
 
     // 2. the tile into every CTA's buffer
     float* zb = parity ? z1 : z0;
@@ -210,12 +219,14 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
         *reinterpret_cast<float4*>(cluster.map_shared_rank(zb, (rank + c) % C) + row * d + c0 + col) = u;
     }
     // the cluster barrier, split: v + (1 - damping) g (registers) while the stores complete
+    timer.mark(kExchange);
     cluster.barrier_arrive();
 #pragma unroll
     for (int q = 0; q < MAXQ; ++q)
 #pragma unroll
       for (int j = 0; j < 4; ++j) aq[q][j] = vq[q][j] + (1.0f - p.damping) * gq[q][j];
     cluster.barrier_wait();
+    timer.mark(kBarrier);
 
     // 3. whole rows, the same in every CTA: g_next, its relative residual, sum(dyg n) at g_next
     const float* ur = zb + r * d;
@@ -262,7 +273,11 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
     ++k;
     parity ^= 1;
     // every CTA holds the same rows here, so all leave together
-    pending = __syncthreads_or(k < p.max_iter && active && res >= p.tol && res <= kFltMax) != 0;
+    const bool mine = k < p.max_iter && active && res >= p.tol && res <= kFltMax;
+    timer.mark(kRows);
+    pending = __syncthreads_or(mine) != 0;
+    timer.mark(kStop);
+    timer.mark(kIterations);
   }
 
   // g and dz (this CTA's columns), d_gain's part of them, and by the cluster's first CTA the
@@ -288,17 +303,34 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   __syncthreads();
   float* parts = p.buf + 5 * n + 5 * static_cast<int64_t>(blocks);
   for (int c = threadIdx.x; c < BN; c += kThreads) parts[static_cast<int64_t>(block) * d + c0 + c] = p.damping * dgs[c];
+  __threadfence();  // the parts, visible device-wide before the count says they are there
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.counters + 32 * rank, 1) == blocks - 1;
+  __syncthreads();
+  if (last) {  // every cluster's part of these columns is written: sum them in block order
+    __threadfence();
+    float* d_gain = parts + static_cast<int64_t>(blocks) * d;
+    for (int c = threadIdx.x; c < BN; c += kThreads) {
+      float s = 0.0f;
+      for (int b = 0; b < blocks; ++b) s += __ldcg(parts + static_cast<int64_t>(b) * d + c0 + c);
+      d_gain[c0 + c] = s;
+      static_cast<T*>(p.d_gain)[c0 + c] = from_f<T>(s);
+    }
+    if (threadIdx.x == 0) p.counters[32 * rank] = 0;  // for the next launch on the stream
+  }
   if (rank == 0)
     write_state(p.buf, n, first + r, ok, sub == 0, track, true, rstd, p.tol, p.buf + 5 * n + 5 * static_cast<int64_t>(block),
                 tally);
   cluster.sync();  // no CTA leaves while another may still use its shared memory
+  timer.mark(kEpilogue);
 }
 
 template <typename T, int CPL>
 size_t smem_bytes(int d) {
   constexpr int BN = 32 * CPL;
-  return sizeof(T) * (static_cast<size_t>(d) * (BN + 8) + static_cast<size_t>(kRows) * (d + 8)) +
-         sizeof(float) * (2 * static_cast<size_t>(kRows) * d + d + BN);
+  return sizeof(T) * (static_cast<size_t>(d) * (BN + 8) + static_cast<size_t>(kClusterRows) * (d + 8)) +
+         sizeof(float) * (2 * static_cast<size_t>(kClusterRows) * d + d + BN);
 }
 
 template <typename T, int CPL>
@@ -320,7 +352,7 @@ cudaError_t by_columns(const CellAdjointParams& p, int cluster, int blocks, cuda
 
 cudaError_t dispatch(const CellAdjointParams& p, int dtype, int cluster, cudaStream_t stream, int* max_clusters) {
   if (cluster < 1 || cluster > 16 || p.d % cluster != 0 || p.d > kMaxD) return cudaErrorInvalidValue;
-  const int blocks = (p.n_rows + kRows - 1) / kRows;
+  const int blocks = (p.n_rows + kClusterRows - 1) / kClusterRows;
   switch (dtype) {
     case kCellBFloat16: return by_columns<__nv_bfloat16>(p, cluster, blocks, stream, max_clusters);
     case kCellFloat16: return by_columns<__half>(p, cluster, blocks, stream, max_clusters);

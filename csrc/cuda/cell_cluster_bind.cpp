@@ -10,6 +10,8 @@
 
 namespace {
 
+long long* phase_timer = nullptr;  // set_phase_timer's buffer (builds with DEQKERN_PHASE_TIMER)
+
 int dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return kCellBFloat16;
@@ -27,7 +29,7 @@ void solve(const at::Tensor& h0, const at::Tensor& w, const at::Tensor& f, const
                       buf.data_ptr<float>(), static_cast<int>(h0.size(0)), static_cast<int>(w.size(0)),
                       h0.stride(0), w.stride(0), stride_f, static_cast<float>(eps), static_cast<float>(damping),
                       static_cast<float>(tol), static_cast<float>(rel_eps), static_cast<int>(max_iter),
-                      static_cast<int>(stop_mode), with_rstd ? 1 : 0};
+                      static_cast<int>(stop_mode), with_rstd ? 1 : 0, phase_timer};
   const cudaError_t err = cell_cluster_launch(p, dtype_code(h0.scalar_type()), static_cast<int>(cluster),
                                               static_cast<int>(block_m), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.solve: ", cudaGetErrorString(err));
@@ -48,14 +50,15 @@ int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t
 }
 
 void adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f, const at::Tensor& gain, const at::Tensor& v,
-             at::Tensor& g, at::Tensor& dz, at::Tensor& buf, int64_t stride_f, int64_t cluster, double eps, double damping,
-             double tol, int64_t max_iter, double rel_eps) {
+             at::Tensor& g, at::Tensor& dz, at::Tensor& buf, at::Tensor& d_gain, at::Tensor& counters, int64_t stride_f,
+             int64_t cluster, double eps, double damping, double tol, int64_t max_iter, double rel_eps) {
   c10::cuda::CUDAGuard guard(h.device());
   CellAdjointParams p{h.data_ptr(), w.data_ptr(), f.data_ptr(), gain.data_ptr(), v.data_ptr(), g.data_ptr<float>(),
-                      dz.data_ptr(), buf.data_ptr<float>(), static_cast<int>(h.size(0)), static_cast<int>(w.size(0)),
+                      dz.data_ptr(), buf.data_ptr<float>(), d_gain.data_ptr(), counters.data_ptr<int>(),
+                      static_cast<int>(h.size(0)), static_cast<int>(w.size(0)),
                       h.stride(0), w.stride(0), stride_f, v.stride(0), static_cast<float>(eps),
                       static_cast<float>(damping), static_cast<float>(tol), static_cast<float>(rel_eps),
-                      static_cast<int>(max_iter), v.scalar_type() == at::kFloat ? 1 : 0};
+                      static_cast<int>(max_iter), v.scalar_type() == at::kFloat ? 1 : 0, phase_timer};
   const cudaError_t err = cell_adjoint_launch(p, dtype_code(h.scalar_type()), static_cast<int>(cluster),
                                               c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint: ", cudaGetErrorString(err));
@@ -73,6 +76,12 @@ int64_t adjoint_max_active(at::ScalarType dtype, int64_t device, int64_t n_rows,
   return clusters;
 }
 
+void set_phase_timer(const c10::optional<at::Tensor>& timer) {
+  TORCH_CHECK(!timer.has_value() || (timer->is_cuda() && timer->scalar_type() == at::kLong && timer->numel() >= 16),
+              "deqkern._cluster.set_phase_timer: a CUDA int64 tensor of 16 elements or None expected");
+  phase_timer = timer.has_value() ? static_cast<long long*>(timer->data_ptr()) : nullptr;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,7 +90,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
   m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
   m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), g (out, float32), "
-        "dz (out), buf (out), stride_f, cluster, eps, damping, tol, max_iter, rel_eps");
+        "dz (out), buf (out), d_gain (out, h*'s dtype), counters (zeroed int32), stride_f, cluster, eps, damping, tol, "
+        "max_iter, rel_eps");
+  m.def("set_phase_timer", &set_phase_timer,
+        "Where the kernels add their phase cycles (bench/probe_split.py --phases; builds with "
+        "DEQKERN_PHASE_TIMER only), or None");
   m.def("adjoint_max_active", &adjoint_max_active,
         "Adjoint clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
 }

@@ -74,6 +74,32 @@ __device__ __forceinline__ void copies_done() {
   __pipeline_wait_prior(0);
 }
 
+// Where a launch's time goes, for bench/probe_split.py --phases: in a build with
+// -DDEQKERN_PHASE_TIMER (the probe's own JIT build), thread 0 of the grid's first CTA adds
+// the clock64 cycles since its previous mark to out[phase] at each mark (out: 16 int64,
+// null: off; the last one counts iterations). In other builds the marks are nothing.
+enum Phase { kPrologue, kProduct, kExchange, kBarrier, kRows, kStop, kEpilogue, kZProduct, kZPartials, kZTile,
+             kRowStart, kIterations = 15 };
+
+struct PhaseTimer {
+#ifdef DEQKERN_PHASE_TIMER
+  long long* out;
+  long long last;
+  __device__ explicit PhaseTimer(long long* o)
+      : out(blockIdx.x == 0 && threadIdx.x == 0 ? o : nullptr), last(clock64()) {}
+  __device__ __forceinline__ void mark(Phase phase) {
+    if (out != nullptr) {
+      const long long t = clock64();
+      out[phase] += phase == kIterations ? 1 : t - last;
+      last = t;
+    }
+  }
+#else
+  __device__ explicit PhaseTimer(long long*) {}
+  __device__ __forceinline__ void mark(Phase) {}
+#endif
+};
+
 // Reductions over a row's TPR adjacent lanes (mask: those lanes).
 template <int TPR>
 __device__ __forceinline__ float group_sum(float x, unsigned mask) {

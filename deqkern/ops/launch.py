@@ -71,6 +71,25 @@ def frozen_rows(frozen: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
     return f, f.stride(0)
 
 
+def stream_zeros(pool: dict, device: torch.device, size: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``size`` words for a launch on the current stream of
+    ``device`` whose kernel leaves it at zero (counters): the stream's buffer cached in
+    ``pool`` (launches on one stream run one after another), or a new one while a CUDA graph
+    is being captured (a memset in the graph: the graph's launches then use memory of the
+    graph's own)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, dtype=torch.int32, device=device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:
+        key = (device, 0)
+    counters = pool.get(key)
+    if counters is None or counters.numel() < size:
+        counters = pool[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

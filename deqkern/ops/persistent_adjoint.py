@@ -128,8 +128,14 @@ class Adjoint(NamedTuple):
     state: RowState
     dz: torch.Tensor  #: (R, d) VJP_z(g) in W's dtype
     rstd: torch.Tensor  #: (R,) at h_star
-    d_gain: torch.Tensor  #: (d,) damping * sum_rows g * n
+    d_gain: torch.Tensor  #: (d,) damping * sum_rows g * n, float32 (float64 for float64)
     check: Optional[torch.Tensor]
+    d_gain_cast: Optional[torch.Tensor] = None  #: d_gain rounded to h*'s dtype, where the kernel wrote it too
+
+    def gain_grad(self, dtype: torch.dtype) -> torch.Tensor:
+        """d_gain in ``dtype`` (the kernel's rounded copy where it has that dtype: no cast launched)."""
+        cast = self.d_gain_cast
+        return cast if cast is not None and cast.dtype == dtype else self.d_gain.to(dtype)
 
 
 def adjoint_triton(

@@ -35,7 +35,7 @@ import torch
 
 from deqkern import _backend
 from deqkern.ops import persistent_split
-from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows
+from deqkern.ops.launch import STOP_MODES, cdiv, frozen_rows, rows, stream_zeros
 from deqkern.ops.persistent import Solved
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.persistent_split import row_views
@@ -228,9 +228,17 @@ def adjoint_cluster(
     device = h_star.device
     g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
-    buf = torch.empty(5 * n_rows + 5 * blocks + blocks * d, dtype=torch.float32, device=device)
-    _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf, stride_f, config[0],
-                 eps, damping, tol, max_iter, REL_EPS)
+    # the row state, rstd, check, d_gain's parts (blocks, d), d_gain, then d_gain in h*'s dtype
+    at = 5 * n_rows + 5 * blocks + blocks * d
+    buf = torch.empty(at + d + d // 2, dtype=torch.float32, device=device)
+    d_gain, d_gain_cast = buf[at:at + d], buf[at + d:].view(h_star.dtype)
+    _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf, d_gain_cast,
+                 stream_zeros(_COUNTERS, device, _COUNTER_WORDS), stride_f, config[0], eps, damping, tol, max_iter,
+                 REL_EPS)
     state, rstd, check = row_views(buf, n_rows, blocks, True)
-    parts = buf[5 * n_rows + 5 * blocks:].view(blocks, d)
-    return Adjoint(g, state, dz, rstd, parts[0] if blocks == 1 else parts.sum(0), check)
+    return Adjoint(g, state, dz, rstd, d_gain, check, d_gain_cast)
+
+
+#: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
+_COUNTERS: dict = {}
+_COUNTER_WORDS = 32 * 16

@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from deqkern.ops.commit import FLT_MAX, RowState
-from deqkern.ops.launch import STOP_MODES, Launch, cdiv, frozen_rows, next_power_of_2, rows, sm_count
+from deqkern.ops.launch import STOP_MODES, Launch, cdiv, frozen_rows, next_power_of_2, rows, sm_count, stream_zeros
 from deqkern.ops.persistent import Solved, block_check_tl, dot_tuple
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
@@ -822,22 +822,9 @@ def forget_barriers() -> None:
 
 def _barrier_counters(device: torch.device, blocks: int) -> torch.Tensor:
     """One int32 barrier word per row block, each on its own line after the soundness flag's,
-    for a launch on the current stream of ``device``:
-    the stream's cached zeroed buffer (launches on one stream run one after another, and
-    each leaves the counters at zero), or a new one while a CUDA graph is being captured
-    (a memset in the graph: the graph's launches then use memory of the graph's own)."""
-    size = _BAR_STRIDE.value * (1 + blocks)
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(size, dtype=torch.int32, device=device)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        key = (index, torch._C._cuda_getCurrentRawStream(index))
-    else:
-        key = (device, 0)
-    counters = _BARRIERS.get(key)
-    if counters is None or counters.numel() < size:
-        counters = _BARRIERS[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-    return counters
+    for a launch on the current stream of ``device`` (:func:`~deqkern.ops.launch.stream_zeros`:
+    ``group_sync_tl`` leaves them at zero)."""
+    return stream_zeros(_BARRIERS, device, _BAR_STRIDE.value * (1 + blocks))
 
 
 def solve_split(

@@ -196,7 +196,9 @@ def _run_adjoint(weight, frozen, gain, h_star, grad, eps, damping, max_iter, tol
 
 def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
     """``d_weight = dz.T @ h*``, ``d_frozen = dz`` (summed over rows when broadcast),
-    ``d_gain``, each in its parameter's dtype; None where not needed."""
+    ``d_gain``, each in its parameter's dtype; None where not needed. ``d_gain``: a tensor,
+    or the adjoint's :class:`~deqkern.ops.persistent_adjoint.Adjoint` (its copy in gain's
+    dtype where the kernel wrote one)."""
     d = dz.shape[-1]
     d_weight = dz.t().mm(h_star.reshape(-1, d)) if needs[0] else None
     if not needs[1]:
@@ -205,7 +207,9 @@ def _param_grads(dz, d_gain, h_star, frozen, gain, needs) -> tuple:
         d_frozen = dz.sum(0, dtype=compute_dtype(dz)).to(frozen.dtype)
     else:
         d_frozen = dz.reshape(frozen.shape).to(frozen.dtype)
-    return d_weight, d_frozen, d_gain.to(gain.dtype) if needs[2] else None
+    if not needs[2]:
+        return d_weight, d_frozen, None
+    return d_weight, d_frozen, d_gain.to(gain.dtype) if isinstance(d_gain, torch.Tensor) else d_gain.gain_grad(gain.dtype)
 
 
 def _enforce(check, policy: str, *args) -> None:
@@ -246,7 +250,7 @@ class _Implicit(torch.autograd.Function):
                         s.on_nonconvergence)
         _enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
                  s.b_tol, "rel", info)
-        return (*_param_grads(out.dz, out.d_gain, h_star, frozen, gain, ctx.needs_input_grad), None, None)
+        return (*_param_grads(out.dz, out, h_star, frozen, gain, ctx.needs_input_grad), None, None)
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile)
