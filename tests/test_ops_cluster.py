@@ -238,13 +238,14 @@ def test_adjoint_d_gain_from_the_last_cluster_and_counters_left_at_zero():
         outs.append(persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 30, 1e-3, config))
     torch.cuda.synchronize()
     blocks = -(-300 // 16)
-    at = 5 * 300 + 5 * blocks  # the float32 parts in the launch's buffer, summed in block order here
-    parts = outs[0].d_gain._base[at:at + blocks * 256].view(blocks, 256)
-    expected = parts[0].clone()
-    for b in range(1, blocks):
-        expected += parts[b]
+    at = 5 * 300 + 5 * blocks  # the float32 parts in each launch's buffer, summed in block order here
     for out in outs:
+        parts = out.d_gain._base[at:at + blocks * 256].view(blocks, 256)
+        expected = parts[0].clone()
+        for b in range(1, blocks):
+            expected += parts[b]
         assert torch.equal(out.d_gain, expected) and torch.equal(out.d_gain_cast, expected.to(torch.bfloat16))
+        assert torch.equal(out.d_gain, outs[0].d_gain)  # and the parts are sums in row order: the same bits
     assert len(persistent_cluster._COUNTERS) >= 2
     assert all(int(c.abs().sum()) == 0 for c in persistent_cluster._COUNTERS.values())
 

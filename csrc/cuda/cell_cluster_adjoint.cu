@@ -101,7 +101,6 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   float* z0 = reinterpret_cast<float*>(ds + BM * ld);  // (BM, d) and z1 (BM, d): the exchange buffers
   float* z1 = z0 + BM * d;
   float* gs = z1 + BM * d;                             // (d,): gain
-  float* dgs = gs + d;                                 // (BN,): d_gain of the CTA's columns
   __shared__ CheckTally tally;
 
   constexpr int bv = BN / VEC;
@@ -115,7 +114,6 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
     else *reinterpret_cast<uint4*>(ds + r * ld + c0 + n) = make_uint4(0u, 0u, 0u, 0u);
   }
   for (int c = threadIdx.x; c < d; c += kThreads) gs[c] = to_f(gain[c]);
-  for (int c = threadIdx.x; c < BN; c += kThreads) dgs[c] = 0.0f;
   start_tally(tally);
   copies_done();
   __syncthreads();
@@ -280,17 +278,19 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
     timer.mark(kIterations);
   }
 
-  // g and dz (this CTA's columns), d_gain's part of them, and by the cluster's first CTA the
-  // row state and host check
+  // g and dz (this CTA's columns), d_gain's part of them (g n of each row into z0, free now,
+  // then summed in row order), and by the cluster's first CTA the row state and host check
   const int64_t n = p.n_rows;
 #pragma unroll
   for (int q = 0; q < MAXQ; ++q) {
     const int c = quad_col<TPR>(sub, q);
-    if (ok && c >= c0 && c < c0 + BN) {
-      *reinterpret_cast<float4*>(p.g + static_cast<int64_t>(first + r) * d + c) =
-          make_float4(gq[q][0], gq[q][1], gq[q][2], gq[q][3]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) atomicAdd(dgs + c - c0 + j, gq[q][j] * nq[q][j]);
+    if (c >= c0 && c < c0 + BN) {
+      if (ok)
+        *reinterpret_cast<float4*>(p.g + static_cast<int64_t>(first + r) * d + c) =
+            make_float4(gq[q][0], gq[q][1], gq[q][2], gq[q][3]);
+      *reinterpret_cast<float4*>(z0 + r * BN + c - c0) =
+          ok ? make_float4(gq[q][0] * nq[q][0], gq[q][1] * nq[q][1], gq[q][2] * nq[q][2], gq[q][3] * nq[q][3])
+             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   }
   T* dz_out = static_cast<T*>(p.dz);
@@ -302,7 +302,11 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   }
   __syncthreads();
   float* parts = p.buf + 5 * n + 5 * static_cast<int64_t>(blocks);
-  for (int c = threadIdx.x; c < BN; c += kThreads) parts[static_cast<int64_t>(block) * d + c0 + c] = p.damping * dgs[c];
+  for (int c = threadIdx.x; c < BN; c += kThreads) {
+    float s = 0.0f;
+    for (int row = 0; row < BM; ++row) s += z0[row * BN + c];
+    parts[static_cast<int64_t>(block) * d + c0 + c] = p.damping * s;
+  }
   __threadfence();  // the parts, visible device-wide before the count says they are there
   __shared__ bool last;
   __syncthreads();
@@ -330,7 +334,7 @@ template <typename T, int CPL>
 size_t smem_bytes(int d) {
   constexpr int BN = 32 * CPL;
   return sizeof(T) * (static_cast<size_t>(d) * (BN + 8) + static_cast<size_t>(kClusterRows) * (d + 8)) +
-         sizeof(float) * (2 * static_cast<size_t>(kClusterRows) * d + d + BN);
+         sizeof(float) * (2 * static_cast<size_t>(kClusterRows) * d + d);
 }
 
 template <typename T, int CPL>

@@ -85,11 +85,17 @@ struct PhaseTimer {
 #ifdef DEQKERN_PHASE_TIMER
   long long* out;
   long long last;
-  __device__ explicit PhaseTimer(long long* o)
-      : out(blockIdx.x == 0 && threadIdx.x == 0 ? o : nullptr), last(clock64()) {}
+  __device__ explicit PhaseTimer(long long* o) : out(blockIdx.x == 0 && threadIdx.x == 0 ? o : nullptr), last(now()) {}
+  __device__ __forceinline__ static long long now() {
+#ifdef __CUDA_ARCH__
+    return clock64();
+#else
+    return 0;
+#endif
+  }
   __device__ __forceinline__ void mark(Phase phase) {
     if (out != nullptr) {
-      const long long t = clock64();
+      const long long t = now();
       out[phase] += phase == kIterations ? 1 : t - last;
       last = t;
     }
