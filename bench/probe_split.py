@@ -169,7 +169,6 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
     config = persistent_cluster.adjoint_for(w, frozen, gain, h_star)
     if config is not None:
         out = persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL, config)
-        parts = torch.zeros(-(-n // persistent_cluster.ADJOINT_ROWS), d, device="cuda")
         pieces = {
             "adjoint_cluster": lambda: persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 5,
                                                                           TOL, config),
@@ -177,10 +176,6 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
             "_param_grads": lambda: cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True,) * 3),
             "adjoint_for": lambda: persistent_cluster.adjoint_for(w, frozen, gain, h_star),
             "dz.t().mm(h)": lambda: out.dz.t().mm(h_star),
-            "d_gain.to(bf16)": lambda: out.d_gain.to(gain.dtype),
-            "parts.sum(0)": lambda: parts.sum(0),
-            "torch.empty x3": lambda: (torch.empty(n, d, device="cuda"), torch.empty(n, d, device="cuda"),
-                                       torch.empty(n * 7 + 16 * d, device="cuda")),
         }
         for piece, fn in pieces.items():
             row = {**base, "kernel": f"host piece: {piece}",

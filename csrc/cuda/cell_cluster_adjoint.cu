@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   constexpr int NT = TN < 4 ? TN : 4;  // tiles per warp (sharing their A fragments)
   constexpr int WGROUPS = TN / NT;     // warps by their tiles; each group splits K
   constexpr int GROUPS = BM * BN / 4;  // float4 groups of the CTA's tile
+  constexpr int PER_THREAD = (GROUPS + kThreads - 1) / kThreads;
 
   PhaseTimer timer(p.timer);
   cg::cluster_group cluster = cg::this_cluster();
@@ -113,6 +114,36 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
     if (first + r < p.n_rows) copy16_async(ds + r * ld + c0 + n, hg + static_cast<int64_t>(first + r) * p.stride_h + c0 + n);
     else *reinterpret_cast<uint4*>(ds + r * ld + c0 + n) = make_uint4(0u, 0u, 0u, 0u);
   }
+  // while the copies fly: this thread's v (its row-phase part) and frozen (its groups of the
+  // CTA's z* tile) into registers
+  const int r = threadIdx.x / TPR, sub = threadIdx.x % TPR;
+  const bool ok = first + r < p.n_rows;
+  float vq[MAXQ][4];
+#pragma unroll
+  for (int q = 0; q < MAXQ; ++q) {
+    const int c = quad_col<TPR>(sub, q);
+    float4 vv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (ok && c < d) {
+      const int64_t at = static_cast<int64_t>(first + r) * p.stride_v + c;
+      if (p.v_f32) {
+        vv = *reinterpret_cast<const float4*>(static_cast<const float*>(p.v) + at);
+      } else {
+        const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const T*>(p.v) + at);
+        const T* e = reinterpret_cast<const T*>(&raw);
+        vv = make_float4(to_f(e[0]), to_f(e[1]), to_f(e[2]), to_f(e[3]));
+      }
+    }
+    vq[q][0] = vv.x; vq[q][1] = vv.y; vq[q][2] = vv.z; vq[q][3] = vv.w;
+  }
+  float4 fz[PER_THREAD];
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int g = threadIdx.x + i * kThreads, row = g / (BN / 4), col = c0 + (g % (BN / 4)) * 4;
+    const int64_t at = static_cast<int64_t>(first + row) * p.stride_f + col;
+    fz[i] = g < GROUPS && first + row < p.n_rows
+                ? make_float4(to_f(f[at]), to_f(f[at + 1]), to_f(f[at + 2]), to_f(f[at + 3]))
+                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   for (int c = threadIdx.x; c < d; c += kThreads) gs[c] = to_f(gain[c]);
   start_tally(tally);
   copies_done();
@@ -131,47 +162,36 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   }
   cluster.sync();
   timer.mark(kZPartials);
-  for (int i = threadIdx.x; i < GROUPS; i += kThreads) {
-    const int row = i / (BN / 4), col = (i % (BN / 4)) * 4;
-    const int64_t at = static_cast<int64_t>(first + row) * p.stride_f + c0 + col;
-    float4 z = first + row < p.n_rows ? make_float4(to_f(f[at]), to_f(f[at + 1]), to_f(f[at + 2]), to_f(f[at + 3]))
-                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s = 0; s < C; ++s) {
-      const float4 part = *reinterpret_cast<const float4*>(z0 + s * BM * BN + row * BN + col);
-      z.x += part.x; z.y += part.y; z.z += part.z; z.w += part.w;
+#pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int g = threadIdx.x + i * kThreads, row = g / (BN / 4), col = (g % (BN / 4)) * 4;
+    if (g < GROUPS) {
+      float4 z = fz[i];
+      for (int s = 0; s < C; ++s) {
+        const float4 part = *reinterpret_cast<const float4*>(z0 + s * BM * BN + row * BN + col);
+        z.x += part.x; z.y += part.y; z.z += part.z; z.w += part.w;
+      }
+      for (int c = 0; c < C; ++c)
+        *reinterpret_cast<float4*>(cluster.map_shared_rank(z1, (rank + c) % C) + row * d + c0 + col) = z;
     }
-    for (int c = 0; c < C; ++c)
-      *reinterpret_cast<float4*>(cluster.map_shared_rank(z1, (rank + c) % C) + row * d + c0 + col) = z;
   }
   cluster.sync();
   timer.mark(kZTile);
 
   // the row phase: thread (r, sub) takes row r's float4 groups at quad_col<TPR>(sub, 0, 1, ...);
   // n = z* rstd, g = v, and the first dz
-  const int r = threadIdx.x / TPR, sub = threadIdx.x % TPR;
   const unsigned mask = row_mask<TPR>(lane);
-  const bool ok = first + r < p.n_rows;
-  float nq[MAXQ][4], gq[MAXQ][4], vq[MAXQ][4], aq[MAXQ][4];
+  float nq[MAXQ][4], gq[MAXQ][4], aq[MAXQ][4];
   float ss = 0.0f;
 #pragma unroll
   for (int q = 0; q < MAXQ; ++q) {
     const int c = quad_col<TPR>(sub, q);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) gq[q][j] = vq[q][j];
     if (c < d) {
       const float4 zv = *reinterpret_cast<const float4*>(z1 + r * d + c);
       nq[q][0] = zv.x; nq[q][1] = zv.y; nq[q][2] = zv.z; nq[q][3] = zv.w;
       ss += zv.x * zv.x + zv.y * zv.y + zv.z * zv.z + zv.w * zv.w;
-      float4 vv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (ok) {
-        const int64_t at = static_cast<int64_t>(first + r) * p.stride_v + c;
-        if (p.v_f32) {
-          vv = *reinterpret_cast<const float4*>(static_cast<const float*>(p.v) + at);
-        } else {
-          const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const T*>(p.v) + at);
-          const T* e = reinterpret_cast<const T*>(&raw);
-          vv = make_float4(to_f(e[0]), to_f(e[1]), to_f(e[2]), to_f(e[3]));
-        }
-      }
-      vq[q][0] = gq[q][0] = vv.x; vq[q][1] = gq[q][1] = vv.y; vq[q][2] = gq[q][2] = vv.z; vq[q][3] = gq[q][3] = vv.w;
     }
   }
   const float rstd = rsqrtf(group_sum<TPR>(ss, mask) / static_cast<float>(d) + p.eps);

@@ -49,19 +49,29 @@ int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t
   return clusters;
 }
 
-void adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f, const at::Tensor& gain, const at::Tensor& v,
-             at::Tensor& g, at::Tensor& dz, at::Tensor& buf, at::Tensor& d_gain, at::Tensor& counters, int64_t stride_f,
-             int64_t cluster, double eps, double damping, double tol, int64_t max_iter, double rel_eps) {
+// The outputs are made here (an allocation costs a fraction of a Python torch.empty):
+// g (R, d) float32, dz (R, d) in h's dtype, and the float32 buffer of row state, rstd, check
+// (blocks, 5), d_gain parts (blocks, d), d_gain (d,), then d_gain in h's dtype (d / 2 floats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f,
+                                                       const at::Tensor& gain, const at::Tensor& v,
+                                                       at::Tensor& counters, int64_t stride_f, int64_t cluster,
+                                                       double eps, double damping, double tol, int64_t max_iter,
+                                                       double rel_eps) {
   c10::cuda::CUDAGuard guard(h.device());
+  const int64_t n = h.size(0), d = w.size(0), blocks = (n + 15) / 16, at = 5 * n + 5 * blocks + blocks * d;
+  at::Tensor g = at::empty({n, d}, h.options().dtype(at::kFloat));
+  at::Tensor dz = at::empty({n, d}, h.options());
+  at::Tensor buf = at::empty({at + d + d / 2}, h.options().dtype(at::kFloat));
   CellAdjointParams p{h.data_ptr(), w.data_ptr(), f.data_ptr(), gain.data_ptr(), v.data_ptr(), g.data_ptr<float>(),
-                      dz.data_ptr(), buf.data_ptr<float>(), d_gain.data_ptr(), counters.data_ptr<int>(),
-                      static_cast<int>(h.size(0)), static_cast<int>(w.size(0)),
+                      dz.data_ptr(), buf.data_ptr<float>(), buf.data_ptr<float>() + at + d, counters.data_ptr<int>(),
+                      static_cast<int>(n), static_cast<int>(d),
                       h.stride(0), w.stride(0), stride_f, v.stride(0), static_cast<float>(eps),
                       static_cast<float>(damping), static_cast<float>(tol), static_cast<float>(rel_eps),
                       static_cast<int>(max_iter), v.scalar_type() == at::kFloat ? 1 : 0, phase_timer};
   const cudaError_t err = cell_adjoint_launch(p, dtype_code(h.scalar_type()), static_cast<int>(cluster),
                                               c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint: ", cudaGetErrorString(err));
+  return {g, dz, buf};
 }
 
 int64_t adjoint_max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster) {
@@ -89,9 +99,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("solve", &solve, "One solve: h0, w, frozen, gain, h (out), buf (out), stride_f, cluster, block_m, eps, "
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
   m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
-  m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), g (out, float32), "
-        "dz (out), buf (out), d_gain (out, h*'s dtype), counters (zeroed int32), stride_f, cluster, eps, damping, tol, "
-        "max_iter, rel_eps");
+  m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), counters (zeroed "
+        "int32), stride_f, cluster, eps, damping, tol, max_iter, rel_eps -> (g, dz, buf)");
   m.def("set_phase_timer", &set_phase_timer,
         "Where the kernels add their phase cycles (bench/probe_split.py --phases; builds with "
         "DEQKERN_PHASE_TIMER only), or None");

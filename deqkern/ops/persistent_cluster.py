@@ -225,18 +225,14 @@ def adjoint_cluster(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     n_rows = hs.shape[0]
     blocks = cdiv(n_rows, ADJOINT_ROWS)
-    device = h_star.device
-    g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
-    dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
-    # the row state, rstd, check, d_gain's parts (blocks, d), d_gain, then d_gain in h*'s dtype
+    # the outputs are made by the extension; buf: the row state, rstd, check, d_gain's parts
+    # (blocks, d), d_gain, then d_gain in h*'s dtype
+    g, dz, buf = _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv,
+                              stream_zeros(_COUNTERS, h_star.device, _COUNTER_WORDS), stride_f, config[0], eps, damping,
+                              tol, max_iter, REL_EPS)
     at = 5 * n_rows + 5 * blocks + blocks * d
-    buf = torch.empty(at + d + d // 2, dtype=torch.float32, device=device)
-    d_gain, d_gain_cast = buf[at:at + d], buf[at + d:].view(h_star.dtype)
-    _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf, d_gain_cast,
-                 stream_zeros(_COUNTERS, device, _COUNTER_WORDS), stride_f, config[0], eps, damping, tol, max_iter,
-                 REL_EPS)
     state, rstd, check = row_views(buf, n_rows, blocks, True)
-    return Adjoint(g, state, dz, rstd, d_gain, check, d_gain_cast)
+    return Adjoint(g, state, dz, rstd, buf[at:at + d], check, buf[at + d:].view(h_star.dtype))
 
 
 #: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
