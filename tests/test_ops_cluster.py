@@ -270,3 +270,25 @@ def test_cpu_tensors_never_take_it(monkeypatch):
     monkeypatch.setenv("DEQKERN_CLUSTER_CONFIG", "8;16")
     with pytest.raises(ValueError, match="DEQKERN_CLUSTER_CONFIG must be 'C,BM'.*'8;16'"):
         persistent_cluster.forced_config()
+
+
+@needs_cluster
+def test_compiled_backward_takes_the_cluster_adjoint():
+    """Under torch.compile the registered backward (the adjoint custom op) runs the cluster
+    adjoint too, with the eager path's gradients."""
+    gen = torch.Generator().manual_seed(case_seed("cluster-adj-compile"))
+    _, (w, frozen, gain, h0) = make_cell(64, 128, torch.bfloat16, gen, device="cuda")
+
+    def loss(w, frozen, gain, h0):
+        h, _ = deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, tol=2e-2, max_iter=40,
+                                  on_nonconvergence="ignore")
+        return h.float().pow(2).sum()
+
+    grads = {}
+    for name, fn in (("eager", loss), ("compiled", torch.compile(loss, fullgraph=True, backend="aot_eager"))):
+        params = [t.clone().requires_grad_() for t in (w, frozen, gain)]
+        fn(*params, h0).backward()
+        assert deqkern.last_backend() == persistent_cluster.BACKEND, name
+        grads[name] = [p.grad.double() for p in params]
+    for got, expected in zip(grads["compiled"], grads["eager"]):
+        assert float((got - expected).norm() / expected.norm()) <= 1e-2
