@@ -157,7 +157,7 @@ def last_backend() -> Optional[str]:
 
     One of ``"triton"``, ``"triton-interpreter"``, ``"eager"``, ``"triton-persistent"``
     (:func:`deqkern.solve_cell`'s one-launch solve, on a GPU or the interpreter),
-    ``"cuda-cluster"`` (its forward by the thread-block-cluster kernel on sm_90+), or
+    ``"cuda-cluster"`` (its forward or adjoint by the thread-block-cluster kernels on sm_90), or
     ``None`` before the first call. Under ``torch.compile`` it reflects the last eager
     execution of the op.
     """
