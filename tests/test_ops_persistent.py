@@ -155,7 +155,12 @@ def test_adjoint_parity(adjoint_kernel, dtype, n_rows, d, device):
     slack = 0 if dtype == torch.float32 else 1
     assert int((state.nstep - state_e.nstep).abs().max()) <= slack
     assert_rows_close(g, g_e, g64, dtype, "g")
-    # dz, rstd and d_gain are functions of the returned g (and h*): check them at it in float64
+    assert_adjoint_outputs(g, dz, rstd, d_gain, h_star, f64, dtype)
+
+
+def assert_adjoint_outputs(g, dz, rstd, d_gain, h_star, f64, dtype):
+    """dz, rstd and d_gain are functions of the returned g (and h*): check them at it in float64."""
+    w64, frozen64, gain64, _ = f64
     z64 = h_star.double() @ w64.T + frozen64
     rstd64 = torch.rsqrt(z64.pow(2).mean(-1, keepdim=True) + EPS)
     n64 = z64 * rstd64

@@ -34,21 +34,30 @@ constexpr int kTpr = kThreads / kClusterRows;  // row-phase threads per row
 constexpr int kQuads = 8;                      // float4 groups of a row per row-phase thread
 constexpr int kMaxD = 4 * kTpr * kQuads;       // 512
 
-// This thread's part of sum(dyg n) over its row, dyg = damping g gain.
-template <int TPR, int MAXQ>
-__device__ __forceinline__ float vjp_part(const float (&g)[MAXQ][4], const float (&n)[MAXQ][4], const float* gs,
-                                          int d, int sub, float damping) {
-  float s = 0.0f;
+// f(q, c, g4) for each of this thread's float4 groups q of its row: c its first column, g4 the
+// gain there.
+template <int TPR, int MAXQ, typename F>
+__device__ __forceinline__ void each_quad(const float* gs, int d, int sub, F&& f) {
 #pragma unroll
   for (int q = 0; q < MAXQ; ++q) {
     const int c = quad_col<TPR>(sub, q);
     if (c < d) {
       const float4 gv = *reinterpret_cast<const float4*>(gs + c);
       const float g4[4] = {gv.x, gv.y, gv.z, gv.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s += damping * g[q][j] * g4[j] * n[q][j];
+      f(q, c, g4);
     }
   }
+}
+
+// This thread's part of sum(dyg n) over its row, dyg = damping g gain.
+template <int TPR, int MAXQ>
+__device__ __forceinline__ float vjp_part(const float (&g)[MAXQ][4], const float (&n)[MAXQ][4], const float* gs,
+                                          int d, int sub, float damping) {
+  float s = 0.0f;
+  each_quad<TPR, MAXQ>(gs, d, sub, [&](int q, int, const float (&g4)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s += damping * g[q][j] * g4[j] * n[q][j];
+  });
   return s;
 }
 
@@ -57,18 +66,12 @@ __device__ __forceinline__ float vjp_part(const float (&g)[MAXQ][4], const float
 template <typename T, int TPR, int MAXQ>
 __device__ __forceinline__ void store_vjp(const float (&g)[MAXQ][4], const float (&n)[MAXQ][4], const float* gs,
                                           float rstd, float proj, float damping, T* dr, int d, int sub) {
+  each_quad<TPR, MAXQ>(gs, d, sub, [&](int q, int c, const float (&g4)[4]) {
+    T out[4];
 #pragma unroll
-  for (int q = 0; q < MAXQ; ++q) {
-    const int c = quad_col<TPR>(sub, q);
-    if (c < d) {
-      const float4 gv = *reinterpret_cast<const float4*>(gs + c);
-      const float g4[4] = {gv.x, gv.y, gv.z, gv.w};
-      T out[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) out[j] = from_f<T>(rstd * (damping * g[q][j] * g4[j] - n[q][j] * proj));
-      *reinterpret_cast<uint2*>(dr + c) = *reinterpret_cast<const uint2*>(out);
-    }
-  }
+    for (int j = 0; j < 4; ++j) out[j] = from_f<T>(rstd * (damping * g[q][j] * g4[j] - n[q][j] * proj));
+    *reinterpret_cast<uint2*>(dr + c) = *reinterpret_cast<const uint2*>(out);
+  });
 }
 
 template <typename T, int CPL>
@@ -249,23 +252,18 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
     // 3. whole rows, the same in every CTA: g_next, its relative residual, sum(dyg n) at g_next
     const float* ur = zb + r * d;
     float sd = 0.0f, sh = 0.0f, pj = 0.0f;
+    each_quad<TPR, MAXQ>(gs, d, sub, [&](int q, int c, const float (&g4)[4]) {
+      const float4 uv = *reinterpret_cast<const float4*>(ur + c);
+      const float u4[4] = {uv.x, uv.y, uv.z, uv.w};
 #pragma unroll
-    for (int q = 0; q < MAXQ; ++q) {
-      const int c = quad_col<TPR>(sub, q);
-      if (c < d) {
-        const float4 uv = *reinterpret_cast<const float4*>(ur + c);
-        const float4 gv = *reinterpret_cast<const float4*>(gs + c);
-        const float u4[4] = {uv.x, uv.y, uv.z, uv.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float gn = aq[q][j] + u4[j], step = gn - gq[q][j];
-          sd += step * step;
-          sh += gn * gn;
-          pj += p.damping * gn * g4[j] * nq[q][j];
-          aq[q][j] = gn;
-        }
+      for (int j = 0; j < 4; ++j) {
+        const float gn = aq[q][j] + u4[j], step = gn - gq[q][j];
+        sd += step * step;
+        sh += gn * gn;
+        pj += p.damping * gn * g4[j] * nq[q][j];
+        aq[q][j] = gn;
       }
-    }
+    });
     sd = group_sum<TPR>(sd, mask);
     sh = group_sum<TPR>(sh, mask);
     pj = group_sum<TPR>(pj, mask);

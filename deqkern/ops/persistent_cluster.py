@@ -140,13 +140,20 @@ def cluster_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, 
     not take it: ``DEQKERN_PERSISTENT_KERNEL`` other than "auto" / "cluster", no extension or
     not an sm_90 GPU, mixed or 32-bit dtypes, no resident tile (:func:`cluster_config`), or
     rows not 16-byte aligned. Metadata only."""
-    dtype, device = h0.dtype, h0.device
+    return _config_for(weight, frozen, gain, h0, cluster_config)
+
+
+def _config_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h: torch.Tensor,
+                choose) -> Optional[tuple]:
+    """:func:`cluster_for`'s conditions, with ``choose`` (:func:`cluster_config` or
+    :func:`adjoint_config`) for the shape."""
+    dtype, device = h.dtype, h.device
     if (persistent_split.KERNEL not in ("auto", "cluster") or weight.dtype != dtype or frozen.dtype != dtype
             or gain.dtype != dtype or not available(device)):
         return None
-    d = h0.shape[-1]
-    config = cluster_config(h0.numel() // d, d, dtype, device.index or 0, forced_config())
-    return config if config is not None and _aligned(weight) and _aligned(h0) else None
+    d = h.shape[-1]
+    config = choose(h.numel() // d, d, dtype, device.index or 0, forced_config())
+    return config if config is not None and _aligned(weight) and _aligned(h) else None
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -198,13 +205,7 @@ def adjoint_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, 
     """The ``(C, 16)`` :func:`adjoint_cluster` would use for the adjoint solve at ``h_star``,
     or None where it does not take it (the conditions of :func:`cluster_for`, with
     :func:`adjoint_config`). Metadata only."""
-    dtype, device = h_star.dtype, h_star.device
-    if (persistent_split.KERNEL not in ("auto", "cluster") or weight.dtype != dtype or frozen.dtype != dtype
-            or gain.dtype != dtype or not available(device)):
-        return None
-    d = h_star.shape[-1]
-    config = adjoint_config(h_star.numel() // d, d, dtype, device.index or 0, forced_config())
-    return config if config is not None and _aligned(weight) and _aligned(h_star) else None
+    return _config_for(weight, frozen, gain, h_star, adjoint_config)
 
 
 def adjoint_cluster(
