@@ -126,13 +126,19 @@ def label(cfg: dict) -> str:
             f"{cfg['num_warps']}w {'one-dot' if cfg['ONE_DOT'] else 'kloop'}")
 
 
+def adjoint_problem(w, frozen, gain, h0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h*, v)``: the forward's fixed point and a random cotangent (seeded) for the adjoint."""
+    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
+    v = torch.randn(*h0.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
+    return h_star, v
+
+
 def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
     """The adjoint solve's device time per launch and per iteration (cluster shapes, the
     split chooser's), then the backward body's (the adjoint as solve_cell picks it, and the
     parameter gradients) device and wall time, at the forward's h* for a random cotangent."""
     n, d = h0.shape
-    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
-    v = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
+    h_star, v = adjoint_problem(w, frozen, gain, h0)
     base = {"dtype": name, "n": n, "d": d}
     runs = [(f"adjoint cluster C={c} BM={bm}", lambda m, cfg=(c, bm): persistent_cluster.adjoint_cluster(
                 w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL, cfg))
@@ -152,9 +158,7 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
         rows.append(row)
     saved = persistent_split.KERNEL
     for kernel in ("auto", "split"):
-        persistent_split.KERNEL = kernel
-
-        def body(kernel=kernel):
+        def body(kernel=kernel):  # sets the choice itself: device_us and wall_ms call it later
             persistent_split.KERNEL = kernel
             out = cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)
             return cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True, True, True))
@@ -210,8 +214,7 @@ def timed_extension():
 def probe_phases(name: str, w, frozen, gain, h0, ext, launches: int = 50) -> list[dict]:
     """Each phase's share of a cluster launch's device time (10 iterations, every one run)."""
     n, d = h0.shape
-    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
-    v = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
+    h_star, v = adjoint_problem(w, frozen, gain, h0)
     forward, adjoint = persistent_cluster.cluster_for(w, frozen, gain, h0), persistent_cluster.adjoint_for(
         w, frozen, gain, h_star)
     runs = {}

@@ -65,6 +65,9 @@ _PREFERRED_C = 4
 #: row in registers: 8 float4 groups per thread).
 ADJOINT_ROWS = 16
 ADJOINT_MAX_D = 512
+#: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
+_COUNTERS: dict = {}
+_COUNTER_WORDS = 32 * 16
 
 
 def available(device: torch.device) -> bool:
@@ -234,8 +237,3 @@ def adjoint_cluster(
     at = 5 * n_rows + 5 * blocks + blocks * d
     state, rstd, check = row_views(buf, n_rows, blocks, True)
     return Adjoint(g, state, dz, rstd, buf[at:at + d], check, buf[at + d:].view(h_star.dtype))
-
-
-#: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
-_COUNTERS: dict = {}
-_COUNTER_WORDS = 32 * 16
