@@ -7,7 +7,7 @@
 # Steps: setup (carried wheels in .whl/, the C++ extension built with the system g++,
 # environment record) - env (the environment record alone) - tests (the test files that run
 # on CUDA; the CPU-only ones run in CI) - cell-tests (the one-launch solve's test files) - dist-tests (the two-GPU test) -
-# probe (probe_split.py; PROBE_ARGS appended) - probe-update (probe_update.py: the update forward's tile sweep) - profile (profile_host.py: per-call wall time of each host entry point,
+# probe (probe_split.py; PROBE_ARGS appended) - probe-block (probe_block.py: the block kernel's sweep at large sizes) - probe-update (probe_update.py: the update forward's tile sweep) - profile (profile_host.py: per-call wall time of each host entry point,
 # attributed from one torch.profiler run, into RESULTS/profile/) - cell (bench_cell.py) - solvers (bench_solvers.py) -
 # inr (deq_inr.py) - model-fp32, model-bf16 (bench_model.py: time-parallel vs token loops)
 # - generate (bench_generate.py) - seq-scaling (bench_model.py --scaling) - train (bench_solve.py train phase) - host,
@@ -67,6 +67,7 @@ for spec in "$@"; do
             echo "--- failed:"; grep -aoE "(FAILED|ERROR) tests/[^ ]+" "$RES/cell-tests.log" | sort -u | head -60
             [ -f "$RES/cell-tests-failures.log" ] && grep -aE "^(=====|E )" "$RES/cell-tests-failures.log" | head -80 ;;
         probe) run_step probe "$limit" python bench/probe_split.py --out "$RES/probe_split.json" ${PROBE_ARGS:-} ;;
+        probe-block) run_step probe-block "$limit" python bench/probe_block.py --out "$RES/probe_block.json" ;;
         probe-update) run_step probe-update "$limit" python bench/probe_update.py --out "$RES/probe_update.json" ;;
         profile) run_step profile "$limit" python bench/profile_host.py --out "$RES/profile" ;;
         env)

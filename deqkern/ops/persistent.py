@@ -135,7 +135,7 @@ def _solve_kernel(
     eps, damping, tol, max_iter, flt_max, rel_eps,
     STOP_MODE: tl.constexpr, WITH_RSTD: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SUB_M: tl.constexpr,
+    SUB_M: tl.constexpr, STAGES_B: tl.constexpr,
 ):
     """The forward solve of BLOCK_M rows (module docstring). H (R, d) holds the iterate,
     Z (R, d) float32 is scratch; RES, PREV, LOWEST, NSTEP: the RowState; CHECK: the
@@ -166,7 +166,7 @@ def _solve_kernel(
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
         n_commit = tl.full((), 0, tl.int32)
-        for s in range(0, BLOCK_M, SUB_M):
+        for s in tl.range(0, BLOCK_M, SUB_M, num_stages=STAGES_B):
             r = first + s + tl.arange(0, SUB_M)
             ok = r < n_rows
             r64 = r.to(tl.int64)[:, None]
@@ -226,7 +226,7 @@ def persistent_config(n_rows: int, d: int, element_size: int, interpreted: bool,
     block_d = next_power_of_2(d)
     sub_m = max(1, min(block_m, sub_tile // block_d))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SUB_M=sub_m,
-                num_warps=num_warps, num_stages=num_stages)
+                STAGES_B=num_stages, num_warps=num_warps, num_stages=num_stages)
 
 
 def config_for(n_rows: int, d: int, t: torch.Tensor) -> dict:

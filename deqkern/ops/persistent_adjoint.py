@@ -43,7 +43,7 @@ def _adjoint_kernel(
     n_rows, d, stride_hs, stride_w, stride_f, stride_v,
     eps, damping, tol, max_iter, flt_max, rel_eps,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SUB_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, SUB_M: tl.constexpr, STAGES_B: tl.constexpr,
 ):
     """The adjoint solve of BLOCK_M rows (module docstring). First z* = h* W^T + frozen
     (Z, float32) and rstd* (RSTD) at h* = HS; then, from G = V, phase A forms
@@ -83,7 +83,7 @@ def _adjoint_kernel(
                    False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
-        for s in range(0, BLOCK_M, SUB_M):
+        for s in tl.range(0, BLOCK_M, SUB_M, num_stages=STAGES_B):
             r = first + s + tl.arange(0, SUB_M)
             ok = r < n_rows
             r64 = r.to(tl.int64)[:, None]
