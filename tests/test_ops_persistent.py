@@ -243,10 +243,10 @@ def test_matches_the_loop_path(kernel, device):
 
 
 @cuda_only
-@pytest.mark.parametrize("n_rows,d", [(1000, 777), (4100, 2048), (300, 512)])
+@pytest.mark.parametrize("n_rows,d", [(1000, 777), (4100, 2048), (300, 512), (8500, 384)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_sizes_match_eager(kernel, dtype, n_rows, d):
-    """Multi-tile GEMMs, several phase-B sub-blocks, 16..128-row blocks."""
+    """Multi-tile GEMMs, several phase-B sub-blocks, 16..64-row blocks."""
     gen = torch.Generator().manual_seed(case_seed("gpu", dtype, n_rows, d))
     f64, cast = make_cell(n_rows, d, dtype, gen, sigma=0.5, device="cuda")
     tol = TOL[dtype]
@@ -388,3 +388,21 @@ def test_split_row_state_is_made_when_first_read(device):
     assert bool((out.state.residual < TOL[torch.float32]).all())
     assert bool((out.state.lowest <= out.state.residual).all()) and bool((out.state.prev > out.state.residual).all())
     assert out.state.lowest_step is None and out.state.best is None
+
+
+@pytest.mark.parametrize("d", [3, 64, 512, 777, 1024, 2048])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_block_config_on_a_gpu_tiles_every_row(d, element_size):
+    """The block kernel's GPU launch parameters (chosen on the H200, ``bench/probe_block.py``):
+    at most 64 rows a program, at least 16 (``tl.dot``); phase B's steps cover the block
+    exactly (``SUB_M`` divides ``BLOCK_M``: a step past it would write the next program's
+    rows) with whole rows (``BLOCK_D >= d``) and 32 elements a thread per tensor at most."""
+    for n_rows in (1, 100, 256, 2000, 8192, 8449, 32768, 10**6):
+        cfg = persistent.persistent_config(n_rows, d, element_size, False, 132)
+        assert 16 <= cfg["BLOCK_M"] <= 64 and cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0
+        assert cfg["BLOCK_M"] % cfg["SUB_M"] == 0 and cfg["BLOCK_D"] >= d
+        assert cfg["SUB_M"] == 1 or cfg["SUB_M"] * cfg["BLOCK_D"] <= 32 * 32 * cfg["num_warps"]
+        assert cfg["num_warps"] == (8 if d > 512 else 4) and cfg["STAGES_B"] >= 1
+    # one program per SM up to 64 rows each, then more programs
+    assert persistent.persistent_config(8192, 1024, 2, False, 132)["BLOCK_M"] == 64
+    assert persistent.persistent_config(2000, 1024, 2, False, 132)["BLOCK_M"] == 16

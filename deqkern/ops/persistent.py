@@ -196,9 +196,13 @@ def _solve_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-#: Elements of a phase-B tile per warp on a GPU: 8 per thread and tensor (phase B holds about
-#: eight such tensors; more spilled registers in sm_90 builds).
-_GPU_SUB_TILE_PER_WARP = 256
+#: Elements of a phase-B tile per warp on a GPU: 32 per thread and tensor. Phase B is a chain
+#: of ``BLOCK_M / SUB_M`` dependent steps (loads, row reductions, stores), each bound by
+#: memory latency, so wider steps win even where ptxas spills a little. H200, bf16, device
+#: time of 5 iterations (bench/probe_block.py, 725dfe0): 8 elements per thread took 1074 us
+#: at 8192x1024 and 1192 at 32768x512; 32 took 597 and 658 (the adjoint 1412 -> 817 and
+#: 1743 -> 1008).
+_GPU_SUB_TILE_PER_WARP = 1024
 #: Under the interpreter every program and op costs milliseconds: whole blocks per tile.
 _INTERPRETER_SUB_TILE = 16384
 
@@ -210,23 +214,26 @@ def persistent_config(n_rows: int, d: int, element_size: int, interpreted: bool,
     ``BLOCK_M`` trades the number of programs against W traffic: every program streams
     all of W from L2 once per iteration, so fewer, taller blocks read less, but fewer
     than one block per SM leaves SMs idle. Aim at one block per SM, between 16 (tl.dot's
-    minimum; at R=256 that is 16 programs) and 128 (a 128x128 float32 accumulator is
-    64 registers a thread at 8 warps)."""
+    minimum; at R=256 that is 16 programs) and 64 (at 32768x512, 64-row blocks took 658 us
+    where 128-row ones took 785 at best: more programs to hide phase B's latency). Eight
+    warps for rows of 1024 and wider, else four (measured at 8192x1024 and 32768x512).
+    ``STAGES_B``: the software pipeline depth of phase B's loop (1: none; 3 gained at 16
+    elements a thread, lost at 32 in the adjoint)."""
     if interpreted:
         block_m = 16
         block_n = block_k = min(64, max(16, next_power_of_2(d)))
         num_warps, num_stages, sub_tile = 4, 1, _INTERPRETER_SUB_TILE
     else:
-        block_m = min(128, max(16, next_power_of_2(cdiv(n_rows, n_sm))))
+        block_m = min(64, max(16, next_power_of_2(cdiv(n_rows, n_sm))))
         block_n = min(128, max(16, next_power_of_2(d)))
         block_k = min(64 if element_size <= 2 else 32, max(16, next_power_of_2(d)))
-        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+        num_warps = 8 if d > 512 else 4
         num_stages = 3
         sub_tile = _GPU_SUB_TILE_PER_WARP * num_warps
     block_d = next_power_of_2(d)
     sub_m = max(1, min(block_m, sub_tile // block_d))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SUB_M=sub_m,
-                STAGES_B=num_stages, num_warps=num_warps, num_stages=num_stages)
+                STAGES_B=1, num_warps=num_warps, num_stages=num_stages)
 
 
 def config_for(n_rows: int, d: int, t: torch.Tensor) -> dict:

@@ -246,11 +246,14 @@ class _Implicit(torch.autograd.Function):
         weight, frozen, gain, h_star = ctx.saved_tensors
         s, info = ctx.problem.settings, ctx.problem.info
         out = _run_adjoint(weight, frozen, gain, h_star, grad, s.eps, s.damping, s.b_max_iter, s.b_tol)
+        # the parameter gradients are queued before the policy's host read: the GPU works on
+        # them while the host waits, instead of idling after it
+        grads = _param_grads(out.dz, out, h_star, frozen, gain, ctx.needs_input_grad)
         check = report(info, "b_", out.g.view(grad.shape), out.state, out.check, s.b_tol, "rel",
                         s.on_nonconvergence)
         _enforce(check, s.on_nonconvergence, f"{_WHAT} backward (adjoint solve)", out.g.shape[0], s.b_max_iter,
                  s.b_tol, "rel", info)
-        return (*_param_grads(out.dz, out, h_star, frozen, gain, ctx.needs_input_grad), None, None)
+        return (*grads, None, None)
 
 
 # --------------------------------------------------------------------------- custom ops (torch.compile)
