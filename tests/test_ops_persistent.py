@@ -55,11 +55,20 @@ def row_err(h, ref):
     return (h.double().cpu() - ref.cpu()).norm(dim=-1) / ref.cpu().norm(dim=-1)
 
 
-def assert_rows_close(out, eager, ref, dtype, what, units=8):
-    """Row-wise: ||out - ref|| <= 2 ||eager - ref|| + units * unit(dtype) * ||ref||."""
+def assert_rows_close(out, eager, ref, dtype, what, units=8, states=None):
+    """Row-wise: ||out - ref|| <= 2 ||eager - ref|| + units * unit(dtype) * ||ref||.
+    ``states``: the kernel's and the eager twin's RowState. A row the kernel stopped an
+    iteration before the eager twin (its last step fell under tol first: the nstep may
+    differ by one) is as far from the fixed point as its last step allows, not as the
+    twin's one more step: 2 * its relative residual more (the cell contracts by < 2/3)."""
     err, bound = row_err(out, ref), 2 * row_err(eager, ref) + units * UNIT[dtype]
+    if states is not None:
+        state, state_e = states
+        earlier = (state.nstep < state_e.nstep).cpu()
+        bound = bound + torch.where(earlier, 2 * state.residual.double().cpu(), 0.0)
     worst = int((err - bound).argmax())
-    assert bool((err <= bound).all()), f"{what} ({dtype}): row {worst} error {err[worst]:.3e} > {bound[worst]:.3e}"
+    steps = "" if states is None else f" (nstep {int(states[0].nstep[worst])}, eager {int(states[1].nstep[worst])})"
+    assert bool((err <= bound).all()), f"{what} ({dtype}): row {worst} error {err[worst]:.3e} > {bound[worst]:.3e}{steps}"
 
 
 class Kernels:
@@ -254,7 +263,7 @@ def test_gpu_sizes_match_eager(kernel, dtype, n_rows, d):
     h_e, state_e, _, _ = persistent.solve_reference(*cast, EPS, DAMPING, 40, tol, "rel", False)
     assert bool((state.residual < tol).all())
     assert int((state.nstep - state_e.nstep).abs().max()) <= 1
-    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star")
+    assert_rows_close(h, h_e, fixed_point64(*f64), dtype, "h_star", states=(state, state_e))
     v = torch.randn(n_rows, d, device="cuda")
     out = kernel.adjoint(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
     ref = persistent_adjoint.adjoint_reference(cast[0], cast[1], cast[2], h, v, EPS, DAMPING, 40, tol)
