@@ -276,4 +276,8 @@ def test_bad_input(args, kwargs, exc, fragment):
 def test_heuristic():
     assert cell_mod.use_persistent(256, 512) and cell_mod.use_persistent(4096, 1024)
     assert not cell_mod.use_persistent(256, 4096)  # too wide for the row-wise phase
-    assert cell_mod.use_persistent(32768, 1024) and not cell_mod.use_persistent(65536, 1024)  # beyond: unmeasured, the loop
+    # the measured sizes either side of the multiply-add limit
+    assert cell_mod.use_persistent(8192, 1024) and cell_mod.use_persistent(32768, 512)
+    assert not cell_mod.use_persistent(16384, 2048) and not cell_mod.use_persistent(65536, 1024)
+    assert cell_mod.use_persistent(2048, 2048) and not cell_mod.use_persistent(8193, 1024)
+    assert not cell_mod.use_persistent(2**20, 64)  # the element limit: beyond it unmeasured

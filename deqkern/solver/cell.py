@@ -42,16 +42,19 @@ from deqkern.solver.config import validate_options
 from deqkern.solver.loop import enforce
 from deqkern.solver.report import Info, report
 
-__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_D", "BACKEND"]
+__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_MACS", "PERSISTENT_MAX_D",
+           "BACKEND"]
 
-#: Largest ``rows * d`` solved by the persistent kernel. Measured on the H200
-#: (bench/bench_cell.py, bf16, 5 iterations, wall per call): the one-launch solve beat the
-#: GEMM + update loop at every size run but once. At 8192x1024 the block kernel took 1.06-1.07
-#: ms in four runs; the loop, mostly host-bound there, 2.25, 1.30, 0.892 and 1.58 ms
-#: (commits 781a827, 35112ac, 0718903, 6493f7b): the device-bound kernel is the steadier
-#: choice. 32768x512: 1.18-1.20 against 1.45-2.89 ms. 2**25 (32768x1024) is the largest size
-#: it covers until a larger one is measured.
+#: Largest ``rows * d`` solved by the persistent kernel (no size above it measured faster).
 PERSISTENT_MAX_ELEMENTS = 2**25
+#: Largest ``rows * d * d`` (the product's multiply-adds an iteration) solved by the
+#: persistent kernel. The loop path's GEMM is about 2.3x as fast an iteration as the block
+#: kernel's product (bf16, H200), so the loop wins once its iterations, not its host code,
+#: bound it. Measured (bench/bench_cell.py, wall per call, the default "warn" policy, bc9729f):
+#: 8192x1024 (2**33) persistent 0.73-0.78 ms against the loop's 0.92-1.46 (forward and
+#: adjoint, two runs); 32768x512 (2**33) 0.81-0.84 against 1.09-1.79; but 16384x2048 (2**35)
+#: 3.83 against 2.59 and 65536x1024 (2**36, forced) 4.74 against 3.38.
+PERSISTENT_MAX_MACS = 2**33
 #: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
 PERSISTENT_MAX_D = 2048
 #: What :func:`deqkern.last_backend` reports after the persistent kernel ran.
@@ -60,9 +63,11 @@ _WHAT = "deqkern.solve_cell"
 
 
 def use_persistent(n_rows: int, d: int) -> bool:
-    """The size heuristic: the persistent kernel for ``n_rows x d`` problems up to
-    :data:`PERSISTENT_MAX_ELEMENTS` with ``d <= PERSISTENT_MAX_D``, else the loop path."""
-    return d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
+    """The size heuristic: the persistent kernel for ``n_rows x d`` problems with
+    ``d <= PERSISTENT_MAX_D``, at most :data:`PERSISTENT_MAX_ELEMENTS` elements and
+    :data:`PERSISTENT_MAX_MACS` multiply-adds an iteration; else the loop path."""
+    return (d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
+            and n_rows * d * d <= PERSISTENT_MAX_MACS)
 
 
 # --------------------------------------------------------------------------- validation
