@@ -208,7 +208,7 @@ class Persistent:
 
     def __enter__(self):
         self.saved = _choice()
-        _set_choice((2**62, 2**62, 2**62, self.kernel))
+        _set_choice((2**62, 2**62, 2**62, 2**62, self.kernel))
 
     def __exit__(self, *exc):
         _set_choice(self.saved)
@@ -217,12 +217,12 @@ class Persistent:
 def _choice() -> tuple:
     """The kernel choice in force: solve_cell's size limits and the one-launch kernel."""
     return (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_MACS, cell_mod.PERSISTENT_MAX_D,
-            persistent_split.KERNEL)
+            cell_mod.PERSISTENT_BLOCK_MAX_D, persistent_split.KERNEL)
 
 
 def _set_choice(choice: tuple) -> None:
     (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_MACS, cell_mod.PERSISTENT_MAX_D,
-     persistent_split.KERNEL) = choice
+     cell_mod.PERSISTENT_BLOCK_MAX_D, persistent_split.KERNEL) = choice
 
 
 def pinned(fn: Callable[[], object]) -> Callable[[], object]:
@@ -470,13 +470,15 @@ def main(argv=None) -> dict:
              + f"; {calls} back-to-back calls per round, median of {rounds} rounds taken in turn"
              + " across a size's variants (host included)."
              + f" Heuristic: persistent when rows*d <= {cell_mod.PERSISTENT_MAX_ELEMENTS}, rows*d*d <= "
-             + f"{cell_mod.PERSISTENT_MAX_MACS} and d <= {cell_mod.PERSISTENT_MAX_D}."]
+             + f"{cell_mod.PERSISTENT_MAX_MACS} and d <= {cell_mod.PERSISTENT_MAX_D} (d <= "
+             + f"{cell_mod.PERSISTENT_BLOCK_MAX_D} where the split kernel does not take the size)."]
     if device.type != "cuda":
         notes.append("CPU run: only eager-item is timed (a smoke test); deqkern variants run through the "
                      "Triton interpreter and are checked, not timed; no CUDA-graph or compile variants.")
     payload = {"environment": common.environment(device), "notes": notes, "rows": rows, "targets": targets(rows),
                "persistent_max_elements": cell_mod.PERSISTENT_MAX_ELEMENTS,
                "persistent_max_macs": cell_mod.PERSISTENT_MAX_MACS,
+               "persistent_block_max_d": cell_mod.PERSISTENT_BLOCK_MAX_D,
                "persistent_max_d": cell_mod.PERSISTENT_MAX_D}
     table = "\n".join(f"> {note}" for note in notes) + "\n\n" + common.markdown_table(
         ["dtype", "N×d", "phase", "variant", "check", "iters", "ms / call", "note"],

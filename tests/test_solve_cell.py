@@ -273,11 +273,33 @@ def test_bad_input(args, kwargs, exc, fragment):
         deqkern.solve_cell(*args, **kwargs)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "split"])
+def test_wide_rows_take_the_persistent_path_only_on_the_split_kernel(kernel, monkeypatch, fused_backend_name, device):
+    """Rows wider than PERSISTENT_BLOCK_MAX_D (here lowered to 8) solve on the persistent path
+    only where the split kernel takes the size (forced with "split"; "auto" never takes it on a
+    CPU, nor for 19 rows on a GPU: too few programs idle); else the loop path, same numbers."""
+    monkeypatch.setattr(cell_mod, "PERSISTENT_BLOCK_MAX_D", 8)
+    monkeypatch.setattr(persistent_split, "KERNEL", kernel)
+    params, h0, _ = problem((19,), 10, torch.float32, "wide", device=device)
+    h, info = deqkern.solve_cell(*params, h0, tol=1e-5)
+    on_split = persistent_split.use_split(19, 10, h0)
+    assert on_split == (kernel == "split")
+    assert deqkern.last_backend() == (cell_mod.BACKEND if on_split else fused_backend_name)
+    monkeypatch.setattr(cell_mod, "PERSISTENT_BLOCK_MAX_D", 10)
+    monkeypatch.setattr(persistent_split, "KERNEL", "block")
+    h_block, _ = deqkern.solve_cell(*params, h0, tol=1e-5)
+    assert deqkern.last_backend() == cell_mod.BACKEND
+    torch.testing.assert_close(h, h_block, rtol=2e-5, atol=2e-6)
+
+
 def test_heuristic():
     assert cell_mod.use_persistent(256, 512) and cell_mod.use_persistent(4096, 1024)
     assert not cell_mod.use_persistent(256, 4096)  # too wide for the row-wise phase
     # the measured sizes either side of the multiply-add limit
     assert cell_mod.use_persistent(8192, 1024) and cell_mod.use_persistent(32768, 512)
     assert not cell_mod.use_persistent(16384, 2048) and not cell_mod.use_persistent(65536, 1024)
-    assert cell_mod.use_persistent(2048, 2048) and not cell_mod.use_persistent(8193, 1024)
+    assert not cell_mod.use_persistent(8193, 1024) and cell_mod.use_persistent(2048, 1024)
+    # rows wider than 1024 only on the split kernel (the block kernel's programs each stream W)
+    assert not cell_mod.use_persistent(1024, 2048) and cell_mod.use_persistent(256, 2048, split=True)
+    assert not cell_mod.use_persistent(4096, 2048, split=True)  # the multiply-add limit still holds
     assert not cell_mod.use_persistent(2**20, 64)  # the element limit: beyond it unmeasured

@@ -43,31 +43,41 @@ from deqkern.solver.loop import enforce
 from deqkern.solver.report import Info, report
 
 __all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_MACS", "PERSISTENT_MAX_D",
-           "BACKEND"]
+           "PERSISTENT_BLOCK_MAX_D", "BACKEND"]
 
 #: Largest ``rows * d`` solved by the persistent kernel (no size above it measured faster).
 PERSISTENT_MAX_ELEMENTS = 2**25
 #: Largest ``rows * d * d`` (the product's multiply-adds an iteration) solved by the
 #: persistent kernel. The loop path's GEMM is about 2.3x as fast an iteration as the block
 #: kernel's product (bf16, H200), so the loop wins once its iterations, not its host code,
-#: bound it. Measured (bench/bench_cell.py, wall per call, the default "warn" policy, bc9729f):
-#: 8192x1024 (2**33) persistent 0.73-0.78 ms against the loop's 0.92-1.46 (forward and
-#: adjoint, two runs); 32768x512 (2**33) 0.81-0.84 against 1.09-1.79; but 16384x2048 (2**35)
-#: 3.83 against 2.59 and 65536x1024 (2**36, forced) 4.74 against 3.38.
+#: bound it. Measured (bench/bench_cell.py, wall per call, the default "warn" policy, runs at
+#: 6cde6e6, bc9729f, ec5b587): 8192x1024 (2**33) persistent 0.73-0.91 ms forward, 1.21-1.34
+#: adjoint, against the loop's 0.92-1.54 and 1.38-1.58; 32768x512 (2**33) 0.81-1.00 and
+#: 1.33-1.48 against 1.09-1.58 and 1.79-2.10. Past it: 16384x1024 (2**34) 1.34 against the
+#: loop's 1.10 forward; 65536x512 (2**34) about even (1.49 against 1.61); 65536x1024 (2**36)
+#: 4.92 against 3.38.
 PERSISTENT_MAX_MACS = 2**33
 #: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
 PERSISTENT_MAX_D = 2048
+#: Widest rows for the persistent path where the split kernel does not take the size (so the
+#: block kernel would): each of its ~one-per-SM programs streams all of W every iteration, 8
+#: MB at d = 2048. H200, bf16, "warn" (ec5b587): 1024x2048 1.03 ms against the loop's 0.844,
+#: 2048x2048 1.44 against 1.33; at d = 1024 (2 MB) 2048x1024 0.47 against 1.38. The split
+#: kernel, which splits W between programs, took 256x2048 in 0.287 ms against 1.41.
+PERSISTENT_BLOCK_MAX_D = 1024
 #: What :func:`deqkern.last_backend` reports after the persistent kernel ran.
 BACKEND = "triton-persistent"
 _WHAT = "deqkern.solve_cell"
 
 
-def use_persistent(n_rows: int, d: int) -> bool:
+def use_persistent(n_rows: int, d: int, split: bool = False) -> bool:
     """The size heuristic: the persistent kernel for ``n_rows x d`` problems with
     ``d <= PERSISTENT_MAX_D``, at most :data:`PERSISTENT_MAX_ELEMENTS` elements and
-    :data:`PERSISTENT_MAX_MACS` multiply-adds an iteration; else the loop path."""
+    :data:`PERSISTENT_MAX_MACS` multiply-adds an iteration, and rows wider than
+    :data:`PERSISTENT_BLOCK_MAX_D` only where the split kernel takes the size (``split``);
+    else the loop path."""
     return (d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
-            and n_rows * d * d <= PERSISTENT_MAX_MACS)
+            and n_rows * d * d <= PERSISTENT_MAX_MACS and (d <= PERSISTENT_BLOCK_MAX_D or split))
 
 
 # --------------------------------------------------------------------------- validation
@@ -422,7 +432,9 @@ def solve_cell(
     if return_rstd is not False and return_rstd is not True:
         raise TypeError(f"return_rstd must be a bool; got {type(return_rstd).__name__}")
     d = h0.shape[-1]
-    if s.backward == "unrolled" or not use_persistent(h0.numel() // d, d):
+    n_rows = h0.numel() // d
+    split = d > PERSISTENT_BLOCK_MAX_D and persistent_split.use_split(n_rows, d, h0)
+    if s.backward == "unrolled" or not use_persistent(n_rows, d, split):
         h_star, info = _loop(weight, frozen, gain, h0, s)
     else:
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or frozen.requires_grad or gain.requires_grad)
