@@ -208,21 +208,26 @@ class Persistent:
 
     def __enter__(self):
         self.saved = _choice()
-        _set_choice((2**62, 2**62, 2**62, 2**62, self.kernel))
+        _set_choice((2**62,) * len(_LIMITS) + (self.kernel,))
 
     def __exit__(self, *exc):
         _set_choice(self.saved)
 
 
+#: solve_cell's size limits (deqkern.solver.cell), all lifted inside a Persistent block.
+_LIMITS = ("PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_MACS", "PERSISTENT_MAX_MACS_32", "PERSISTENT_MAX_D",
+           "PERSISTENT_BLOCK_MAX_D")
+
+
 def _choice() -> tuple:
     """The kernel choice in force: solve_cell's size limits and the one-launch kernel."""
-    return (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_MACS, cell_mod.PERSISTENT_MAX_D,
-            cell_mod.PERSISTENT_BLOCK_MAX_D, persistent_split.KERNEL)
+    return tuple(getattr(cell_mod, name) for name in _LIMITS) + (persistent_split.KERNEL,)
 
 
 def _set_choice(choice: tuple) -> None:
-    (cell_mod.PERSISTENT_MAX_ELEMENTS, cell_mod.PERSISTENT_MAX_MACS, cell_mod.PERSISTENT_MAX_D,
-     cell_mod.PERSISTENT_BLOCK_MAX_D, persistent_split.KERNEL) = choice
+    for name, value in zip(_LIMITS, choice):
+        setattr(cell_mod, name, value)
+    persistent_split.KERNEL = choice[-1]
 
 
 def pinned(fn: Callable[[], object]) -> Callable[[], object]:
@@ -470,14 +475,16 @@ def main(argv=None) -> dict:
              + f"; {calls} back-to-back calls per round, median of {rounds} rounds taken in turn"
              + " across a size's variants (host included)."
              + f" Heuristic: persistent when rows*d <= {cell_mod.PERSISTENT_MAX_ELEMENTS}, rows*d*d <= "
-             + f"{cell_mod.PERSISTENT_MAX_MACS} and d <= {cell_mod.PERSISTENT_MAX_D} (d <= "
-             + f"{cell_mod.PERSISTENT_BLOCK_MAX_D} where the split kernel does not take the size)."]
+             + f"{cell_mod.PERSISTENT_MAX_MACS} ({cell_mod.PERSISTENT_MAX_MACS_32} for fp32) and d <= "
+             + f"{cell_mod.PERSISTENT_MAX_D} (d <= {cell_mod.PERSISTENT_BLOCK_MAX_D} where the split kernel"
+             + " does not take the size)."]
     if device.type != "cuda":
         notes.append("CPU run: only eager-item is timed (a smoke test); deqkern variants run through the "
                      "Triton interpreter and are checked, not timed; no CUDA-graph or compile variants.")
     payload = {"environment": common.environment(device), "notes": notes, "rows": rows, "targets": targets(rows),
                "persistent_max_elements": cell_mod.PERSISTENT_MAX_ELEMENTS,
                "persistent_max_macs": cell_mod.PERSISTENT_MAX_MACS,
+               "persistent_max_macs_32": cell_mod.PERSISTENT_MAX_MACS_32,
                "persistent_block_max_d": cell_mod.PERSISTENT_BLOCK_MAX_D,
                "persistent_max_d": cell_mod.PERSISTENT_MAX_D}
     table = "\n".join(f"> {note}" for note in notes) + "\n\n" + common.markdown_table(

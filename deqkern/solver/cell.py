@@ -42,8 +42,8 @@ from deqkern.solver.config import validate_options
 from deqkern.solver.loop import enforce
 from deqkern.solver.report import Info, report
 
-__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_MACS", "PERSISTENT_MAX_D",
-           "PERSISTENT_BLOCK_MAX_D", "BACKEND"]
+__all__ = ["solve_cell", "use_persistent", "PERSISTENT_MAX_ELEMENTS", "PERSISTENT_MAX_MACS",
+           "PERSISTENT_MAX_MACS_32", "PERSISTENT_MAX_D", "PERSISTENT_BLOCK_MAX_D", "BACKEND"]
 
 #: Largest ``rows * d`` solved by the persistent kernel (no size above it measured faster).
 PERSISTENT_MAX_ELEMENTS = 2**25
@@ -57,6 +57,11 @@ PERSISTENT_MAX_ELEMENTS = 2**25
 #: loop's 1.10 forward; 65536x512 (2**34) about even (1.49 against 1.61); 65536x1024 (2**36)
 #: 4.92 against 3.38.
 PERSISTENT_MAX_MACS = 2**33
+#: :data:`PERSISTENT_MAX_MACS` for float32 (and float64) storage, whose products run as three
+#: TF32 ones (or on the eager twin): fp32, "warn", d9b28fa: 8192x1024 (2**33) 6.08 ms forward
+#: and 12.0 adjoint against the loop's 5.14 and 6.38; 32768x512 (2**33) 4.05 against 5.77
+#: forward, 9.71 against 7.22 adjoint. At 256x512 (2**26) the persistent path is 4.8x the loop.
+PERSISTENT_MAX_MACS_32 = 2**30
 #: Widest rows for the persistent kernel (its row-wise phase holds whole rows on chip).
 PERSISTENT_MAX_D = 2048
 #: Widest rows for the persistent path where the split kernel does not take the size (so the
@@ -70,14 +75,16 @@ BACKEND = "triton-persistent"
 _WHAT = "deqkern.solve_cell"
 
 
-def use_persistent(n_rows: int, d: int, split: bool = False) -> bool:
+def use_persistent(n_rows: int, d: int, split: bool = False, element_size: int = 2) -> bool:
     """The size heuristic: the persistent kernel for ``n_rows x d`` problems with
     ``d <= PERSISTENT_MAX_D``, at most :data:`PERSISTENT_MAX_ELEMENTS` elements and
-    :data:`PERSISTENT_MAX_MACS` multiply-adds an iteration, and rows wider than
+    :data:`PERSISTENT_MAX_MACS` multiply-adds an iteration (:data:`PERSISTENT_MAX_MACS_32`
+    for storage of ``element_size`` 4 bytes or more), and rows wider than
     :data:`PERSISTENT_BLOCK_MAX_D` only where the split kernel takes the size (``split``);
     else the loop path."""
+    max_macs = PERSISTENT_MAX_MACS if element_size <= 2 else PERSISTENT_MAX_MACS_32
     return (d <= PERSISTENT_MAX_D and n_rows * d <= PERSISTENT_MAX_ELEMENTS
-            and n_rows * d * d <= PERSISTENT_MAX_MACS and (d <= PERSISTENT_BLOCK_MAX_D or split))
+            and n_rows * d * d <= max_macs and (d <= PERSISTENT_BLOCK_MAX_D or split))
 
 
 # --------------------------------------------------------------------------- validation
@@ -434,7 +441,7 @@ def solve_cell(
     d = h0.shape[-1]
     n_rows = h0.numel() // d
     split = d > PERSISTENT_BLOCK_MAX_D and persistent_split.use_split(n_rows, d, h0)
-    if s.backward == "unrolled" or not use_persistent(n_rows, d, split):
+    if s.backward == "unrolled" or not use_persistent(n_rows, d, split, h0.element_size()):
         h_star, info = _loop(weight, frozen, gain, h0, s)
     else:
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or frozen.requires_grad or gain.requires_grad)
