@@ -216,7 +216,8 @@ def persistent_config(n_rows: int, d: int, element_size: int, interpreted: bool,
     than one block per SM leaves SMs idle. Aim at one block per SM, between 16 (tl.dot's
     minimum; at R=256 that is 16 programs) and 64 (at 32768x512, 64-row blocks took 658 us
     where 128-row ones took 785 at best: more programs to hide phase B's latency). Eight
-    warps for rows of 1024 and wider, else four (measured at 8192x1024 and 32768x512).
+    warps for rows wider than 512 (a ``BLOCK_D`` of 1024 or more), else four (measured at
+    8192x1024 and 32768x512).
     ``STAGES_B``: the software pipeline depth of phase B's loop (1: none; 3 gained at 16
     elements a thread, lost at 32 in the adjoint)."""
     if interpreted:
