@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from probe_split import DTYPES, device_us  # noqa: E402
+from probe_split import cell_problem, device_us, written  # noqa: E402
 
 from deqkern.functional import update_with_stats  # noqa: E402
 from deqkern.ops import persistent, persistent_adjoint  # noqa: E402
@@ -65,17 +64,10 @@ def main(argv=None) -> dict:
     rows = []
     chooser = persistent.config_for
     for spec in args.sizes:
-        name, size = spec.split(":")
-        n, d = (int(x) for x in size.split("x"))
-        dtype = DTYPES[name]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(d, d, device="cuda", generator=gen)
-        w = (0.5 * w / torch.linalg.matrix_norm(w, 2)).to(dtype)
-        frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
-        gain = torch.ones(d, device="cuda", dtype=dtype)
-        h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
+        name, w, frozen, gain, h0 = cell_problem(spec)
+        n, d = h0.shape
         h_star = persistent.solve_triton(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
-        v = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
+        v = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
         base = {"dtype": name, "n": n, "d": d}
 
         def forward(m):
@@ -113,10 +105,7 @@ def main(argv=None) -> dict:
                "device_us_per_iteration": device_us(loop_step, replays=50)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
-    return payload
+    return written(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,28 @@ def probe_phases(name: str, w, frozen, gain, h0, ext, launches: int = 50) -> lis
     return rows
 
 
+def cell_problem(spec: str, seed: int = 0) -> tuple:
+    """``(dtype name, W, frozen, gain, h0)`` on the GPU for a size like ``"bf16:256x512"``:
+    ``||W||_2 = 0.5``, frozen ~ N(0, 1), gain 1, h0 = 0 (seeded)."""
+    name, size = spec.split(":")
+    n, d = (int(x) for x in size.split("x"))
+    dtype = DTYPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(d, d, device="cuda", generator=gen)
+    w = (0.5 * w / torch.linalg.matrix_norm(w, 2)).to(dtype)
+    frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
+    gain = torch.ones(d, device="cuda", dtype=dtype)
+    return name, w, frozen, gain, torch.zeros(n, d, device="cuda", dtype=dtype)
+
+
+def written(rows: list[dict], out) -> dict:
+    """The probe's payload (environment and rows), written to ``out`` as JSON where given."""
+    payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
+    if out:
+        Path(out).write_text(json.dumps(payload, indent=1, default=str))
+    return payload
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=SIZES)
@@ -265,15 +287,8 @@ def main(argv=None) -> dict:
     rows = []
     ext = timed_extension() if "phases" in args.kernels else None
     for spec in args.sizes:
-        name, size = spec.split(":")
-        n, d = (int(x) for x in size.split("x"))
-        dtype = DTYPES[name]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(d, d, device="cuda", generator=gen)
-        w = (0.5 * w / torch.linalg.matrix_norm(w, 2)).to(dtype)
-        frozen = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
-        gain = torch.ones(d, device="cuda", dtype=dtype)
-        h0 = torch.zeros(n, d, device="cuda", dtype=dtype)
+        name, w, frozen, gain, h0 = cell_problem(spec)
+        n, d = h0.shape
         if ext is not None:
             rows.extend(probe_phases(name, w, frozen, gain, h0, ext))
         if "adjoint" in args.kernels:
@@ -311,10 +326,7 @@ def main(argv=None) -> dict:
         if spec == args.sizes[0]:
             host_profile(lambda: deqkern.solve_cell(w, frozen, gain, h0, damping=DAMPING, eps=EPS, max_iter=5, tol=TOL,
                                                     on_nonconvergence="ignore"))
-    payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
-    return payload
+    return written(rows, args.out)
 
 
 if __name__ == "__main__":
