@@ -1,7 +1,7 @@
 """deqkern's Triton kernels compile for an sm_90 GPU (Triton's
 frontend, passes and ptxas, no GPU needed): ``tests/gpu_compile.py`` in a process without
 Triton's interpreter, which a test process on a CPU machine has turned on. The CUDA
-cluster kernel compiles with nvcc where one is installed."""
+cluster kernels (forward and adjoint) compile with nvcc where one is installed."""
 
 import os
 import shutil
@@ -32,15 +32,19 @@ def _nvcc():
     return found if Path(found).exists() else None
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="no nvcc here to compile the CUDA extension's kernel with")
-def test_cluster_kernel_compiles_for_sm90(tmp_path):
-    """csrc/cuda/cell_cluster.cu (the extension a CUDA build of torch compiles with setup.py)
-    compiles for sm_90 with nvcc alone, every instantiation without register spills."""
-    source = Path(__file__).parent.parent / "csrc" / "cuda" / "cell_cluster.cu"
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc here to compile the CUDA extension's kernels with")
+@pytest.mark.parametrize("source,instantiations", [
+    ("cell_cluster.cu", 12),          # the forward: bf16/fp16 x 16/32 rows x 32/64/128 columns
+    ("cell_cluster_adjoint.cu", 6),   # the adjoint: bf16/fp16 x 32/64/128 columns, 16 rows
+])
+def test_cluster_kernels_compile_for_sm90(tmp_path, source, instantiations):
+    """The CUDA extension's kernels (csrc/cuda/, which a CUDA build of torch compiles with
+    setup.py) compile for sm_90 with nvcc alone, every instantiation without register spills."""
+    path = Path(__file__).parent.parent / "csrc" / "cuda" / source
     done = subprocess.run([_nvcc(), "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
-                           "-c", str(source), "-o", str(tmp_path / "cell_cluster.o")],
+                           "-c", str(path), "-o", str(tmp_path / "kernel.o")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     spills = [line for line in done.stderr.splitlines() if "spill stores" in line]
-    assert len(spills) == 12, done.stderr[-3000:]  # bf16/fp16 x 16/32 rows x 32/64/128 columns
+    assert len(spills) == instantiations, done.stderr[-3000:]
     assert all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in spills), "\n".join(spills)
