@@ -233,7 +233,7 @@ def _set_choice(choice: tuple) -> None:
 def pinned(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` under the kernel choice in force now (a :class:`Persistent` block or none):
     variants are timed after every variant is checked, outside their blocks, so each call
-    puts the choice back (three attribute writes) and restores the one it found."""
+    puts the choice back (the limits' and the kernel's attribute writes) and restores the one it found."""
     choice = _choice()
 
     def call():

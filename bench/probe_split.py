@@ -62,6 +62,13 @@ def device_us(fn, replays: int = 200) -> float:
     return best
 
 
+def per_iteration(run, replays: int = 200) -> dict:
+    """Device microseconds of ``run(max_iter)`` at 5 and 10 iterations (graph replays, a tol
+    every row misses) and their slope per iteration."""
+    dev = {m: device_us(lambda m=m: run(m), replays) for m in (5, 10)}  # (1 would compile apart: == 1)
+    return {"device_us_5": dev[5], "device_us_10": dev[10], "us_per_iteration": (dev[10] - dev[5]) / 5}
+
+
 def host_profile(fn, calls: int = 2000) -> None:
     """cProfile of ``calls`` calls (host functions by own time), printed."""
     import cProfile
@@ -126,9 +133,10 @@ def label(cfg: dict) -> str:
             f"{cfg['num_warps']}w {'one-dot' if cfg['ONE_DOT'] else 'kloop'}")
 
 
-def adjoint_problem(w, frozen, gain, h0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h*, v)``: the forward's fixed point and a random cotangent (seeded) for the adjoint."""
-    h_star = persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
+def adjoint_problem(w, frozen, gain, h0, solve=persistent_split.solve_split) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h*, v)``: the forward's fixed point (by ``solve``, a one-launch launcher) and a random
+    cotangent (seeded) for the adjoint."""
+    h_star = solve(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
     v = torch.randn(*h0.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
     return h_star, v
 
@@ -149,9 +157,7 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
     rows = []
     for label_, run in runs:
         try:
-            dev = {m: device_us(lambda m=m: run(m)) for m in (5, 10)}
-            row = {**base, "kernel": label_, "device_us_5": dev[5], "device_us_10": dev[10],
-                   "us_per_iteration": (dev[10] - dev[5]) / 5}
+            row = {**base, "kernel": label_, **per_iteration(run)}
         except Exception as err:  # noqa: BLE001
             row = {**base, "kernel": label_, "error": f"{type(err).__name__}: {err}"[:200]}
         print(json.dumps(row), flush=True)
@@ -303,10 +309,9 @@ def main(argv=None) -> dict:
                 return persistent_split.solve_split(w, frozen, gain, h0, EPS, DAMPING, m, TOL, "rel", False, config=cfg)
 
             try:
-                dev = {m: device_us(lambda m=m: solve(m)) for m in (5, 10)}  # (1 would compile apart: == 1)
+                times = per_iteration(solve)
                 wall5 = 1e3 * common.wall_ms(lambda: solve(5), torch.device("cuda"), calls=50, rounds=5)
-                row = {"dtype": name, "n": n, "d": d, "kernel": kernel, "config": cfg, "device_us_5": dev[5],
-                       "device_us_10": dev[10], "us_per_iteration": (dev[10] - dev[5]) / 5,
+                row = {"dtype": name, "n": n, "d": d, "kernel": kernel, "config": cfg, **times,
                        "launch_wall_us_5": wall5}
             except Exception as err:  # noqa: BLE001
                 row = {"dtype": name, "n": n, "d": d, "kernel": kernel, "error": f"{type(err).__name__}: {err}"[:200]}
