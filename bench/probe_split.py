@@ -10,10 +10,13 @@ Then wall microseconds per call (back-to-back calls, host included) of the bare 
 (``solve_cluster`` / ``solve_split`` / ``solve_triton``) and of
 ``deqkern.solve_cell(on_nonconvergence="ignore")`` at ``max_iter`` 5 as each kernel choice
 takes it: what the host adds on top of the device. ``--kernels`` limits the configurations
-(cluster, auto, block, split, adjoint). ``adjoint``: the adjoint solve at the forward's
-h* the same way (cluster shapes and the split chooser's; device time at ``b_max_iter`` 5
-and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
-backward) by device time and wall time per call. ``phases``: where a cluster launch's
+(cluster, auto, block, split, adjoint, floor, phases). ``adjoint``: the adjoint solve at the
+forward's h* the same way (cluster shapes, the split chooser's and the block kernel; for
+float32 with W given K-major and as is, ``persistent.ADJOINT_W_COPY_F32``; device time at
+``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
+backward) by device time and wall time per call. ``floor``: cuBLAS's device time for
+each product of an iteration and the eager cell step's (what a one-launch iteration
+competes with). ``phases``: where a cluster launch's
 time goes (forward and adjoint, 10 iterations): the extension built again with
 ``DEQKERN_PHASE_TIMER`` (a JIT build, about a minute), whose kernels add the clock64 cycles
 of each phase as the first CTA's thread 0 sees them; reported as each phase's share of the
@@ -36,7 +39,7 @@ import common  # noqa: E402
 
 import deqkern  # noqa: E402
 from bench_cell import captured  # noqa: E402
-from deqkern.ops import persistent, persistent_cluster, persistent_split  # noqa: E402
+from deqkern.ops import persistent, persistent_adjoint, persistent_cluster, persistent_split  # noqa: E402
 from deqkern.solver import cell as cell_mod  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -152,8 +155,14 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
                 w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL, cfg))
             for c, bm in persistent_cluster.adjoint_shapes(d)
             if persistent_cluster.adjoint_config(n, d, h0.dtype, 0, (c, bm)) is not None]
-    runs.append(("adjoint split (chooser)",
-                 lambda m: persistent_split.adjoint_split(w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
+    # float32 W reaches the product K-major (a transposed copy, persistent.ADJOINT_W_COPY_F32) or as is
+    layouts = (True, False) if w.dtype == torch.float32 else (True,)
+    for copy in layouts:
+        tag = "" if len(layouts) == 1 else (" (W copied K-major)" if copy else " (W as is)")
+        runs.append((f"adjoint split (chooser){tag}", lambda m, copy=copy: _with_layout(
+            copy, persistent_split.adjoint_split, w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
+        runs.append((f"adjoint block{tag}", lambda m, copy=copy: _with_layout(
+            copy, persistent_adjoint.adjoint_triton, w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
     rows = []
     for label_, run in runs:
         try:
@@ -163,18 +172,21 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     saved = persistent_split.KERNEL
-    for kernel in ("auto", "split"):
-        def body(kernel=kernel):  # sets the choice itself: device_us and wall_ms call it later
+    for kernel, copy in [("auto", True), ("split", True)] + [("auto", False)] * (len(layouts) > 1):
+        def body(kernel=kernel, copy=copy):  # sets the choice itself: device_us and wall_ms call it later
             persistent_split.KERNEL = kernel
+            persistent.ADJOINT_W_COPY_F32 = copy
             out = cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)
             return cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True, True, True))
 
-        row = {**base, "kernel": f"backward body ({kernel}), 5 adjoint iterations",
+        tag = "" if copy else ", W as is"
+        row = {**base, "kernel": f"backward body ({kernel}{tag}), 5 adjoint iterations",
                "device_us_5": device_us(body),
                "wall_us_5": 1e3 * common.wall_ms(body, torch.device("cuda"), calls=50, rounds=5)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     persistent_split.KERNEL = saved
+    persistent.ADJOINT_W_COPY_F32 = True
     # the body's host share, piece by piece: wall us per call of each part alone
     config = persistent_cluster.adjoint_for(w, frozen, gain, h_star)
     if config is not None:
@@ -196,6 +208,39 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
         host_profile(lambda: cell_mod._param_grads(*(lambda o: (o.dz, o))(
             cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)), h_star, frozen, gain, (True,) * 3))
         persistent_split.KERNEL = saved
+    return rows
+
+
+def _with_layout(copy: bool, launcher, *args):
+    """``launcher(*args)`` with float32 W given K-major (``copy``) or as is."""
+    persistent.ADJOINT_W_COPY_F32 = copy
+    try:
+        return launcher(*args)
+    finally:
+        persistent.ADJOINT_W_COPY_F32 = True
+
+
+def probe_floor(name: str, w, frozen, h0) -> list[dict]:
+    """cuBLAS's device time for each product of an iteration at this size (graph replays): the
+    forward's ``h @ W.T``, the adjoint's ``dz @ W`` and the parameter gradient ``dz.T @ h``;
+    and the eager cell step (the GEMM, the frozen add, RMSNorm, gain, damping: what the
+    compiled fixed loop runs an iteration). What a one-launch iteration competes with."""
+    n, d = h0.shape
+    h = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(h0.dtype)
+    gain = torch.ones(d, device="cuda", dtype=h0.dtype)
+
+    def step():
+        z = (torch.nn.functional.linear(h, w) + frozen).float()
+        y = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * gain.float()
+        return ((1 - DAMPING) * h.float() + DAMPING * y).to(h.dtype)
+
+    pieces = {"cublas h @ W.T": lambda: torch.nn.functional.linear(h, w), "cublas dz @ W": lambda: h.mm(w),
+              "cublas dz.T @ h": lambda: h.t().mm(h), "eager cell step (graph)": step}
+    rows = []
+    for piece, fn in pieces.items():
+        row = {"dtype": name, "n": n, "d": d, "kernel": f"floor: {piece}", "device_us": device_us(fn)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -297,6 +342,8 @@ def main(argv=None) -> dict:
         n, d = h0.shape
         if ext is not None:
             rows.extend(probe_phases(name, w, frozen, gain, h0, ext))
+        if "floor" in args.kernels:
+            rows.extend(probe_floor(name, w, frozen, h0))
         if "adjoint" in args.kernels:
             rows.extend(probe_adjoint(name, w, frozen, gain, h0))
         for kernel, cfg in candidates(n, d, h0, tuple(args.kernels)):
