@@ -11,9 +11,8 @@ Then wall microseconds per call (back-to-back calls, host included) of the bare 
 ``deqkern.solve_cell(on_nonconvergence="ignore")`` at ``max_iter`` 5 as each kernel choice
 takes it: what the host adds on top of the device. ``--kernels`` limits the configurations
 (cluster, auto, block, split, adjoint, floor, phases). ``adjoint``: the adjoint solve at the
-forward's h* the same way (cluster shapes, the split chooser's and the block kernel; for
-float32 with W given K-major and as is, ``persistent.ADJOINT_W_COPY_F32``; device time at
-``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
+forward's h* the same way (cluster shapes, the split chooser's and the block kernel; device
+time at ``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
 backward) by device time and wall time per call. ``floor``: cuBLAS's device time for
 each product of an iteration and the eager cell step's (what a one-launch iteration
 competes with). ``phases``: where a cluster launch's
@@ -136,9 +135,13 @@ def label(cfg: dict) -> str:
             f"{cfg['num_warps']}w {'one-dot' if cfg['ONE_DOT'] else 'kloop'}")
 
 
-def adjoint_problem(w, frozen, gain, h0, solve=persistent_split.solve_split) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h*, v)``: the forward's fixed point (by ``solve``, a one-launch launcher) and a random
+def adjoint_problem(w, frozen, gain, h0, solve=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h*, v)``: the forward's fixed point (by ``solve``, a one-launch launcher; default the
+    split kernel where it has a tile for the size, else the block kernel) and a random
     cotangent (seeded) for the adjoint."""
+    if solve is None:
+        n, d = h0.shape
+        solve = persistent_split.solve_split if persistent_split.config_of(n, d, h0) else persistent.solve_triton
     h_star = solve(w, frozen, gain, h0, EPS, DAMPING, 40, 1e-3, "rel", False).h
     v = torch.randn(*h0.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(h0.dtype)
     return h_star, v
@@ -155,14 +158,11 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
                 w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL, cfg))
             for c, bm in persistent_cluster.adjoint_shapes(d)
             if persistent_cluster.adjoint_config(n, d, h0.dtype, 0, (c, bm)) is not None]
-    # float32 W reaches the product K-major (a transposed copy, persistent.ADJOINT_W_COPY_F32) or as is
-    layouts = (True, False) if w.dtype == torch.float32 else (True,)
-    for copy in layouts:
-        tag = "" if len(layouts) == 1 else (" (W copied K-major)" if copy else " (W as is)")
-        runs.append((f"adjoint split (chooser){tag}", lambda m, copy=copy: _with_layout(
-            copy, persistent_split.adjoint_split, w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
-        runs.append((f"adjoint block{tag}", lambda m, copy=copy: _with_layout(
-            copy, persistent_adjoint.adjoint_triton, w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
+    if persistent_split.config_of(n, d, h0) is not None:
+        runs.append(("adjoint split (chooser)",
+                     lambda m: persistent_split.adjoint_split(w, frozen, gain, h_star, v, EPS, DAMPING, m, TOL)))
+    runs.append(("adjoint block", lambda m: persistent_adjoint.adjoint_triton(w, frozen, gain, h_star, v, EPS, DAMPING,
+                                                                              m, TOL)))
     rows = []
     for label_, run in runs:
         try:
@@ -172,21 +172,18 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     saved = persistent_split.KERNEL
-    for kernel, copy in [("auto", True), ("split", True)] + [("auto", False)] * (len(layouts) > 1):
-        def body(kernel=kernel, copy=copy):  # sets the choice itself: device_us and wall_ms call it later
+    for kernel in ("auto", "split"):
+        def body(kernel=kernel):  # sets the choice itself: device_us and wall_ms call it later
             persistent_split.KERNEL = kernel
-            persistent.ADJOINT_W_COPY_F32 = copy
             out = cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)
             return cell_mod._param_grads(out.dz, out, h_star, frozen, gain, (True, True, True))
 
-        tag = "" if copy else ", W as is"
-        row = {**base, "kernel": f"backward body ({kernel}{tag}), 5 adjoint iterations",
+        row = {**base, "kernel": f"backward body ({kernel}), 5 adjoint iterations",
                "device_us_5": device_us(body),
                "wall_us_5": 1e3 * common.wall_ms(body, torch.device("cuda"), calls=50, rounds=5)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     persistent_split.KERNEL = saved
-    persistent.ADJOINT_W_COPY_F32 = True
     # the body's host share, piece by piece: wall us per call of each part alone
     config = persistent_cluster.adjoint_for(w, frozen, gain, h_star)
     if config is not None:
@@ -209,15 +206,6 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
             cell_mod._run_adjoint(w, frozen, gain, h_star, v, EPS, DAMPING, 5, TOL)), h_star, frozen, gain, (True,) * 3))
         persistent_split.KERNEL = saved
     return rows
-
-
-def _with_layout(copy: bool, launcher, *args):
-    """``launcher(*args)`` with float32 W given K-major (``copy``) or as is."""
-    persistent.ADJOINT_W_COPY_F32 = copy
-    try:
-        return launcher(*args)
-    finally:
-        persistent.ADJOINT_W_COPY_F32 = True
 
 
 def probe_floor(name: str, w, frozen, h0) -> list[dict]:
@@ -323,7 +311,7 @@ def cell_problem(spec: str, seed: int = 0) -> tuple:
 
 def written(rows: list[dict], out) -> dict:
     """The probe's payload (environment and rows), written to ``out`` as JSON where given."""
-    payload = {"environment": common.environment(torch.device("cuda")), "rows": rows}
+    payload = {"environment": common.environment(torch.device("cuda")), "fp32_dot": persistent.FP32_DOT, "rows": rows}
     if out:
         Path(out).write_text(json.dumps(payload, indent=1, default=str))
     return payload
@@ -334,7 +322,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", nargs="+", default=SIZES)
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernels", nargs="+", default=["cluster", "block", "auto", "split"])
+    ap.add_argument("--fp32-dot", default=None, choices=["tf32x3", "ieee", "tf32"],
+                    help="tl.dot's precision for float32 storage (persistent.FP32_DOT; default its value)")
     args = ap.parse_args(argv)
+    if args.fp32_dot is not None:
+        persistent.FP32_DOT = args.fp32_dot
+        persistent._dot_tuple.cache_clear()
     rows = []
     ext = timed_extension() if "phases" in args.kernels else None
     for spec in args.sizes:

@@ -167,36 +167,6 @@ def test_adjoint_parity(adjoint_kernel, dtype, n_rows, d, device):
     assert_adjoint_outputs(g, dz, rstd, d_gain, h_star, f64, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_adjoint_operand_addresses_w(dtype):
-    """The adjoint product's operand B[k, n] = W[k, n] at ``t + n * stride_n + k * stride_k``:
-    a K-major copy for float32 (ADJOINT_W_COPY_F32), W itself for 16-bit storage."""
-    w = torch.randn(7, 7, dtype=torch.float64).to(dtype)
-    t, stride_n, stride_k = persistent.adjoint_operand(w)
-    assert torch.equal(torch.as_strided(t, (7, 7), (stride_k, stride_n)), w)
-    assert (stride_k == 1) == (dtype == torch.float32)
-    assert (t.data_ptr() == w.data_ptr()) == (dtype != torch.float32)
-
-
-def test_adjoint_same_numbers_with_either_layout_of_w(adjoint_kernel, monkeypatch, device):
-    """float32 W read K-major (the transposed copy) or MN-major (W itself): the same tiles
-    enter the same products, so the adjoint's g, dz and d_gain agree to float32 rounding."""
-    gen = torch.Generator().manual_seed(case_seed("adj-layout", 19, 33))
-    f64, cast = make_cell(19, 33, torch.float32, gen, device=device)
-    h_star = fixed_point64(*f64).float()
-    v = torch.randn(19, 33, generator=gen).to(device)
-    args = (cast[0], cast[1], cast[2], h_star, v, EPS, DAMPING, 30, 1e-6)
-    outs = []
-    for copy in (True, False):
-        monkeypatch.setattr(persistent, "ADJOINT_W_COPY_F32", copy)
-        outs.append(adjoint_kernel.adjoint(*args))
-    (copied, plain), scale = outs, float(outs[1].g.abs().max())
-    assert torch.equal(copied.state.nstep, plain.state.nstep)
-    for name in ("g", "dz", "d_gain"):
-        a, b = getattr(copied, name), getattr(plain, name)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(scale, float(b.abs().max())), msg=name)
-
-
 def assert_adjoint_outputs(g, dz, rstd, d_gain, h_star, f64, dtype):
     """dz, rstd and d_gain are functions of the returned g (and h*): check them at it in float64."""
     w64, frozen64, gain64, _ = f64

@@ -52,7 +52,7 @@ from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
 __all__ = ["Solved", "solve_triton", "solve_reference", "persistent_config", "config_for", "dot_args", "dot_tuple", "FP32_DOT",
            "new_row_state", "product_tl", "init_state_tl", "commit_state_tl", "block_check_tl", "cell_z", "cell_rstd",
-           "any_active", "adjoint_operand", "ADJOINT_W_COPY_F32"]
+           "any_active"]
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -269,25 +269,6 @@ def dot_tuple(t: torch.Tensor) -> tuple:
 def _dot_tuple(dtype: torch.dtype, device_type: str, matmul_precision: str) -> tuple:
     exact = dtype == torch.float32 and matmul_precision == "highest"  # allow_tf32, cheaper
     return FP32_DOT if exact else "tf32", device_type == "cpu" and dtype == torch.bfloat16
-
-
-#: The adjoint's product ``u = dz @ W`` reads ``B[k, n] = W[k, n]``, contiguous along ``n``
-#: (MN-major); the forward's ``h @ W.T`` reads W along ``k`` (K-major). 16-bit tensor-core
-#: products take either; TF32 ones (float32 storage) only K-major operands, so Triton
-#: rearranges the tile first. True: float32 W is given to the adjoint kernels as a
-#: transposed copy, read K-major (one d x d copy a launch). A switch for the A/B probe
-#: (bench/probe_split.py ``--kernels adjoint``).
-ADJOINT_W_COPY_F32 = True
-
-
-def adjoint_operand(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """``W`` as the adjoint product's operand ``B[k, n] = W[k, n]``: ``(tensor, stride_n,
-    stride_k)`` with ``B[k, n]`` at ``tensor + n * stride_n + k * stride_k``. ``w`` has unit
-    column stride; float32 gets a K-major copy (:data:`ADJOINT_W_COPY_F32`)."""
-    if w.dtype == torch.float32 and ADJOINT_W_COPY_F32:
-        wt = w.t().contiguous()
-        return wt, wt.stride(0), 1
-    return w, 1, w.stride(0)
 
 
 class Solved(NamedTuple):

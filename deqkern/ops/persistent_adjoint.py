@@ -22,7 +22,7 @@ import triton.language as tl
 from deqkern.ops.adjoint import rmsnorm_vjp_tl
 from deqkern.ops.commit import FLT_MAX, RowState, commit_reference
 from deqkern.ops.launch import cdiv, compute_dtype, frozen_rows, rows
-from deqkern.ops.persistent import (adjoint_operand, any_active, block_check_tl, cell_rstd, cell_z, commit_state_tl, config_for,
+from deqkern.ops.persistent import (any_active, block_check_tl, cell_rstd, cell_z, commit_state_tl, config_for,
                                     dot_args, init_state_tl, new_row_state, product_tl)
 from deqkern.ops.residual import REL_EPS, row_residual, row_residual_tl
 
@@ -39,15 +39,15 @@ def _vjp(g, z, rstd, gain, damping, d):
 
 @triton.jit
 def _adjoint_kernel(
-    HS, W, WU, F, GAIN, V, G, DZ, Z, U, RSTD, RES, PREV, LOWEST, NSTEP, DGAIN_PART, CHECK,
-    n_rows, d, stride_hs, stride_w, stride_un, stride_uk, stride_f, stride_v,
+    HS, W, F, GAIN, V, G, DZ, Z, U, RSTD, RES, PREV, LOWEST, NSTEP, DGAIN_PART, CHECK,
+    n_rows, d, stride_hs, stride_w, stride_f, stride_v,
     eps, damping, tol, max_iter, flt_max, rel_eps,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SUB_M: tl.constexpr, STAGES_B: tl.constexpr,
 ):
     """The adjoint solve of BLOCK_M rows (module docstring). First z* = h* W^T + frozen
     (Z, float32) and rstd* (RSTD) at h* = HS; then, from G = V, phase A forms
-    U = DZ @ W (float32 scratch; W[k, n] at WU + n * stride_un + k * stride_uk) and phase B the new G, its relative residual, the commit
+    U = DZ @ W (float32 scratch) and phase B the new G, its relative residual, the commit
     and DZ = VJP(G) (W's dtype). Finally this program's part of
     d_gain = damping * sum_rows G * n (DGAIN_PART[pid], float32) and of the host check (CHECK)."""
     pid = tl.program_id(0)
@@ -79,7 +79,7 @@ def _adjoint_kernel(
     k = tl.full((), 0, tl.int32)
     pending = tl.full((), 1, tl.int32)
     while pending > 0:
-        product_tl(DZ, d, WU, stride_un, stride_uk, F, 0, U, block, block_ok, d,
+        product_tl(DZ, d, W, 1, stride_w, F, 0, U, block, block_ok, d,
                    False, PRECISION, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         n_active = tl.full((), 0, tl.int32)
@@ -162,11 +162,10 @@ def adjoint_triton(
         return Adjoint(g, state, dz, rstd, torch.zeros(d, dtype=torch.float32, device=device), check)
     d_gain_part = buffer(n_programs, d)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    wu, stride_un, stride_uk = adjoint_operand(w)
     _adjoint_kernel[(n_programs,)](
-        hs, w, wu, f, gain.contiguous(), vv, g, dz, buffer(n_rows, d), buffer(n_rows, d), rstd,
+        hs, w, f, gain.contiguous(), vv, g, dz, buffer(n_rows, d), buffer(n_rows, d), rstd,
         state.residual, state.prev, state.lowest, state.nstep, d_gain_part, check,
-        n_rows, d, hs.stride(0), w.stride(0), stride_un, stride_uk, stride_f, vv.stride(0),
+        n_rows, d, hs.stride(0), w.stride(0), stride_f, vv.stride(0),
         float(eps), float(damping), float(tol), int(max_iter), FLT_MAX, REL_EPS,
         **dot_args(weight), **cfg,
     )

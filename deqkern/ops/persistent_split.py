@@ -75,7 +75,7 @@ import triton.language as tl
 
 from deqkern.ops.commit import FLT_MAX, RowState
 from deqkern.ops.launch import STOP_MODES, Launch, cdiv, frozen_rows, next_power_of_2, rows, sm_count, stream_zeros
-from deqkern.ops.persistent import Solved, adjoint_operand, block_check_tl, dot_tuple
+from deqkern.ops.persistent import Solved, block_check_tl, dot_tuple
 from deqkern.ops.persistent_adjoint import Adjoint
 from deqkern.ops.residual import REL_EPS
 
@@ -554,8 +554,8 @@ def _solve_split1_kernel(
 
 @triton.jit
 def _adjoint_split_kernel(
-    HS, W, WU, F, GAIN, V, G, DZ, BUF, BAR,
-    n_rows, d, stride_hs, stride_w, stride_un, stride_uk, stride_f, stride_v,
+    HS, W, F, GAIN, V, G, DZ, BUF, BAR,
+    n_rows, d, stride_hs, stride_w, stride_f, stride_v,
     eps, damping, tol, max_iter, flt_max, rel_eps,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, SPINS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ONE_DOT: tl.constexpr,
@@ -591,7 +591,7 @@ def _adjoint_split_kernel(
     tl.store(DZ + here, dz.to(DZ.dtype.element_ty), mask=m)
     alive = group_sync_tl(bar, BAR, alive, SPLIT, SPINS)
 
-    wt = _resident_operand(WU, stride_un, stride_uk, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
+    wt = _resident_operand(W, 1, stride_w, cn, n_ok, d, DOT_F32, BLOCK_D) if ONE_DOT else 0.0
     res_old = tl.zeros([BLOCK_M], dtype=tl.float32) + flt_max
     prev = res_old
     lowest = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -599,7 +599,7 @@ def _adjoint_split_kernel(
     k = tl.full((), 0, tl.int32)
     pending = tl.where(alive, 1, 0)
     while pending > 0:
-        u = _product(DZ, d, WU, stride_un, stride_uk, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
+        u = _product(DZ, d, W, 1, stride_w, wt, r64, ok, cn, n_ok, d, PRECISION, DOT_F32, ONE_DOT, BLOCK_M, BLOCK_N,
                      BLOCK_K, BLOCK_D)
         active = ok & (res_old >= tol) & (res_old <= flt_max)
         am = active[:, None] & n_ok[None, :]
@@ -863,16 +863,14 @@ def adjoint_split(
     hs, vv = rows(h_star, d), rows(v, d)
     f, stride_f = frozen_rows(frozen, d)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    wu, stride_un, stride_uk = adjoint_operand(w)
     n_rows = hs.shape[0]
     device = h_star.device
-    plan = _adjoint_plan(n_rows, d, (h_star.dtype, w.dtype, f.dtype, gain.dtype, vv.dtype), device,
-                         (hs.stride(0), w.stride(0), stride_un, stride_uk, stride_f, vv.stride(0)),
+    plan = _adjoint_plan(n_rows, d, (h_star.dtype, w.dtype, f.dtype, gain.dtype, vv.dtype), device, (hs.stride(0), w.stride(0), stride_f, vv.stride(0)),
                          eps, damping, tol, max_iter, dot_tuple(weight), config and tuple(config.items()))
     g = torch.empty((n_rows, d), dtype=torch.float32, device=device)
     dz = torch.empty((n_rows, d), dtype=weight.dtype, device=device)
     buf = torch.empty(plan.total, dtype=torch.float32, device=device)
-    plan.launch(hs, w, wu, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
+    plan.launch(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv, g, dz, buf,
                 _barrier_counters(device, plan.blocks))
     state, rstd, check, rest = plan.views(buf)
     parts = rest[:plan.blocks * d].view(plan.blocks, d)
