@@ -229,10 +229,10 @@ def test_adjoint_d_gain_from_the_last_cluster_and_counters_left_at_zero():
     with torch.cuda.stream(side):
         outs.append(persistent_cluster.adjoint_cluster(w, frozen, gain, h_star, v, EPS, DAMPING, 30, 1e-3, config))
     torch.cuda.synchronize()
-    blocks = -(-300 // 16)
-    at = 5 * 300 + 5 * blocks  # the float32 parts in each launch's buffer, summed in block order here
-    for out in outs:
-        parts = out.d_gain._base[at:at + blocks * 256].view(blocks, 256)
+    blocks = -(-300 // persistent_cluster.ADJOINT_ROWS)
+    for out in outs:  # the float32 parts (blocks, d) end where d_gain starts; summed in block order here
+        at = out.d_gain.storage_offset()
+        parts = out.d_gain._base[at - blocks * 256:at].view(blocks, 256)
         expected = parts[0].clone()
         for b in range(1, blocks):
             expected += parts[b]

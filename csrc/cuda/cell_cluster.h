@@ -8,6 +8,9 @@
 
 enum CellDtype { kCellBFloat16 = 1, kCellFloat16 = 2 };
 
+// Rows per cluster of the adjoint kernel (the binding exports it as `adjoint_rows`).
+constexpr int kCellAdjointRows = 16;
+
 struct CellClusterParams {
   const void* h0;    // (R, d) rows, row stride stride_h0, 16-byte aligned rows
   const void* w;     // (d, d), row stride stride_w, 16-byte aligned rows
@@ -50,7 +53,7 @@ struct CellAdjointParams {
 
 // The adjoint solve g <- v + J^T g at h* on `stream` (cell_cluster_adjoint.cu), with d_gain
 // summed over the clusters by the last one to finish each column slice: cdiv(n_rows,
-// 16) clusters of `cluster` CTAs (d / cluster 32, 64 or 128, d <= 512, else
+// kCellAdjointRows) clusters of `cluster` CTAs (d / cluster 32, 64 or 128, d <= 512, else
 // cudaErrorInvalidValue).
 cudaError_t cell_adjoint_launch(const CellAdjointParams& p, int dtype, int cluster, cudaStream_t stream);
 // How many such clusters the current device holds at once.

@@ -29,7 +29,7 @@ namespace {
 
 using namespace cell_cluster;
 
-constexpr int kClusterRows = 16;               // rows per cluster
+constexpr int kClusterRows = kCellAdjointRows;  // rows per cluster
 constexpr int kTpr = kThreads / kClusterRows;  // row-phase threads per row
 constexpr int kQuads = 8;                      // float4 groups of a row per row-phase thread
 constexpr int kMaxD = 4 * kTpr * kQuads;       // 512

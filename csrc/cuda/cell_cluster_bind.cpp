@@ -35,30 +35,41 @@ void solve(const at::Tensor& h0, const at::Tensor& w, const at::Tensor& f, const
   TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.solve: ", cudaGetErrorString(err));
 }
 
-int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster,
-                   int64_t block_m) {
+// How many clusters of a configuration the device holds at once: `query(params, &clusters)`
+// with the params' size fields set. A launch error is cleared and raised here.
+template <typename Params, typename Query>
+int64_t clusters_held(const char* what, int64_t device, int64_t n_rows, int64_t d, Query&& query) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  CellClusterParams p{};
+  Params p{};
   p.n_rows = static_cast<int>(n_rows);
   p.d = static_cast<int>(d);
   int clusters = 0;
-  const cudaError_t err =
-      cell_cluster_max_active(p, dtype_code(dtype), static_cast<int>(cluster), static_cast<int>(block_m), &clusters);
+  const cudaError_t err = query(p, &clusters);
   if (err != cudaSuccess) cudaGetLastError();  // clear it: the error is reported here
-  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.max_active: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.", what, ": ", cudaGetErrorString(err));
   return clusters;
+}
+
+int64_t max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster,
+                   int64_t block_m) {
+  return clusters_held<CellClusterParams>("max_active", device, n_rows, d,
+                                          [&](const CellClusterParams& p, int* clusters) {
+    return cell_cluster_max_active(p, dtype_code(dtype), static_cast<int>(cluster), static_cast<int>(block_m),
+                                   clusters);
+  });
 }
 
 // The outputs are made here (an allocation costs a fraction of a Python torch.empty):
 // g (R, d) float32, dz (R, d) in h's dtype, and the float32 buffer of row state, rstd, check
-// (blocks, 5), d_gain parts (blocks, d), d_gain (d,), then d_gain in h's dtype (d / 2 floats).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f,
-                                                       const at::Tensor& gain, const at::Tensor& v,
-                                                       at::Tensor& counters, int64_t stride_f, int64_t cluster,
-                                                       double eps, double damping, double tol, int64_t max_iter,
-                                                       double rel_eps) {
+// (blocks, 5), d_gain parts (blocks, d), d_gain (d,), then d_gain in h's dtype (d / 2 floats);
+// returned with d_gain's two views (the parts end where d_gain starts).
+using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+Tensors5 adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f, const at::Tensor& gain,
+                 const at::Tensor& v, at::Tensor& counters, int64_t stride_f, int64_t cluster, double eps,
+                 double damping, double tol, int64_t max_iter, double rel_eps) {
   c10::cuda::CUDAGuard guard(h.device());
-  const int64_t n = h.size(0), d = w.size(0), blocks = (n + 15) / 16, at = 5 * n + 5 * blocks + blocks * d;
+  const int64_t n = h.size(0), d = w.size(0), blocks = (n + kCellAdjointRows - 1) / kCellAdjointRows;
+  const int64_t at = 5 * n + 5 * blocks + blocks * d;  // d_gain's offset in buf
   at::Tensor g = at::empty({n, d}, h.options().dtype(at::kFloat));
   at::Tensor dz = at::empty({n, d}, h.options());
   at::Tensor buf = at::empty({at + d + d / 2}, h.options().dtype(at::kFloat));
@@ -71,19 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adjoint(const at::Tensor& h, cons
   const cudaError_t err = cell_adjoint_launch(p, dtype_code(h.scalar_type()), static_cast<int>(cluster),
                                               c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint: ", cudaGetErrorString(err));
-  return {g, dz, buf};
+  return {g, dz, buf, buf.narrow(0, at, d), buf.narrow(0, at + d, d / 2).view(h.scalar_type())};
 }
 
 int64_t adjoint_max_active(at::ScalarType dtype, int64_t device, int64_t n_rows, int64_t d, int64_t cluster) {
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  CellAdjointParams p{};
-  p.n_rows = static_cast<int>(n_rows);
-  p.d = static_cast<int>(d);
-  int clusters = 0;
-  const cudaError_t err = cell_adjoint_max_active(p, dtype_code(dtype), static_cast<int>(cluster), &clusters);
-  if (err != cudaSuccess) cudaGetLastError();  // clear it: the error is reported here
-  TORCH_CHECK(err == cudaSuccess, "deqkern._cluster.adjoint_max_active: ", cudaGetErrorString(err));
-  return clusters;
+  return clusters_held<CellAdjointParams>("adjoint_max_active", device, n_rows, d,
+                                          [&](const CellAdjointParams& p, int* clusters) {
+    return cell_adjoint_max_active(p, dtype_code(dtype), static_cast<int>(cluster), clusters);
+  });
 }
 
 void set_phase_timer(const c10::optional<at::Tensor>& timer) {
@@ -100,7 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "damping, tol, max_iter, stop_mode, with_rstd, rel_eps");
   m.def("max_active", &max_active, "Clusters of this configuration the device holds at once (0: none; RuntimeError: not launchable)");
   m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), counters (zeroed "
-        "int32), stride_f, cluster, eps, damping, tol, max_iter, rel_eps -> (g, dz, buf)");
+        "int32), stride_f, cluster, eps, damping, tol, max_iter, rel_eps -> (g, dz, buf, d_gain, d_gain in h*'s dtype)");
+  m.attr("adjoint_rows") = kCellAdjointRows;
   m.def("set_phase_timer", &set_phase_timer,
         "Where the kernels add their phase cycles (bench/probe_split.py --phases; builds with "
         "DEQKERN_PHASE_TIMER only), or None");

@@ -61,9 +61,10 @@ _DTYPES = (torch.bfloat16, torch.float16)
 #: already at 1024x512 (64 clusters) the split kernel was faster (12.2 against 19.9 us per
 #: iteration): the kernel is taken only where all clusters are resident at once.
 _PREFERRED_C = 4
-#: The adjoint kernel's rows per cluster and widest rows (its row phase keeps g, v and n of a
-#: row in registers: 8 float4 groups per thread).
-ADJOINT_ROWS = 16
+#: The adjoint kernel's rows per cluster (the extension's; None without it, or from a build
+#: older than its export: then no cluster adjoint) and widest rows (its row phase keeps g, v
+#: and n of a row in registers: 8 float4 groups per thread).
+ADJOINT_ROWS = getattr(_ext, "adjoint_rows", None)
 ADJOINT_MAX_D = 512
 #: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
 _COUNTERS: dict = {}
@@ -188,9 +189,9 @@ def solve_cluster(
 
 # --------------------------------------------------------------------------- the adjoint
 def adjoint_shapes(d: int) -> list[tuple[int, int]]:
-    """The adjoint kernel's cluster shapes ``(C, 16)`` for width ``d``: ``d / C`` in (32, 64,
-    128) with ``C <= 16``, and ``d <= 512``."""
-    if d > ADJOINT_MAX_D:
+    """The adjoint kernel's cluster shapes ``(C, ADJOINT_ROWS)`` for width ``d``: ``d / C`` in
+    (32, 64, 128) with ``C <= 16``, and ``d <= 512``; none without the extension."""
+    if d > ADJOINT_MAX_D or ADJOINT_ROWS is None:
         return []
     return [(c, block_m) for c, block_m in shapes(d) if block_m == ADJOINT_ROWS]
 
@@ -230,10 +231,9 @@ def adjoint_cluster(
     n_rows = hs.shape[0]
     blocks = cdiv(n_rows, ADJOINT_ROWS)
     # the outputs are made by the extension; buf: the row state, rstd, check, d_gain's parts
-    # (blocks, d), d_gain, then d_gain in h*'s dtype
-    g, dz, buf = _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv,
+    # (blocks, d), d_gain, then d_gain in h*'s dtype (the last two also as views)
+    g, dz, buf, d_gain, d_gain_cast = _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv,
                               stream_zeros(_COUNTERS, h_star.device, _COUNTER_WORDS), stride_f, config[0], eps, damping,
                               tol, max_iter, REL_EPS)
-    at = 5 * n_rows + 5 * blocks + blocks * d
     state, rstd, check = row_views(buf, n_rows, blocks, True)
-    return Adjoint(g, state, dz, rstd, buf[at:at + d], check, buf[at + d:].view(h_star.dtype))
+    return Adjoint(g, state, dz, rstd, d_gain, check, d_gain_cast)
