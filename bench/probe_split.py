@@ -12,11 +12,12 @@ Then wall microseconds per call (back-to-back calls, host included) of the bare 
 takes it: what the host adds on top of the device. ``--kernels`` limits the configurations
 (cluster, auto, block, split, adjoint, floor, phases). ``adjoint``: the adjoint solve at the
 forward's h* the same way (cluster shapes, the split chooser's and the block kernel; device
-time at ``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter gradients, as solve_cell's
-backward) by device time and wall time per call. ``floor``: cuBLAS's device time for
-each product of an iteration and the eager cell step's (what a one-launch iteration
-competes with). ``phases``: where a cluster launch's
-time goes (forward and adjoint, 10 iterations): the extension built again with
+time at ``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter
+gradients, as solve_cell's backward) by device time and wall time per call. ``floor``:
+cuBLAS's device time for each product of an iteration and the eager cell step's (what a
+one-launch iteration competes with). ``--fp32-dot``: tl.dot's precision for float32
+storage. ``phases``: where a cluster launch's time goes (forward and adjoint, 10
+iterations): the extension built again with
 ``DEQKERN_PHASE_TIMER`` (a JIT build, about a minute), whose kernels add the clock64 cycles
 of each phase as the first CTA's thread 0 sees them; reported as each phase's share of the
 launch's device time, per launch and per iteration. CUDA only.

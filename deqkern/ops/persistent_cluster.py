@@ -232,8 +232,8 @@ def adjoint_cluster(
     blocks = cdiv(n_rows, ADJOINT_ROWS)
     # the outputs are made by the extension; buf: the row state, rstd, check, d_gain's parts
     # (blocks, d), d_gain, then d_gain in h*'s dtype (the last two also as views)
-    g, dz, buf, d_gain, d_gain_cast = _ext.adjoint(hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv,
-                              stream_zeros(_COUNTERS, h_star.device, _COUNTER_WORDS), stride_f, config[0], eps, damping,
-                              tol, max_iter, REL_EPS)
+    g, dz, buf, d_gain, d_gain_cast = _ext.adjoint(
+        hs, w, f, gain if gain.stride(0) == 1 else gain.contiguous(), vv,
+        stream_zeros(_COUNTERS, h_star.device, _COUNTER_WORDS), stride_f, config[0], eps, damping, tol, max_iter, REL_EPS)
     state, rstd, check = row_views(buf, n_rows, blocks, True)
     return Adjoint(g, state, dz, rstd, d_gain, check, d_gain_cast)
