@@ -247,8 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_cluster_kernel(const CellClu
           *reinterpret_cast<const uint4*>(hs + row * ld + c0 + col);
   }
   if (rank == 0)
-    write_state(p.buf, p.n_rows, first + r, ok, sub == 0, track, p.with_rstd, rstd_last, p.tol,
-                p.buf + 5 * static_cast<int64_t>(p.n_rows) + 5 * static_cast<int64_t>(block), tally);
+    write_state(p.buf, p.n_rows, block, first + r, ok, sub == 0, track, p.with_rstd, rstd_last, p.tol, tally);
   cluster.sync();  // no CTA leaves while another may still use its shared memory
   timer.mark(kEpilogue);
 }

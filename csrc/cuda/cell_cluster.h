@@ -8,8 +8,23 @@
 
 enum CellDtype { kCellBFloat16 = 1, kCellFloat16 = 2 };
 
+#ifdef __CUDACC__
+#define CELL_HOST_DEVICE __host__ __device__
+#else
+#define CELL_HOST_DEVICE
+#endif
+
 // Rows per cluster of the adjoint kernel (the binding exports it as `adjoint_rows`).
 constexpr int kCellAdjointRows = 16;
+// The adjoint's counters: one per column slice (at most 16 CTAs a cluster), each on its own
+// 128-byte line (the binding exports the size as `adjoint_counter_words`).
+constexpr int kCellCounterStride = 32;
+constexpr int kCellAdjointCounterWords = kCellCounterStride * 16;
+
+// The float32 buffer's layout (deqkern/ops/persistent_split.py, row_views): residual, prev,
+// lowest, nstep (int32), rstd (n_rows each), then the host check (blocks, 5); a kernel's
+// own outputs follow it. Where block's row of the check starts (block = blocks: its end).
+CELL_HOST_DEVICE constexpr int64_t cell_check_offset(int64_t n_rows, int64_t block) { return 5 * n_rows + 5 * block; }
 
 struct CellClusterParams {
   const void* h0;    // (R, d) rows, row stride stride_h0, 16-byte aligned rows
@@ -43,7 +58,7 @@ struct CellAdjointParams {
   float* buf;        // float32: residual, prev, lowest, nstep (int32), rstd (R each), check (blocks, 5),
                      // d_gain parts (blocks, d), d_gain (d,)
   void* d_gain;      // (d,) h*'s dtype: d_gain rounded
-  int* counters;     // zeroed, 32 * 16 ints: the clusters done, per column slice (left at zero)
+  int* counters;     // zeroed, kCellAdjointCounterWords ints: the clusters done, per column slice (left at zero)
   int n_rows, d;
   int64_t stride_h, stride_w, stride_f, stride_v;
   float eps, damping, tol, rel_eps;

@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
           *reinterpret_cast<const uint4*>(ds + row * ld + c0 + col);
   }
   __syncthreads();
-  float* parts = p.buf + 5 * n + 5 * static_cast<int64_t>(blocks);
+  float* parts = p.buf + cell_check_offset(n, blocks);
   for (int c = threadIdx.x; c < BN; c += kThreads) {
     float s = 0.0f;
     for (int row = 0; row < BM; ++row) s += z0[row * BN + c];
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
   __threadfence();  // the parts, visible device-wide before the count says they are there
   __shared__ bool last;
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.counters + 32 * rank, 1) == blocks - 1;
+  if (threadIdx.x == 0) last = atomicAdd(p.counters + kCellCounterStride * rank, 1) == blocks - 1;
   __syncthreads();
   if (last) {  // every cluster's part of these columns is written: sum them in block order
     __threadfence();
@@ -339,11 +339,10 @@ __global__ void __launch_bounds__(kThreads, 1) cell_adjoint_kernel(const CellAdj
       d_gain[c0 + c] = s;
       static_cast<T*>(p.d_gain)[c0 + c] = from_f<T>(s);
     }
-    if (threadIdx.x == 0) p.counters[32 * rank] = 0;  // for the next launch on the stream
+    if (threadIdx.x == 0) p.counters[kCellCounterStride * rank] = 0;  // for the next launch on the stream
   }
   if (rank == 0)
-    write_state(p.buf, n, first + r, ok, sub == 0, track, true, rstd, p.tol, p.buf + 5 * n + 5 * static_cast<int64_t>(block),
-                tally);
+    write_state(p.buf, n, block, first + r, ok, sub == 0, track, true, rstd, p.tol, tally);
   cluster.sync();  // no CTA leaves while another may still use its shared memory
   timer.mark(kEpilogue);
 }

@@ -69,7 +69,9 @@ Tensors5 adjoint(const at::Tensor& h, const at::Tensor& w, const at::Tensor& f, 
                  double damping, double tol, int64_t max_iter, double rel_eps) {
   c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0), d = w.size(0), blocks = (n + kCellAdjointRows - 1) / kCellAdjointRows;
-  const int64_t at = 5 * n + 5 * blocks + blocks * d;  // d_gain's offset in buf
+  const int64_t at = cell_check_offset(n, blocks) + blocks * d;  // d_gain's offset in buf (after its parts)
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.numel() >= kCellAdjointCounterWords,
+              "deqkern._cluster.adjoint: counters must be int32 with at least ", kCellAdjointCounterWords, " words");
   at::Tensor g = at::empty({n, d}, h.options().dtype(at::kFloat));
   at::Tensor dz = at::empty({n, d}, h.options());
   at::Tensor buf = at::empty({at + d + d / 2}, h.options().dtype(at::kFloat));
@@ -108,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adjoint", &adjoint, "One adjoint solve: h*, w, frozen, gain, v (h*'s dtype or float32), counters (zeroed "
         "int32), stride_f, cluster, eps, damping, tol, max_iter, rel_eps -> (g, dz, buf, d_gain, d_gain in h*'s dtype)");
   m.attr("adjoint_rows") = kCellAdjointRows;
+  m.attr("adjoint_counter_words") = kCellAdjointCounterWords;
   m.def("set_phase_timer", &set_phase_timer,
         "Where the kernels add their phase cycles (bench/probe_split.py --phases; builds with "
         "DEQKERN_PHASE_TIMER only), or None");

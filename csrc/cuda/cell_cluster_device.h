@@ -228,10 +228,10 @@ __device__ __forceinline__ void start_tally(CheckTally& t) {
 }
 
 // The row state (float32 buffer: residual, prev, lowest, nstep (int32), rstd, n each) and
-// the cluster's row of the host check (check: its 5 floats), by every thread of one CTA
-// of the cluster (it has a __syncthreads); lead: the thread that writes its row.
-__device__ __forceinline__ void write_state(float* buf, int64_t n, int64_t row, bool ok, bool lead, const RowTrack& s,
-                                            bool with_rstd, float rstd, float tol, float* check, CheckTally& t) {
+// cluster `block`'s row of the host check (its 5 floats; cell_check_offset), by every thread
+// of one CTA of the cluster (it has a __syncthreads); lead: the thread that writes its row.
+__device__ __forceinline__ void write_state(float* buf, int64_t n, int64_t block, int64_t row, bool ok, bool lead,
+                                            const RowTrack& s, bool with_rstd, float rstd, float tol, CheckTally& t) {
   if (ok && lead) {
     buf[row] = s.res_old;
     buf[n + row] = s.prev;
@@ -249,6 +249,7 @@ __device__ __forceinline__ void write_state(float* buf, int64_t n, int64_t row, 
   }
   __syncthreads();
   if (threadIdx.x == 0) {
+    float* check = buf + cell_check_offset(n, block);
     check[0] = static_cast<float>(t.i[0]);
     check[1] = t.i[1] > 0 ? static_cast<float>(t.i[2]) : 0.0f;
     check[2] = static_cast<float>(t.i[1]);

@@ -66,9 +66,10 @@ _PREFERRED_C = 4
 #: and n of a row in registers: 8 float4 groups per thread).
 ADJOINT_ROWS = getattr(_ext, "adjoint_rows", None)
 ADJOINT_MAX_D = 512
-#: The adjoint's counters (clusters done per column slice, one line each) by (device, stream).
+#: The adjoint's counters (clusters done per column slice, one line each) by (device, stream),
+#: and their size (the extension's).
 _COUNTERS: dict = {}
-_COUNTER_WORDS = 32 * 16
+_COUNTER_WORDS = getattr(_ext, "adjoint_counter_words", None)
 
 
 def available(device: torch.device) -> bool:
@@ -206,7 +207,7 @@ def adjoint_config(n_rows: int, d: int, dtype: torch.dtype, index: int,
 
 
 def adjoint_for(weight: torch.Tensor, frozen: torch.Tensor, gain: torch.Tensor, h_star: torch.Tensor) -> Optional[tuple]:
-    """The ``(C, 16)`` :func:`adjoint_cluster` would use for the adjoint solve at ``h_star``,
+    """The ``(C, ADJOINT_ROWS)`` :func:`adjoint_cluster` would use for the adjoint solve at ``h_star``,
     or None where it does not take it (the conditions of :func:`cluster_for`, with
     :func:`adjoint_config`). Metadata only."""
     return _config_for(weight, frozen, gain, h_star, adjoint_config)
