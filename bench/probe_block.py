@@ -22,13 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_split import (DAMPING, EPS, TOL, adjoint_problem, cell_problem, device_us, per_iteration,  # noqa: E402
-                         written)
+from probe_split import (DAMPING, EPS, TOL, adjoint_problem, cell_problem, device_us, loop_step,  # noqa: E402
+                         per_iteration, written)
 
-from deqkern.functional import update_with_stats  # noqa: E402
 from deqkern.ops import persistent, persistent_adjoint  # noqa: E402
 
 SIZES = ["bf16:8192x1024", "bf16:32768x512"]
@@ -96,12 +94,8 @@ def main(argv=None) -> dict:
             rows.append(row)
         persistent.config_for = persistent_adjoint.config_for = chooser
 
-        def loop_step(h=h_star.clone()):
-            z = F.linear(h, w)
-            return update_with_stats(z, frozen, h, gain, eps=EPS, damping=DAMPING, stop_mode="rel")
-
         row = {**base, "kernel": "loop step (F.linear + update_with_stats)",
-               "device_us_per_iteration": device_us(loop_step, replays=50)}
+               "device_us_per_iteration": device_us(loop_step(w, frozen, gain, h_star.clone()), replays=50)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return written(rows, args.out)

@@ -14,8 +14,8 @@ takes it: what the host adds on top of the device. ``--kernels`` limits the conf
 forward's h* the same way (cluster shapes, the split chooser's and the block kernel; device
 time at ``b_max_iter`` 5 and 10), then the whole backward body (adjoint + parameter
 gradients, as solve_cell's backward) by device time and wall time per call. ``floor``:
-cuBLAS's device time for each product of an iteration and the eager cell step's (what a
-one-launch iteration competes with). ``--fp32-dot``: tl.dot's precision for float32
+cuBLAS's device time for each product of an iteration and the loop path's whole iteration
+(what a one-launch iteration competes with). ``--fp32-dot``: tl.dot's precision for float32
 storage. ``phases``: where a cluster launch's time goes (forward and adjoint, 10
 iterations): the extension built again with
 ``DEQKERN_PHASE_TIMER`` (a JIT build, about a minute), whose kernels add the clock64 cycles
@@ -31,14 +31,17 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import deqkern  # noqa: E402
 from bench_cell import captured  # noqa: E402
+from deqkern.functional import update_with_stats  # noqa: E402
 from deqkern.ops import persistent, persistent_adjoint, persistent_cluster, persistent_split  # noqa: E402
 from deqkern.solver import cell as cell_mod  # noqa: E402
 
@@ -209,22 +212,22 @@ def probe_adjoint(name: str, w, frozen, gain, h0) -> list[dict]:
     return rows
 
 
-def probe_floor(name: str, w, frozen, h0) -> list[dict]:
+def loop_step(w, frozen, gain, h) -> Callable[[], object]:
+    """One iteration of the loop path at ``h``: ``F.linear`` and the fused update
+    (``update_with_stats``), as ``solve_fused`` runs it."""
+    return lambda: update_with_stats(F.linear(h, w), frozen, h, gain, eps=EPS, damping=DAMPING, stop_mode="rel")
+
+
+def probe_floor(name: str, w, frozen, gain, h0) -> list[dict]:
     """cuBLAS's device time for each product of an iteration at this size (graph replays): the
     forward's ``h @ W.T``, the adjoint's ``dz @ W`` and the parameter gradient ``dz.T @ h``;
-    and the eager cell step (the GEMM, the frozen add, RMSNorm, gain, damping: what the
-    compiled fixed loop runs an iteration). What a one-launch iteration competes with."""
+    and the loop path's whole iteration (:func:`loop_step`). What a one-launch iteration
+    competes with."""
     n, d = h0.shape
     h = torch.randn(n, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2)).to(h0.dtype)
-    gain = torch.ones(d, device="cuda", dtype=h0.dtype)
-
-    def step():
-        z = (torch.nn.functional.linear(h, w) + frozen).float()
-        y = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + EPS) * gain.float()
-        return ((1 - DAMPING) * h.float() + DAMPING * y).to(h.dtype)
-
-    pieces = {"cublas h @ W.T": lambda: torch.nn.functional.linear(h, w), "cublas dz @ W": lambda: h.mm(w),
-              "cublas dz.T @ h": lambda: h.t().mm(h), "eager cell step (graph)": step}
+    pieces = {"cublas h @ W.T": lambda: F.linear(h, w), "cublas dz @ W": lambda: h.mm(w),
+              "cublas dz.T @ h": lambda: h.t().mm(h), "loop step (F.linear + update_with_stats)":
+              loop_step(w, frozen, gain, h)}
     rows = []
     for piece, fn in pieces.items():
         row = {"dtype": name, "n": n, "d": d, "kernel": f"floor: {piece}", "device_us": device_us(fn)}
@@ -337,7 +340,7 @@ def main(argv=None) -> dict:
         if ext is not None:
             rows.extend(probe_phases(name, w, frozen, gain, h0, ext))
         if "floor" in args.kernels:
-            rows.extend(probe_floor(name, w, frozen, h0))
+            rows.extend(probe_floor(name, w, frozen, gain, h0))
         if "adjoint" in args.kernels:
             rows.extend(probe_adjoint(name, w, frozen, gain, h0))
         for kernel, cfg in candidates(n, d, h0, tuple(args.kernels)):
